@@ -1,0 +1,82 @@
+"""Demo application: a WSGI `app` and an ASGI `asgi_app` with a few endpoints to misbehave on.
+
+/            ok
+/sleep?s=N   sleep N seconds (a long request: a timeout under the sync worker); with
+             &ignore_abort=1 it ignores SIGABRT first, so the master must SIGKILL it
+/spin?s=N    hold the GIL in C code for about N seconds (a timeout on every worker class)
+/exit?code=N os._exit(N) from inside the request (a crash)
+/alloc?mb=N  allocate N MiB and keep it (an OOM kill under a memory limit)
+"""
+
+import asyncio
+import os
+import signal
+import time
+from urllib.parse import parse_qs
+
+_hoard = []
+
+
+def _number(query: str, name: str, default: float) -> float:
+    try:
+        return float(parse_qs(query).get(name, [default])[0])
+    except ValueError:
+        return default
+
+
+def _spin(seconds: float) -> None:
+    # One long C call that never releases the GIL: about 2e7 iterations per second.
+    sum(range(int(seconds * 2e7)))
+
+
+def _sleep(query: str) -> None:
+    if _number(query, "ignore_abort", 0):
+        signal.signal(signal.SIGABRT, signal.SIG_IGN)
+    time.sleep(_number(query, "s", 1))
+
+
+def _act(path: str, query: str) -> bytes:
+    if path == "/sleep":
+        _sleep(query)
+    elif path == "/spin":
+        _spin(_number(query, "s", 1))
+    elif path == "/exit":
+        os._exit(int(_number(query, "code", 1)))
+    elif path == "/alloc":
+        _hoard.append(bytearray(int(_number(query, "mb", 64)) * 1024 * 1024))
+    elif path == "/pid":
+        return str(os.getpid()).encode()
+    return b"ok\n"
+
+
+def app(environ, start_response):
+    body = _act(environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", ""))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path, query = scope["path"], scope.get("query_string", b"").decode()
+    if path == "/sleep":
+        # Blocks the event loop on purpose: the heartbeat stops, as with any blocking call.
+        _sleep(query)
+        body = b"ok\n"
+    else:
+        body = _act(path, query)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    await asyncio.sleep(0)

@@ -1,0 +1,169 @@
+"""The cause taxonomy: why a worker ended, decided from the evidence the hooks gathered.
+
+Everything that decides a cause lives here, as one pure function over plain facts, so that the
+whole taxonomy can be read (and tested) without a running Gunicorn. The hooks only collect facts.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+RELOAD = "reload"
+SHUTDOWN = "shutdown"
+SCALE_DOWN = "scale_down"
+MAX_REQUESTS = "max_requests"
+TIMEOUT = "timeout"
+OOM = "oom"
+KILLED = "killed"
+SIGNAL = "signal"
+CRASH = "crash"
+BOOT_ERROR = "boot_error"
+APP_LOAD_ERROR = "app_load_error"
+UNKNOWN = "unknown"
+
+CAUSES = (
+    RELOAD,
+    SHUTDOWN,
+    SCALE_DOWN,
+    MAX_REQUESTS,
+    TIMEOUT,
+    OOM,
+    KILLED,
+    SIGNAL,
+    CRASH,
+    BOOT_ERROR,
+    APP_LOAD_ERROR,
+    UNKNOWN,
+)
+
+# Causes an operator expects during normal operation; everything else is worth a look.
+PLANNED = frozenset({RELOAD, SHUTDOWN, SCALE_DOWN, MAX_REQUESTS})
+
+NO_SIGNAL = "none"
+
+# Gunicorn's own exit codes (arbiter.py: WORKER_BOOT_ERROR, APP_LOAD_ERROR).
+_EXIT_CODE_CAUSES = {3: BOOT_ERROR, 4: APP_LOAD_ERROR}
+
+# Every (cause, signal) pair a worker can end with on the supported worker classes. These series
+# exist from the first scrape at 0, so `increase()` and alerts see the first event. Signals outside
+# this list still get their own series when they happen (signal names are a bounded set).
+KNOWN_EXITS = (
+    (RELOAD, NO_SIGNAL),
+    (RELOAD, "SIGTERM"),
+    (SHUTDOWN, NO_SIGNAL),
+    (SHUTDOWN, "SIGTERM"),
+    (SHUTDOWN, "SIGQUIT"),
+    (SHUTDOWN, "SIGKILL"),
+    (SCALE_DOWN, NO_SIGNAL),
+    (SCALE_DOWN, "SIGTERM"),
+    (MAX_REQUESTS, NO_SIGNAL),
+    (TIMEOUT, "SIGABRT"),
+    (TIMEOUT, "SIGKILL"),
+    (OOM, "SIGKILL"),
+    (KILLED, "SIGKILL"),
+    (SIGNAL, "SIGTERM"),
+    (SIGNAL, "SIGINT"),
+    (SIGNAL, "SIGQUIT"),
+    (SIGNAL, "SIGABRT"),
+    (SIGNAL, "SIGSEGV"),
+    (SIGNAL, "SIGBUS"),
+    (SIGNAL, "SIGHUP"),
+    (CRASH, NO_SIGNAL),
+    (BOOT_ERROR, NO_SIGNAL),
+    (APP_LOAD_ERROR, NO_SIGNAL),
+    (UNKNOWN, NO_SIGNAL),
+)
+
+# What the master was doing when it signalled a worker.
+PHASE_RELOAD = "reload"
+PHASE_SHUTDOWN = "shutdown"
+PHASE_SCALE_DOWN = "scale_down"
+PHASE_TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Facts about one worker's end, as the master saw them.
+
+    `status` is the raw wait status from waitpid (None when the worker was never reaped);
+    `master_signals` every signal the master itself sent the worker, and `master_phase` what the
+    master was doing when it first told the worker to go; `aborted` is Gunicorn's own timeout
+    flag; `note` the signal name (or `max_requests`) the worker wrote on its way out;
+    `oom_kills` how many kernel OOM kills happened since the previous unexplained SIGKILL.
+    """
+
+    status: int | None = None
+    master_signals: frozenset[int] = frozenset()
+    master_phase: str | None = None
+    aborted: bool = False
+    note: str | None = None
+    oom_kills: int = 0
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def classify(ev: Evidence) -> tuple[str, str]:
+    """Return (cause, signal label) for one worker exit.
+
+    The signal label is the signal that ended the worker: the one the kernel reports, else the
+    one the worker caught and left on (sync workers turn SIGTERM into a clean exit), else `none`.
+
+    The order is the order of certainty: Gunicorn's own timeout flag beats everything (a timed
+    out worker may end by SIGABRT, SIGKILL or a clean exit); then what the master itself did;
+    then what the kernel reported; then what the worker said about itself.
+    """
+    killed_by = exit_code = None
+    if ev.status is not None:
+        if _wifsignaled(ev.status):
+            killed_by = signal_name(_wtermsig(ev.status))
+        else:
+            exit_code = (ev.status >> 8) & 0xFF
+    sent = {signal_name(s) for s in ev.master_signals}
+    caught = ev.note if ev.note and ev.note.startswith("SIG") else None
+
+    if ev.aborted:
+        return TIMEOUT, killed_by or "SIGABRT"
+    if exit_code in _EXIT_CODE_CAUSES:
+        return _EXIT_CODE_CAUSES[exit_code], NO_SIGNAL
+    if ev.master_phase is not None:
+        # Retired by the master. It keeps the planned cause only if it ended the way the
+        # master asked: by one of the master's signals, or by leaving cleanly. A crash while
+        # draining is still a crash.
+        if killed_by in sent:
+            return ev.master_phase, killed_by
+        if exit_code == 0 or (ev.status is None and killed_by is None):
+            return ev.master_phase, _first_retiring(ev.master_signals)
+    if killed_by == "SIGKILL":
+        return (OOM if ev.oom_kills > 0 else KILLED), killed_by
+    if killed_by is not None:
+        return SIGNAL, killed_by
+    if ev.note == MAX_REQUESTS and exit_code == 0:
+        return MAX_REQUESTS, NO_SIGNAL
+    if caught:
+        # A signal nobody in Gunicorn sent, caught by the worker and turned into an exit
+        # (an external `kill -TERM` makes a sync worker exit 0, SIGABRT exit 1).
+        return SIGNAL, caught
+    if exit_code:
+        return CRASH, NO_SIGNAL
+    return UNKNOWN, NO_SIGNAL
+
+
+def _first_retiring(signals: frozenset[int]) -> str:
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL):
+        if sig in signals:
+            return signal_name(sig)
+    return NO_SIGNAL
+
+
+def _wifsignaled(status: int) -> bool:
+    return (status & 0x7F) not in (0, 0x7F)
+
+
+def _wtermsig(status: int) -> int:
+    return status & 0x7F

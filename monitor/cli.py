@@ -1,0 +1,137 @@
+"""`gunicorn-monitor`: the sidecar exporter and the small tools around it.
+
+    gunicorn-monitor serve [--dir DIR] [--listen HOST:PORT]
+    gunicorn-monitor mark-deploy [--dir DIR]
+    gunicorn-monitor events [--dir DIR] [--last N]
+
+Every flag has an environment twin (GUNICORN_MONITOR_LISTEN, PROMETHEUS_MULTIPROC_DIR). A bad
+flag or an unusable directory is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from prometheus_client import CollectorRegistry
+
+from monitor import directory, journal, metrics, state
+from monitor.collectors.lifecycle import LifecycleCollector
+from monitor.exporter import make_app, make_http_server, parse_listen, serve_forever
+from monitor.store import set_max_locked
+
+DEFAULT_LISTEN = "0.0.0.0:9971"
+log = logging.getLogger("gunicorn_monitor")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gunicorn-monitor", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--dir",
+            default=os.environ.get(directory.ENV),
+            help=f"shared directory (env {directory.ENV}; default {directory.DEFAULT})",
+        )
+
+    serve = sub.add_parser("serve", help="serve /metrics from the shared directory")
+    with_dir(serve)
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("GUNICORN_MONITOR_LISTEN", DEFAULT_LISTEN),
+        help=f"HOST:PORT to listen on (env GUNICORN_MONITOR_LISTEN; default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("GUNICORN_MONITOR_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (env GUNICORN_MONITOR_LOG_LEVEL; default info)",
+    )
+
+    deploy = sub.add_parser("mark-deploy", help="record a deploy now (for CI/CD pipelines)")
+    with_dir(deploy)
+
+    events = sub.add_parser("events", help="print the event journal as JSON lines")
+    with_dir(events)
+    events.add_argument("--last", type=int, default=0, help="only the last N events")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except directory.DirectoryError as e:
+        sys.stderr.write(f"gunicorn-monitor: {e}\n")
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s %(message)s",
+    )
+    try:
+        parse_listen(args.listen)
+    except ValueError as e:
+        sys.stderr.write(f"gunicorn-monitor: {e}\n")
+        return 2
+    layout = directory.open_for_reading(args.dir)
+    registry = CollectorRegistry(auto_describe=False)
+    lifecycle = LifecycleCollector(layout)
+    registry.register(lifecycle)
+
+    def ready() -> tuple[bool, str]:
+        if not os.access(layout.root, os.R_OK | os.X_OK):
+            return False, f"{layout.root} is not readable"
+        if not any(m.alive for m in state.read(layout)[0]):
+            return False, "no live Gunicorn master recorded"
+        return True, "Ready."
+
+    try:
+        server = make_http_server(args.listen, make_app(registry, ready))
+    except OSError as e:
+        sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve_forever(server)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _mark_deploy(args: argparse.Namespace) -> int:
+    layout = directory.create(args.dir)
+    now = time.time()
+    set_max_locked(layout, "deploy", metrics.LAST_DEPLOY, now)
+    journal.Journal(layout).append({"time": now, "event": "mark_deploy", "pid": os.getpid()})
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    layout = directory.open_for_reading(args.dir)
+    records, _ = journal.read(layout)
+    for rec in records[-args.last :] if args.last > 0 else records:
+        sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+    return 0
+
+
+COMMANDS = {"serve": _serve, "mark-deploy": _mark_deploy, "events": _events}
+
+if __name__ == "__main__":
+    sys.exit(main())

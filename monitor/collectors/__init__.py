@@ -1,0 +1,1 @@
+"""Collectors: one per source of facts, each yielding metric families and nothing else."""

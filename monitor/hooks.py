@@ -1,0 +1,432 @@
+"""Gunicorn server hooks that record every worker's birth and death, with its cause.
+
+Gunicorn knows how each worker ended but hands no hook the exit status, runs no worker hook on
+SIGTERM, and under UvicornWorker runs no worker hook on any signal. So the master gathers the
+evidence itself, and decides in child_exit:
+
+- the exact wait status, by wrapping the `os.waitpid` that arbiter.py calls (the only place the
+  status exists; this also sees boot errors, for which child_exit is never called);
+- what the master itself did, by wrapping the arbiter's own `kill_worker`, `reload`, `stop`,
+  `reexec` and `spawn_worker` on the instance;
+- Gunicorn's `worker.aborted` timeout flag;
+- kernel OOM kill counters;
+- a note the worker leaves when it catches a signal or reaches max_requests.
+
+Every hook is contained: a failure is logged once through Gunicorn's logger and counted, and
+never reaches Gunicorn (an exception out of child_exit kills the master).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import gunicorn
+import gunicorn.arbiter
+
+from monitor import causes, directory, journal, metrics, notes, oom, state
+from monitor.store import Store
+
+log = logging.getLogger("gunicorn.error")
+
+_RETIRING = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+_TERMINATING = _RETIRING + (signal.SIGKILL, signal.SIGABRT)
+# Signals whose Python handler a worker may have; a caught one is noted before it acts.
+_CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)
+
+
+class _Waitpid:
+    """Stands in for the `os` module inside gunicorn.arbiter, to see each worker's wait status."""
+
+    def __init__(self, real_os: Any, monitor: Monitor) -> None:
+        self._os = real_os
+        self._monitor = monitor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._os, name)
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        wpid, status = self._os.waitpid(pid, options)
+        if wpid:
+            self._monitor.reaped(wpid, status)
+        return wpid, status
+
+
+class Monitor:
+    """Master-side recorder. One per master process; created in on_starting."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.pid = os.getpid()
+        self.layout = directory.create()
+        self.store = Store(self.layout, str(self.pid))
+        self.journal = journal.Journal(self.layout)
+        self.lock = threading.RLock()  # nworkers_changed may run in the control-socket thread
+        self.oom_paths = oom.counter_paths()
+        self.oom_seen = oom.read_oom_kills(self.oom_paths)
+        self.started = state.process_start_time(self.pid) or time.time()
+        self.statuses: dict[int, int] = {}
+        self.sent: dict[int, set[int]] = {}
+        self.phase: dict[int, str] = {}
+        self.slots: dict[int, int] = {}
+        self.spawned_at: dict[int, float] = {}
+        self.retiring_for_reload: set[int] = set()
+        self.vacancies = 0
+        self.stopping = False
+        self.desired = server.num_workers
+        notes.discard_stale(self.layout)
+        self._wrap_arbiter()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def _wrap_arbiter(self) -> None:
+        gunicorn.arbiter.os = _Waitpid(os, self)
+        s = self.server
+        for name in ("kill_worker", "reload", "stop", "reexec", "spawn_worker"):
+            original = getattr(s, name)
+            setattr(s, name, functools.partial(getattr(self, "_" + name), original))
+
+    def _kill_worker(self, original: Callable, pid: int, sig: int) -> Any:
+        _guard("kill_worker", self._note_signal, pid, sig)
+        return original(pid, sig)
+
+    def _note_signal(self, pid: int, sig: int) -> None:
+        if sig not in _TERMINATING:
+            return
+        with self.lock:
+            self.sent.setdefault(pid, set()).add(sig)
+            worker = self.server.WORKERS.get(pid)
+            if sig == signal.SIGABRT and worker is not None and worker.aborted:
+                self.store.inc(metrics.WORKER_ABORTS)
+                self._event("abort", pid=pid, slot=self.slots.get(pid))
+            if pid in self.phase:
+                return
+            if self.stopping and sig in _RETIRING + (signal.SIGKILL,):
+                self.phase[pid] = causes.RELOAD if self.server.reexec_pid else causes.SHUTDOWN
+            elif sig in _RETIRING:
+                if pid in self.retiring_for_reload:
+                    self.phase[pid] = causes.RELOAD
+                else:
+                    self.phase[pid] = causes.SCALE_DOWN
+
+    def _reload(self, original: Callable) -> Any:
+        _guard("reload", self._deploy, "reload")
+        with self.lock:
+            self.retiring_for_reload.update(self.server.WORKERS)
+        return original()
+
+    def _reexec(self, original: Callable) -> Any:
+        result = original()
+        if os.getpid() == self.pid:  # the forked child goes on to exec the new master
+            _guard("reexec", self._deploy, "upgrade")
+        return result
+
+    def _stop(self, original: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.stopping = True
+        return original(*args, **kwargs)
+
+    def _spawn_worker(self, original: Callable) -> Any:
+        pid = original()
+        # Only the master returns here; the child exits inside spawn_worker.
+        _guard("spawn_worker", self._spawned, pid)
+        return pid
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _event(self, event: str, **fields: Any) -> None:
+        self.journal.append({"time": time.time(), "event": event, "master_pid": self.pid, **fields})
+
+    def _deploy(self, kind: str) -> None:
+        with self.lock:
+            self.store.inc(metrics.MASTER_RELOADS)
+            self.store.set_max(metrics.LAST_DEPLOY, time.time())
+            self._event(kind)
+
+    def started_master(self) -> None:
+        with self.lock:
+            self.store.set_max(metrics.LAST_DEPLOY, time.time())
+            previous = os.environ.get("GUNICORN_PID")
+            self._event("master_start", previous_master_pid=int(previous) if previous else None)
+            self._save()
+
+    def _spawned(self, pid: int) -> None:
+        with self.lock:
+            taken = {
+                slot
+                for p, slot in self.slots.items()
+                if p not in self.retiring_for_reload and p not in self.phase
+            }
+            slot = next(i for i in range(len(taken) + 1) if i not in taken)
+            self.slots[pid] = slot
+            self.spawned_at[pid] = time.time()
+            worker = self.server.WORKERS.get(pid)
+            self.store.inc(metrics.WORKER_SPAWNS)
+            restart = self.vacancies > 0
+            if restart:
+                self.vacancies -= 1
+                self.store.inc(metrics.WORKER_RESTARTS)
+            self._event(
+                "spawn",
+                pid=pid,
+                slot=slot,
+                generation=getattr(worker, "age", None),
+                restart=restart,
+            )
+            self._save()
+
+    def desired_changed(self, new: int) -> None:
+        with self.lock:
+            if new == self.desired:
+                return
+            old, self.desired = self.desired, new
+            self._event("scale", workers_desired=new, previous=old)
+            self._save()
+
+    def reaped(self, pid: int, status: int) -> None:
+        """Called for every reaped child, before Gunicorn looks at it."""
+        try:
+            if pid not in self.server.WORKERS:
+                return
+            self.statuses[pid] = status
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (3, 4):
+                # Gunicorn halts on these without calling child_exit: record the exit now.
+                self.exited(self.server.WORKERS[pid])
+        except Exception as e:
+            _contain("waitpid", e)
+
+    def exited(self, worker: Any) -> None:
+        with self.lock:
+            pid = worker.pid
+            if pid not in self.slots and pid not in self.statuses:
+                return  # already recorded (boot error), or never ours
+            evidence = causes.Evidence(
+                status=self.statuses.pop(pid, None),
+                master_signals=frozenset(self.sent.pop(pid, ())),
+                master_phase=self.phase.pop(pid, None),
+                aborted=bool(getattr(worker, "aborted", False)),
+                note=notes.take(self.layout, pid),
+                oom_kills=self._new_oom_kills(),
+            )
+            cause, sig = causes.classify(evidence)
+            if sig == "SIGKILL" and cause == causes.OOM:
+                self.oom_seen += 1
+            slot = self.slots.pop(pid, None)
+            self.retiring_for_reload.discard(pid)
+            spawned = self.spawned_at.pop(pid, None)
+            age = time.time() - spawned if spawned else None
+            self.store.inc(metrics.WORKER_EXITS, cause=cause, signal=sig)
+            if age is not None:
+                self.store.observe(metrics.WORKER_LIFETIME, age, cause=cause)
+            if cause not in (causes.RELOAD, causes.SHUTDOWN, causes.SCALE_DOWN):
+                self.vacancies += 1
+            status = evidence.status
+            code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+            self._event(
+                "exit",
+                pid=pid,
+                slot=slot,
+                generation=getattr(worker, "age", None),
+                age_seconds=round(age, 3) if age is not None else None,
+                cause=cause,
+                signal=sig,
+                exit_code=code,
+                aborted=evidence.aborted,
+            )
+            self._save()
+        _mark_process_dead(pid, self.layout.root)
+
+    def _new_oom_kills(self) -> int:
+        return max(0, oom.read_oom_kills(self.oom_paths) - self.oom_seen)
+
+    def stopped(self) -> None:
+        """on_exit: workers SIGKILLed at the very end of stop() are often never reaped."""
+        deadline = time.monotonic() + 1.0
+        for pid, worker in list(self.server.WORKERS.items()):
+            while True:
+                try:
+                    wpid, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if wpid:
+                    self.statuses[pid] = status
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            self.exited(worker)
+        with self.lock:
+            self._event("master_stop")
+            self._save(stopped=True)
+
+    def _save(self, stopped: bool = False) -> None:
+        cfg = self.server.cfg
+        state.write(
+            self.layout,
+            self.pid,
+            {
+                "pid": self.pid,
+                "start_time": self.started,
+                "stopped": stopped,
+                "version": gunicorn.__version__,
+                "worker_class": cfg.worker_class_str,
+                "workers_desired": self.desired,
+                "workers": {
+                    str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
+                    for pid, slot in self.slots.items()
+                },
+                "updated": time.time(),
+            },
+        )
+
+
+def _mark_process_dead(pid: int, root: str) -> None:
+    """The app's own live-mode gauges of this worker must go, as prometheus_client documents."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, root)
+    except Exception as e:
+        _contain("mark_process_dead", e)
+
+
+# -- containment ---------------------------------------------------------------------------
+
+_failed_once: set[str] = set()
+_monitor: Monitor | None = None
+
+
+def _contain(hook: str, exc: BaseException) -> None:
+    try:
+        if hook not in _failed_once:
+            _failed_once.add(hook)
+            log.error("gunicorn-monitor: hook %s failed: %r (further failures counted)", hook, exc)
+        if _monitor is not None:
+            with _monitor.lock:
+                _monitor.store.inc(metrics.HOOK_ERRORS, hook=hook)
+    except Exception:
+        pass
+
+
+def _guard(hook: str, fn: Callable, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:
+        _contain(hook, e)
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+
+def _note_then(layout: directory.Layout, handler: Callable) -> Callable:
+    def noted(signum: int, frame: Any) -> Any:
+        _guard("signal_note", notes.leave, layout, os.getpid(), causes.signal_name(signum))
+        return handler(signum, frame)
+
+    return noted
+
+
+class _UvicornMaxRequests(logging.Filter):
+    """uvicorn counts requests itself (worker.nr stays 0) and only says so in this log line."""
+
+    def __init__(self, layout: directory.Layout) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Maximum request limit"):
+            _guard("max_requests_note", notes.leave, self.layout, os.getpid(), causes.MAX_REQUESTS)
+        return True
+
+
+def _instrument_worker(worker: Any) -> None:
+    layout = directory.Layout(directory.resolve())
+    for sig in _CAUGHT:
+        handler = signal.getsignal(sig)
+        # Never put a handler over SIG_DFL: UvicornWorker relies on dying by the signal itself.
+        if callable(handler):
+            signal.signal(sig, _note_then(layout, handler))
+    if "uvicorn" in type(worker).__module__:
+        logging.getLogger("uvicorn.error").addFilter(_UvicornMaxRequests(layout))
+
+
+def _worker_leaving(worker: Any) -> None:
+    if worker.pid != os.getpid():
+        return  # Gunicorn also calls worker_exit in the master for a worker that vanished
+    if worker.max_requests and worker.nr >= worker.max_requests:
+        notes.leave(directory.Layout(directory.resolve()), worker.pid, causes.MAX_REQUESTS)
+
+
+# -- the hooks -----------------------------------------------------------------------------
+
+
+def on_starting(server: Any) -> None:
+    global _monitor
+    try:
+        _monitor = Monitor(server)
+        _monitor.started_master()
+    except Exception as e:
+        _contain("on_starting", e)
+
+
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    if _monitor is not None:
+        _guard("nworkers_changed", _monitor.desired_changed, new_value)
+
+
+def post_worker_init(worker: Any) -> None:
+    _guard("post_worker_init", _instrument_worker, worker)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    _guard("worker_exit", _worker_leaving, worker)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if _monitor is not None:
+        _guard("child_exit", _monitor.exited, worker)
+
+
+def on_exit(server: Any) -> None:
+    if _monitor is not None:
+        _guard("on_exit", _monitor.stopped)
+
+
+HOOKS = {
+    "on_starting": on_starting,
+    "nworkers_changed": nworkers_changed,
+    "post_worker_init": post_worker_init,
+    "worker_exit": worker_exit,
+    "child_exit": child_exit,
+    "on_exit": on_exit,
+}
+
+
+def wire(namespace: MutableMapping[str, Any]) -> None:
+    """Install the monitor's hooks into a Gunicorn config namespace: `wire(globals())`.
+
+    A hook the config already defines is kept and runs after the monitor's own, with its
+    arguments, return value and exceptions unchanged: chaining changes nothing for it.
+    """
+    for name, ours in HOOKS.items():
+        theirs = namespace.get(name)
+        if theirs is None:
+            namespace[name] = ours
+        elif theirs is not ours and not getattr(theirs, "_gunicorn_monitor", False):
+            namespace[name] = _chain(ours, theirs)
+
+
+def _chain(ours: Callable, theirs: Callable) -> Callable:
+    def both(*args: Any) -> Any:
+        ours(*args)
+        return theirs(*args)
+
+    # Gunicorn checks a hook's arity through inspect.signature, which follows __wrapped__.
+    both.__wrapped__ = theirs  # type: ignore[attr-defined]
+    both._gunicorn_monitor = True  # type: ignore[attr-defined]
+    return both

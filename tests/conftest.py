@@ -1,0 +1,40 @@
+import pytest
+
+from tests.harness import Exporter, Master
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    d = tmp_path / "multiproc"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def make_master(shared_dir):
+    started = []
+
+    def make(**kwargs) -> Master:
+        kwargs.setdefault("shared_dir", shared_dir)
+        m = Master(**kwargs)
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.kill()
+
+
+@pytest.fixture
+def make_exporter(shared_dir):
+    started = []
+
+    def make(**kwargs) -> Exporter:
+        kwargs.setdefault("shared_dir", shared_dir)
+        e = Exporter(**kwargs).start()
+        started.append(e)
+        return e
+
+    yield make
+    for e in started:
+        e.kill()

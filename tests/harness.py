@@ -1,0 +1,242 @@
+"""Real processes for the tests: a Gunicorn master with the project's config, and the exporter.
+
+Everything here waits on conditions with deadlines, never on bare sleeps, and every process a
+test starts is killed by pid when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "gunicorn.conf.py"
+BIN = Path(sys.executable).parent
+
+WORKER_CLASSES = {
+    "sync": ("sync", "examples.app:app"),
+    "gthread": ("gthread", "examples.app:app"),
+    "uvicorn": ("uvicorn_worker.UvicornWorker", "examples.app:asgi_app"),
+}
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def http_get(url: str, timeout: float = 30.0, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+class Master:
+    """A Gunicorn master started the way users start it: `gunicorn -c gunicorn.conf.py APP`."""
+
+    def __init__(
+        self,
+        shared_dir: Path,
+        worker: str = "sync",
+        workers: int = 2,
+        app: str | None = None,
+        env: dict | None = None,
+        args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        worker_class, default_app = WORKER_CLASSES[worker]
+        self.dir = Path(shared_dir)
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.dir),
+            "GUNICORN_BIND": f"127.0.0.1:{self.port}",
+            "GUNICORN_WORKERS": str(workers),
+            "GUNICORN_WORKER_CLASS": worker_class,
+            "GUNICORN_TIMEOUT": "30",
+            "GUNICORN_GRACEFUL_TIMEOUT": "5",
+            "GUNICORN_THREADS": "2" if worker == "gthread" else "1",
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        self.cmd = [
+            *prefix,
+            str(BIN / "gunicorn"),
+            "-c",
+            str(CONFIG),
+            "--no-control-socket",
+            *args,
+            app or default_app,
+        ]
+        self.log_path = log_path or self.dir.parent / f"gunicorn-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.seen_pids: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> Master:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=self.log)
+        if wait:
+            n = int(self.env["GUNICORN_WORKERS"])
+            self.wait_workers(n)
+            wait_for(lambda: http_get(self.url + "/", timeout=2)[0] == 200, 15, "app answers")
+        return self
+
+    def state(self) -> dict:
+        path = self.dir / "gunicorn-monitor" / f"master-{self.pid}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def worker_pids(self) -> list[int]:
+        pids = [int(p) for p in self.state().get("workers", {})]
+        self.seen_pids.update(pids)
+        return [p for p in pids if alive(p)]
+
+    def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> list:
+        def ready() -> list[int] | None:
+            pids = [p for p in self.worker_pids() if p not in exclude]
+            return pids if len(pids) == n and len(self.worker_pids()) == n else None
+
+        return wait_for(ready, timeout, f"{n} workers")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        self.worker_pids()
+        kill_all([self.pid, *self.seen_pids])
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+
+
+class Exporter:
+    def __init__(self, shared_dir: Path, args: tuple[str, ...] = (), env: dict | None = None):
+        self.port = free_port()
+        self.dir = Path(shared_dir)
+        self.cmd = [
+            str(BIN / "gunicorn-monitor"),
+            "serve",
+            "--dir",
+            str(self.dir),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Exporter:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: http_get(self.url + "/-/healthy", 2)[0] == 200, 15, "exporter healthy")
+        return self
+
+    def scrape(self) -> dict[tuple, float]:
+        status, body = http_get(self.url + "/metrics")
+        assert status == 200, body
+        return parse(body.decode())
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            kill_all([self.proc.pid])
+            self.proc.wait(10)
+
+
+def parse(text: str) -> dict[tuple, float]:
+    """{(sample name, ((label, value), ...)): value} for every sample of a scrape."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def exits(samples: dict[tuple, float]) -> dict[tuple[str, str], float]:
+    """The non-zero gunicorn_worker_exits_total series, as {(cause, signal): count}."""
+    found = {}
+    for (name, labels), value in samples.items():
+        if name == "gunicorn_worker_exits_total" and value:
+            d = dict(labels)
+            found[(d["cause"], d["signal"])] = value
+    return found
+
+
+def value(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

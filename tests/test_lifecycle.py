@@ -1,0 +1,199 @@
+"""Every worker exit, on every worker class, counted once with its true cause.
+
+Each scenario is what an operator lives through, done for real: a Gunicorn master started with
+the project's gunicorn.conf.py, real signals, a real scrape of the real exporter. After every
+step the complete set of non-zero exit series must equal what was induced: nothing else moves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+
+import pytest
+
+from tests.harness import ROOT, exits, http_get, value, wait_for
+
+CLASSES = ["sync", "gthread", "uvicorn"]
+
+
+def _background_get(url: str) -> threading.Thread:
+    t = threading.Thread(target=http_get, args=(url, 60), daemon=True)
+    t.start()
+    return t
+
+
+class Scenario:
+    """Induce one event at a time and check the whole exit table after each."""
+
+    def __init__(self, master, exporter) -> None:
+        self.m, self.e = master, exporter
+        self.expected: Counter = Counter()
+
+    def expect(self, what: str, **new: int) -> dict:
+        for key, n in new.items():
+            cause, sig = key.split("__")
+            self.expected[(cause, sig)] += n
+        want = {k: float(v) for k, v in self.expected.items()}
+        wait_for(lambda: exits(self.e.scrape()) == want, 30, what)
+        return self.e.scrape()
+
+    def replaced(self, before: list[int], n: int = 2) -> None:
+        self.m.wait_workers(n, timeout=30)
+        assert set(self.m.worker_pids()) != set(before)
+
+
+def _timeout_paths(worker: str) -> tuple[str, str, str, str]:
+    """(request that times out, expected signal, request that ignores SIGABRT, expected signal)."""
+    if worker == "gthread":
+        # gthread heartbeats from its main thread while requests sleep in the pool: only code
+        # that holds the GIL stalls it, and then the SIGABRT handler cannot run either.
+        return "/spin?s=60", "SIGKILL", "/spin?s=60", "SIGKILL"
+    return "/sleep?s=60", "SIGABRT", "/sleep?s=60&ignore_abort=1", "SIGKILL"
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_every_cause_on_a_running_master(worker, make_master, make_exporter):
+    m = make_master(worker=worker, workers=2, env={"GUNICORN_TIMEOUT": "2"}).start()
+    e = make_exporter()
+    s = Scenario(m, e)
+    first = s.expect("clean start")
+    assert value(first, "gunicorn_up") == 1
+    assert value(first, "gunicorn_workers") == 2
+    assert value(first, "gunicorn_workers_desired") == 2
+
+    # The seed's symptom: a stray `kill -TERM` on a worker. Not a deploy, not clean.
+    pids = m.worker_pids()
+    os.kill(pids[0], signal.SIGTERM)
+    s.expect("external SIGTERM", signal__SIGTERM=1)
+    s.replaced(pids)
+
+    pids = m.worker_pids()
+    os.kill(pids[0], signal.SIGKILL)
+    s.expect("external SIGKILL without OOM evidence", killed__SIGKILL=1)
+    s.replaced(pids)
+
+    pids = m.worker_pids()
+    os.kill(pids[0], signal.SIGSEGV)
+    s.expect("external SIGSEGV", signal__SIGSEGV=1)
+    s.replaced(pids)
+
+    pids = m.worker_pids()
+    http_get(m.url + "/exit?code=7", timeout=10)
+    s.expect("os._exit(7)", crash__none=1)
+    s.replaced(pids)
+
+    stall, stall_sig, stubborn, stubborn_sig = _timeout_paths(worker)
+    pids = m.worker_pids()
+    _background_get(m.url + stall)
+    s.expect("handler past --timeout", **{f"timeout__{stall_sig}": 1})
+    s.replaced(pids)
+
+    pids = m.worker_pids()
+    _background_get(m.url + stubborn)
+    after = s.expect("handler ignoring SIGABRT", **{f"timeout__{stubborn_sig}": 1})
+    s.replaced(pids)
+    assert value(after, "gunicorn_worker_aborts_total") == 2
+
+    pids = m.worker_pids()
+    m.signal(signal.SIGTTOU)
+    s.expect("TTOU", scale_down__SIGTERM=1)
+    m.wait_workers(1)
+    wait_for(lambda: value(e.scrape(), "gunicorn_workers_desired") == 1, 10, "desired 1")
+
+    pids = m.worker_pids()
+    m.signal(signal.SIGHUP)
+    hup = s.expect("HUP reload", reload__SIGTERM=1)
+    m.wait_workers(2, exclude=set(pids))
+    assert value(hup, "gunicorn_master_reloads_total") == 1
+
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    final = s.expect("master TERM", shutdown__SIGTERM=2)
+    assert value(final, "gunicorn_up") == 0
+    assert value(final, "gunicorn_workers") == 0
+    assert value(final, "gunicorn_worker_spawns_total") == 2 + 6 + 2
+    assert value(final, "gunicorn_worker_restarts_total") == 6
+    assert value(final, "gunicorn_monitor_hook_errors_total") == 0
+    assert "gunicorn-monitor: hook" not in m.output()
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_max_requests_recycles_are_max_requests(worker, make_master, make_exporter):
+    m = make_master(worker=worker, workers=1, env={"GUNICORN_MAX_REQUESTS": "1"}).start()
+    e = make_exporter()
+    for i in range(5):
+        pids = m.worker_pids()
+        assert http_get(m.url + "/")[0] == 200
+        want = {("max_requests", "none"): i + 1.0}
+        wait_for(lambda w=want: exits(e.scrape()) == w, 20, f"recycle #{i}")
+        m.wait_workers(1, exclude=set(pids))
+
+
+def test_200_rapid_recycles_lose_no_exit(make_master, make_exporter):
+    m = make_master(workers=2, env={"GUNICORN_MAX_REQUESTS": "1"}).start()
+    e = make_exporter()
+    served = 1  # start() asked once whether the app answers
+    for _ in range(200):
+        assert http_get(m.url + "/")[0] == 200
+        served += 1
+    want = {("max_requests", "none"): float(served)}
+    wait_for(lambda: exits(e.scrape()) == want, 60, f"{served} exits")
+    m.signal(signal.SIGTERM)
+    m.wait_exit()
+    final = e.scrape()
+    assert exits(final) == {**want, ("shutdown", "SIGTERM"): 2.0}
+    assert value(final, "gunicorn_worker_spawns_total") == served + 2
+    assert value(final, "gunicorn_worker_restarts_total") == served
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_a_worker_that_fails_to_boot_is_a_boot_error(worker, make_master, make_exporter, tmp_path):
+    broken = tmp_path / "brokenapp.py"
+    broken.write_text("raise RuntimeError('cannot import this app')\n")
+    m = make_master(
+        worker=worker,
+        workers=1,
+        app="brokenapp:app",
+        env={"PYTHONPATH": f"{tmp_path}:{ROOT}"},
+    ).start(wait=False)
+    assert m.wait_exit() == 3
+    e = make_exporter()
+    assert exits(e.scrape()) == {("boot_error", "none"): 1.0}
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_an_app_that_fails_to_load_is_an_app_load_error(worker, make_master, make_exporter):
+    m = make_master(worker=worker, workers=1, app="examples.app:missing").start(wait=False)
+    assert m.wait_exit() == 4
+    e = make_exporter()
+    assert exits(e.scrape()) == {("app_load_error", "none"): 1.0}
+
+
+def test_quick_shutdown_by_sigint(make_master, make_exporter):
+    m = make_master(workers=2).start()
+    e = make_exporter()
+    m.signal(signal.SIGINT)
+    m.wait_exit()
+    assert exits(e.scrape()) == {("shutdown", "SIGQUIT"): 2.0}
+
+
+def test_counts_survive_a_new_master_and_stale_state(make_master, make_exporter):
+    first = make_master(workers=1).start()
+    e = make_exporter()
+    os.kill(first.worker_pids()[0], signal.SIGKILL)
+    wait_for(lambda: exits(e.scrape()) == {("killed", "SIGKILL"): 1.0}, 20, "first kill")
+    first.wait_workers(1)
+    # The master dies without its on_exit: its state file stays behind, stale.
+    first.kill()
+    wait_for(lambda: value(e.scrape(), "gunicorn_up") == 0, 10, "dead master is down")
+
+    second = make_master(workers=1).start()
+    os.kill(second.worker_pids()[0], signal.SIGKILL)
+    want = {("killed", "SIGKILL"): 2.0}
+    wait_for(lambda: exits(e.scrape()) == want, 20, "second kill")
+    assert value(e.scrape(), "gunicorn_up") == 1
+    second.wait_workers(1)
+    assert value(e.scrape(), "gunicorn_workers") == 1

