@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from monitor import directory, journal, metrics, state
 from monitor.collectors.lifecycle import LifecycleCollector
+from monitor.collectors.scrape import ScrapeCollector
+from monitor.collectors.workers import WorkerSampler, WorkersCollector
 from monitor.exporter import make_app, make_http_server, parse_listen, serve_forever
 from monitor.store import set_max_locked
 
@@ -78,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def build_registry(layout: directory.Layout) -> tuple[CollectorRegistry, WorkerSampler]:
+    """flags -> collectors -> registry: every source of facts, behind one single-flight scrape."""
+    sampler = WorkerSampler(layout)
+    sampler.start()
+    sources = {
+        "lifecycle": LifecycleCollector(layout),
+        "workers": WorkersCollector(sampler),
+    }
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScrapeCollector(sources, sampler))
+    return registry, sampler
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -89,9 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
     layout = directory.open_for_reading(args.dir)
-    registry = CollectorRegistry(auto_describe=False)
-    lifecycle = LifecycleCollector(layout)
-    registry.register(lifecycle)
+    registry, _ = build_registry(layout)
 
     def ready() -> tuple[bool, str]:
         if not os.access(layout.root, os.R_OK | os.X_OK):

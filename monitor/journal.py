@@ -85,3 +85,54 @@ def _lines(path: str) -> Iterator[bytes]:
                     yield line
     except FileNotFoundError:
         return
+
+
+class Tail:
+    """Reads the records appended since the last call, across rotations.
+
+    Starts at the end: a reader that starts later has no business with older events.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.path = layout.journal
+        self._file = None
+        self._partial = b""
+        try:
+            self._file = open(self.path, "rb")
+            self._file.seek(0, os.SEEK_END)
+        except FileNotFoundError:
+            pass
+
+    def read_new(self) -> list[dict]:
+        records = []
+        while True:
+            if self._file is not None:
+                records.extend(self._parse(self._file.read()))
+                try:
+                    if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
+                        return records
+                except FileNotFoundError:
+                    return records
+                # Rotated: what we had open is now events.jsonl.1 and fully read. Go on with
+                # the new file from its start.
+                self._file.close()
+                self._partial = b""
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError:
+                self._file = None
+                return records
+
+    def _parse(self, data: bytes) -> list[dict]:
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out

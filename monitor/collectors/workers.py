@@ -1,0 +1,224 @@
+"""Per-worker process facts (memory, CPU, start time), sampled by the sidecar with psutil.
+
+The workers are found through what the hooks recorded (master-<pid>.json), never by process
+name. Series are keyed by the worker's stable slot, never its pid: a replacement takes over its
+predecessor's slot, so cardinality stays bounded however many workers come and go.
+
+Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
+a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
+the last sample before a worker dies is at most one interval old. That sample is what the
+memory-at-exit histogram records, when the journal reports the exit and its cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import psutil
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from monitor import causes, journal, state
+from monitor.directory import Layout
+
+log = logging.getLogger("gunicorn_monitor")
+
+TYPES = ("rss", "pss", "uss", "swap")
+# smaps_rollup (pss, uss, swap) costs about ten times what statm (rss) does: read it less often.
+FULL_EVERY = 5
+
+EXIT_MEMORY = "gunicorn_worker_exit_memory_bytes"
+EXIT_MEMORY_BUCKETS = tuple(float(2**i * 1024 * 1024) for i in range(4, 14))  # 16 MiB .. 8 GiB
+
+
+@dataclass
+class Sample:
+    pid: int
+    slot: int
+    started: float
+    cpu: float
+    memory: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    workers: dict[int, Sample] = field(default_factory=dict)  # by slot
+    master: Sample | None = None
+    build: dict[str, str] = field(default_factory=dict)
+    readable: dict[str, bool] = field(default_factory=dict)
+
+
+class WorkerSampler:
+    def __init__(self, layout: Layout, interval: float = 1.0) -> None:
+        self.layout = layout
+        self.interval = interval
+        self.snapshot = Snapshot()
+        self.errors = 0
+        self._by_pid: dict[int, Sample] = {}
+        self._full: dict[int, dict[str, float]] = {}
+        self._tick = 0
+        self._warned: set[str] = set()
+        self._tail = journal.Tail(layout)
+        self._stop = threading.Event()
+        self.exit_memory = Histogram(
+            EXIT_MEMORY,
+            "Resident memory of workers at their last sample before they exited, by cause.",
+            ["cause"],
+            buckets=EXIT_MEMORY_BUCKETS,
+            registry=None,
+        )
+        for cause in causes.CAUSES:
+            self.exit_memory.labels(cause)
+
+    def start(self) -> None:
+        self.sample()
+        threading.Thread(target=self._run, name="sampler", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception as e:  # a sampler that dies silently would freeze every series
+                self.errors += 1
+                log.error("event=sample_failed error=%r", e)
+
+    def sample(self) -> None:
+        self._tick += 1
+        full = self._tick % FULL_EVERY == 1
+        masters = [m for m in state.read(self.layout)[0] if m.alive]
+        masters.sort(key=lambda m: m.state.get("start_time") or 0)
+        snap = Snapshot(readable=dict(self.snapshot.readable))
+        by_pid: dict[int, Sample] = {}
+        for m in masters:
+            snap.master = self._measure(m.pid, -1, full, snap) or snap.master
+            snap.build = {
+                "version": str(m.state.get("version", "")),
+                "worker_class": str(m.state.get("worker_class", "")),
+            }
+            # The newest master's workers win a shared slot (during a USR2 upgrade), and
+            # within a master the newest worker (a reload overlaps old and new).
+            workers = sorted(
+                m.state.get("workers", {}).items(), key=lambda kv: kv[1].get("spawned") or 0
+            )
+            for pid, info in workers:
+                s = self._measure(int(pid), int(info.get("slot", 0)), full, snap)
+                if s is not None:
+                    by_pid[s.pid] = s
+                    snap.workers[s.slot] = s
+        self._record_exits()
+        self._by_pid = by_pid
+        self._full = {pid: mem for pid, mem in self._full.items() if pid in by_pid}
+        self.snapshot = snap
+
+    def _measure(self, pid: int, slot: int, full: bool, snap: Snapshot) -> Sample | None:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                cpu = proc.cpu_times()
+                sample = Sample(pid, slot, proc.create_time(), cpu.user + cpu.system)
+                sample.memory["rss"] = float(proc.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return None
+        except psutil.AccessDenied:
+            self._warn("access", f"event=worker_unreadable pid={pid} reason=access_denied")
+            return None
+        if full or pid not in self._full:
+            self._full[pid] = self._full_memory(proc, snap)
+        sample.memory.update(self._full[pid])
+        return sample
+
+    def _full_memory(self, proc: psutil.Process, snap: Snapshot) -> dict[str, float]:
+        try:
+            info = proc.memory_full_info()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, OSError):
+            info = None
+        found = {}
+        for t in ("pss", "uss", "swap"):
+            value = getattr(info, t, None)
+            snap.readable[t] = value is not None
+            if value is None:
+                self._warn(t, f"event=memory_type_unavailable type={t}")
+            else:
+                found[t] = float(value)
+        snap.readable["rss"] = True
+        return found
+
+    def _warn(self, key: str, line: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(line)
+
+    def _record_exits(self) -> None:
+        for rec in self._tail.read_new():
+            if rec.get("event") != "exit":
+                continue
+            last = self._by_pid.get(rec.get("pid"))
+            if last is not None and "rss" in last.memory:
+                cause = str(rec.get("cause", causes.UNKNOWN))
+                self.exit_memory.labels(cause).observe(last.memory["rss"])
+
+
+class WorkersCollector:
+    def __init__(self, sampler: WorkerSampler) -> None:
+        self.sampler = sampler
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.sampler.snapshot
+        memory = GaugeMetricFamily(
+            "gunicorn_worker_memory_bytes",
+            "Worker memory by type (rss, pss, uss, swap), by stable worker slot.",
+            labels=["worker", "type"],
+        )
+        started = GaugeMetricFamily(
+            "gunicorn_worker_start_time_seconds",
+            "Start time of the worker in each slot, seconds since the epoch.",
+            labels=["worker"],
+        )
+        cpu = CounterMetricFamily(
+            "gunicorn_worker_cpu_seconds",
+            "CPU time (user + system) of the worker in each slot; resets when it is replaced.",
+            labels=["worker"],
+        )
+        for slot, s in sorted(snap.workers.items()):
+            for t in TYPES:
+                if t in s.memory:
+                    memory.add_metric([str(slot), t], s.memory[t])
+            started.add_metric([str(slot)], s.started)
+            cpu.add_metric([str(slot)], s.cpu)
+        yield from (memory, started, cpu)
+        if snap.master is not None:
+            master_memory = GaugeMetricFamily(
+                "gunicorn_master_memory_bytes", "Master memory by type.", labels=["type"]
+            )
+            for t in TYPES:
+                if t in snap.master.memory:
+                    master_memory.add_metric([t], snap.master.memory[t])
+            yield master_memory
+            yield GaugeMetricFamily(
+                "gunicorn_master_start_time_seconds",
+                "Start time of the master, seconds since the epoch.",
+                value=snap.master.started,
+            )
+        if snap.build:
+            build = GaugeMetricFamily(
+                "gunicorn_build_info",
+                "Gunicorn version and worker class of the live master; always 1.",
+                labels=sorted(snap.build),
+            )
+            build.add_metric([snap.build[k] for k in sorted(snap.build)], 1)
+            yield build
+        readable = GaugeMetricFamily(
+            "gunicorn_exporter_memory_type_readable",
+            "1 if this memory type could be read for the workers (pss/uss/swap need smaps).",
+            labels=["type"],
+        )
+        for t in TYPES:
+            readable.add_metric([t], 1 if snap.readable.get(t, t == "rss") else 0)
+        yield readable
+        yield from self.sampler.exit_memory.collect()
