@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "gunicorn.conf.py"
 BIN = Path(sys.executable).parent
 
+CLASSES = ["sync", "gthread", "uvicorn"]
 WORKER_CLASSES = {
     "sync": ("sync", "examples.app:app"),
     "gthread": ("gthread", "examples.app:app"),
@@ -68,14 +70,20 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
-def http_get(url: str, timeout: float = 30.0, headers: dict | None = None) -> tuple[int, bytes]:
+def http_get(
+    url: str,
+    timeout: float = 30.0,
+    headers: dict | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, bytes]:
+    """(status, body); status 0 when no HTTP answer came (refused, reset, TLS failure)."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
         return 0, b""
 
 
@@ -181,7 +189,19 @@ class Master:
 
 
 class Exporter:
-    def __init__(self, shared_dir: Path, args: tuple[str, ...] = (), env: dict | None = None):
+    """`gunicorn-monitor serve`; `scheme`, `ssl_context` and `headers` are how it is polled and
+    scraped (https with a CA, basic auth credentials)."""
+
+    def __init__(
+        self,
+        shared_dir: Path,
+        args: tuple[str, ...] = (),
+        env: dict | None = None,
+        scheme: str = "http",
+        ssl_context: ssl.SSLContext | None = None,
+        headers: dict | None = None,
+    ):
+        self.scheme, self.ssl_context, self.headers = scheme, ssl_context, headers
         self.port = free_port()
         self.dir = Path(shared_dir)
         self.cmd = [
@@ -199,17 +219,20 @@ class Exporter:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def get(self, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+        return http_get(self.url + path, timeout, self.headers, self.ssl_context)
 
     def start(self) -> Exporter:
         self.proc = subprocess.Popen(
             self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        wait_for(lambda: http_get(self.url + "/-/healthy", 2)[0] == 200, 15, "exporter healthy")
+        wait_for(lambda: self.get("/-/healthy", 2)[0] == 200, 15, "exporter healthy")
         return self
 
     def scrape(self) -> dict[tuple, float]:
-        status, body = http_get(self.url + "/metrics")
+        status, body = self.get("/metrics")
         assert status == 200, body
         return parse(body.decode())
 

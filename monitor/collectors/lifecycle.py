@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -31,8 +32,17 @@ _COUNTERS = (
 
 
 def readable(path: str) -> bool:
-    """Whether prometheus_client can parse this file (0-byte and truncated files cannot)."""
+    """Whether this is a whole prometheus_client file: a sane header and entries that parse.
+
+    The header check matters: garbage whose first word is negative parses as an empty file.
+    """
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+        used = struct.unpack("i", head[:4])[0] if len(head) == 8 else -1
+        if not 8 <= used <= size:
+            return False
         for _ in MmapedDict.read_all_values_from_file(path):
             pass
         return True

@@ -186,13 +186,15 @@ class WorkersCollector:
             labels=["worker"],
         )
         for slot, s in sorted(snap.workers.items()):
+            if not psutil.pid_exists(s.pid):
+                continue  # gone since the last sample: its series go with it, in this scrape
             for t in TYPES:
                 if t in s.memory:
                     memory.add_metric([str(slot), t], s.memory[t])
             started.add_metric([str(slot)], s.started)
             cpu.add_metric([str(slot)], s.cpu)
         yield from (memory, started, cpu)
-        if snap.master is not None:
+        if snap.master is not None and psutil.pid_exists(snap.master.pid):
             master_memory = GaugeMetricFamily(
                 "gunicorn_master_memory_bytes", "Master memory by type.", labels=["type"]
             )

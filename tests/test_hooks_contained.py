@@ -1,0 +1,47 @@
+"""A failing monitor hook never takes Gunicorn down: it is contained, logged once, counted."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+from tests.harness import CONFIG, exits, http_get, value, wait_for
+
+
+def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make_exporter):
+    m = make_master(workers=2).start()
+    e = make_exporter()
+    # The state file's path becomes a directory: every later state write in the master fails.
+    state = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
+    state.unlink()
+    (state / "blocker").mkdir(parents=True)
+    for n in (1, 2, 3):
+        # The harness cannot read the state file any more: ask the kernel for the workers.
+        kids = wait_for(lambda: len(c := psutil.Process(m.pid).children()) == 2 and c, 20)
+        os.kill(kids[0].pid, signal.SIGKILL)
+        wait_for(lambda n=n: exits(e.scrape()).get(("killed", "SIGKILL")) == n, 20, f"kill {n}")
+    samples = e.scrape()
+    assert value(samples, "gunicorn_monitor_hook_errors_total", hook="child_exit") >= 3
+    assert m.proc.poll() is None, "the master must survive"
+    assert http_get(m.url + "/")[0] == 200
+    assert m.output().count("gunicorn-monitor: hook child_exit failed") == 1
+
+
+def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, make_exporter):
+    config = tmp_path / "gunicorn.conf.py"
+    fault = (
+        "import monitor.hooks\n"
+        "def _boom(worker):\n"
+        "    raise RuntimeError('injected fault')\n"
+        "monitor.hooks._instrument_worker = _boom\n"
+    )
+    config.write_text(CONFIG.read_text().replace("wire(globals())", fault + "wire(globals())"))
+    m = make_master(workers=2)
+    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
+    m.start()
+    e = make_exporter()
+    assert http_get(m.url + "/")[0] == 200
+    assert exits(e.scrape()) == {}
+    assert "hook post_worker_init failed" in m.output()
