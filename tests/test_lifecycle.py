@@ -12,6 +12,7 @@ import signal
 import threading
 from collections import Counter
 
+import psutil
 import pytest
 
 from tests.harness import CLASSES, ROOT, exits, http_get, value, wait_for
@@ -178,3 +179,39 @@ def test_counts_survive_a_new_master_and_stale_state(make_master, make_exporter)
     assert value(e.scrape(), "gunicorn_up") == 1
     second.wait_workers(1)
     assert value(e.scrape(), "gunicorn_workers") == 1
+
+
+def test_a_usr2_upgrade_retires_the_old_workers_as_reload(make_master, make_exporter):
+    old = make_master(workers=2).start()
+    e = make_exporter()
+    old_workers = set(old.worker_pids())
+    old.signal(signal.SIGUSR2)
+
+    def new_master() -> int | None:
+        for child in psutil.Process(old.pid).children():
+            if (
+                child.pid not in old_workers
+                and (old.dir / "gunicorn-monitor").joinpath(f"master-{child.pid}.json").exists()
+            ):
+                return child.pid
+        return None
+
+    new_pid = wait_for(new_master, 20, "the new master")
+    try:
+        wait_for(lambda: value(e.scrape(), "gunicorn_workers") == 4, 20, "old and new workers")
+        assert value(e.scrape(), "gunicorn_master_reloads_total") == 1
+        old.signal(signal.SIGTERM)
+        assert old.wait_exit() == 0
+        samples = e.scrape()
+        assert exits(samples) == {("reload", "SIGTERM"): 2.0}
+        assert value(samples, "gunicorn_up") == 1
+        assert value(samples, "gunicorn_workers") == 2
+        assert http_get(old.url + "/")[0] == 200  # the new master serves on the same socket
+    finally:
+        new_workers = [p.pid for p in psutil.Process(new_pid).children()]
+        os.kill(new_pid, signal.SIGKILL)
+        for pid in new_workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
