@@ -1,6 +1,6 @@
 """`gunicorn-monitor`: the sidecar exporter and the small tools around it.
 
-    gunicorn-monitor serve [--dir DIR] [--listen HOST:PORT]
+    gunicorn-monitor serve [--dir DIR] [--listen HOST:PORT] [--web.config.file FILE]
     gunicorn-monitor mark-deploy [--dir DIR]
     gunicorn-monitor events [--dir DIR] [--last N]
 
@@ -20,7 +20,8 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from monitor import directory, journal, metrics, state
+from monitor import directory, journal, metrics, state, webconfig
+from monitor.collectors.appmetrics import AppMetricsCollector
 from monitor.collectors.lifecycle import LifecycleCollector
 from monitor.collectors.scrape import ScrapeCollector
 from monitor.collectors.workers import WorkerSampler, WorkersCollector
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level (env GUNICORN_MONITOR_LOG_LEVEL; default info)",
     )
+    serve.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=os.environ.get("GUNICORN_MONITOR_WEB_CONFIG") or None,
+        metavar="FILE",
+        help="exporter-toolkit web config: TLS and basic auth (env GUNICORN_MONITOR_WEB_CONFIG)",
+    )
 
     deploy = sub.add_parser("mark-deploy", help="record a deploy now (for CI/CD pipelines)")
     with_dir(deploy)
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except directory.DirectoryError as e:
+    except (directory.DirectoryError, webconfig.WebConfigError) as e:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
 
@@ -87,6 +95,7 @@ def build_registry(layout: directory.Layout) -> tuple[CollectorRegistry, WorkerS
     sources = {
         "lifecycle": LifecycleCollector(layout),
         "workers": WorkersCollector(sampler),
+        "app": AppMetricsCollector(layout.root),
     }
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, sampler))
@@ -103,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
+    web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
     layout = directory.open_for_reading(args.dir)
     registry, _ = build_registry(layout)
 
@@ -114,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         return True, "Ready."
 
     try:
-        server = make_http_server(args.listen, make_app(registry, ready))
+        server = make_http_server(args.listen, make_app(registry, ready), web_config)
     except OSError as e:
         sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
         return 2

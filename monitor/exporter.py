@@ -2,23 +2,31 @@
 
 Collectors know nothing of HTTP and this module knows nothing of Gunicorn: it serves whatever
 registry it is given. prometheus_client's WSGI app does the exposition (text or OpenMetrics by
-Accept header, gzip); this module only routes around it.
+Accept header, gzip); this module only routes around it, and applies a web config's basic auth
+(every path) and TLS (handshake on the connection's own thread, never in accept).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
+if TYPE_CHECKING:
+    from monitor.webconfig import WebConfig
+
 log = logging.getLogger("gunicorn_monitor")
 
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete TLS before its connection is dropped
+REALM = 'Basic realm="gunicorn-monitor"'
 INDEX = """<html><head><title>gunicorn-monitor</title></head><body>
 <h1>gunicorn-monitor</h1>
 <ul><li><a href="metrics">metrics</a></li><li><a href="-/healthy">healthy</a></li>
@@ -59,18 +67,68 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def make_http_server(listen: str, app: Callable, **server_args: Any) -> WSGIServer:
+def make_http_server(listen: str, app: Callable, web_config: WebConfig | None = None) -> WSGIServer:
+    """A threading server for `app` on `listen`, with the web config's TLS and basic auth."""
     host, port = parse_listen(listen)
+    context = web_config.ssl_context() if web_config is not None else None
+    if web_config is not None and web_config.users:
+        app = basic_auth(app, web_config.check)
+        if context is None:
+            log.warning("basic auth over plain HTTP: passwords cross the network in clear")
 
     class Server(ThreadingWSGIServer):
         address_family = _family(host)
 
-    return make_server(host, port, app, Server, handler_class=_SilentHandler, **server_args)
+    server_class = Server if context is None else _tls_server(Server, context)
+    return make_server(host, port, app, server_class, handler_class=_SilentHandler)
+
+
+def basic_auth(app: Callable, check: Callable[[str | None], bool]) -> Callable:
+    """`app` behind HTTP basic auth: a 401 with a challenge, and nothing else, unless `check`."""
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if check(environ.get("HTTP_AUTHORIZATION")):
+            return app(environ, start_response)
+        data = b"Unauthorized.\n"
+        start_response(
+            "401 Unauthorized",
+            [
+                ("Content-Type", "text/plain"),
+                ("Content-Length", str(len(data))),
+                ("WWW-Authenticate", REALM),
+            ],
+        )
+        return [data]
+
+    return guarded
+
+
+def _tls_server(base: type, context: ssl.SSLContext) -> type:
+    """`base` serving TLS: accept only wraps the socket; each thread does its own handshake.
+
+    A client that connects and never completes the handshake (or speaks plain HTTP) holds only
+    its own thread, for at most HANDSHAKE_TIMEOUT, and is dropped without a traceback.
+    """
+
+    class TLSServer(base):
+        def get_request(self) -> tuple[socket.socket, object]:
+            sock, addr = self.socket.accept()
+            return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+        def finish_request(self, request: ssl.SSLSocket, client_address: object) -> None:
+            try:
+                request.settimeout(HANDSHAKE_TIMEOUT)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as e:
+                log.debug("TLS handshake with %s failed: %s", client_address, e)
+                return
+            super().finish_request(request, client_address)
+
+    return TLSServer
 
 
 def _family(host: str) -> int:
-    import socket
-
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 

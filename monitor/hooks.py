@@ -29,8 +29,9 @@ from typing import Any
 
 import gunicorn
 import gunicorn.arbiter
+from prometheus_client import multiprocess
 
-from monitor import causes, directory, journal, metrics, notes, oom, state
+from monitor import causes, compaction, directory, journal, metrics, notes, oom, state
 from monitor.store import Store
 
 log = logging.getLogger("gunicorn.error")
@@ -239,7 +240,7 @@ class Monitor:
                 aborted=evidence.aborted,
             )
             self._save()
-        _mark_process_dead(pid, self.layout.root)
+        _retire_app_files(pid, self.layout.root)
 
     def _new_oom_kills(self) -> int:
         return max(0, oom.read_oom_kills(self.oom_paths) - self.oom_seen)
@@ -285,14 +286,18 @@ class Monitor:
         )
 
 
-def _mark_process_dead(pid: int, root: str) -> None:
-    """The app's own live-mode gauges of this worker must go, as prometheus_client documents."""
-    try:
-        from prometheus_client import multiprocess
+def _retire_app_files(pid: int, root: str) -> None:
+    """The app's own prometheus_client files of a dead worker.
 
+    Its live-mode gauges go, as prometheus_client documents (mark_process_dead); the rest is
+    moved out of the way for the exporter to compact, here in the master before it forks a
+    replacement that could reuse the pid and append to the dead worker's files.
+    """
+    try:
         multiprocess.mark_process_dead(pid, root)
+        compaction.stage_process_files(root, pid)
     except Exception as e:
-        _contain("mark_process_dead", e)
+        _contain("retire_app_files", e)
 
 
 # -- containment ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import glob
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
@@ -50,22 +51,37 @@ def readable(path: str) -> bool:
         return False
 
 
+@dataclass
+class Stats:
+    """Cumulative, for the exporter's self-metrics."""
+
+    files_read: int = 0
+    files_skipped: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: {"lifecycle_unreadable": 0})
+
+
 class LifecycleCollector:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.files_read = 0
-        self.files_skipped = 0
-        self.masters: list[state.Master] = []
+        self._stats = Stats()
+
+    def stats(self) -> Stats:
+        return self._stats
+
+    def _skipped(self, n: int) -> None:
+        self._stats.files_skipped += n
+        self._stats.errors["lifecycle_unreadable"] += n
 
     def collect(self) -> Iterator[Metric]:
         files = sorted(glob.glob(os.path.join(self.layout.own, "*.db")))
         good = [f for f in files if readable(f)]
-        self.files_read, self.files_skipped = len(good), len(files) - len(good)
+        self._stats.files_read += len(files)
+        self._skipped(len(files) - len(good))
         try:
             merged = {m.name: m for m in MultiProcessCollector.merge(good, accumulate=True)}
         except Exception:
             # A file that changed between the check and the merge: serve zeros this once.
-            self.files_skipped += len(good)
+            self._skipped(len(good))
             merged = {}
         for spec in _COUNTERS:
             yield _with_defaults(spec, merged.get(spec.name))
@@ -77,9 +93,9 @@ class LifecycleCollector:
         yield from self._masters()
 
     def _masters(self) -> Iterator[Metric]:
-        self.masters, bad = state.read(self.layout)
-        self.files_skipped += bad
-        live = [m for m in self.masters if m.alive]
+        masters, bad = state.read(self.layout)
+        self._skipped(bad)
+        live = [m for m in masters if m.alive]
         workers = sum(
             1
             for m in live

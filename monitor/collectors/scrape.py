@@ -26,8 +26,8 @@ class ScrapeCollector:
         self._generation = 0
         self._result: list[Metric] = []
         self.duration = 0.0
-        self.skipped_total = 0
         self.errors = {f"collect_{name}": 0 for name in sources}
+        self._files_read_before = 0
 
     def collect(self) -> Iterable[Metric]:
         seen = self._generation
@@ -48,12 +48,15 @@ class ScrapeCollector:
                 self.errors[f"collect_{name}"] += 1
                 log.error("event=collect_failed collector=%s error=%r", name, e)
         yield from families
-        files_read = sum(getattr(s, "files_read", 0) for s in self.sources.values())
-        skipped = sum(getattr(s, "files_skipped", 0) for s in self.sources.values())
-        self.skipped_total += skipped
+        # Each source's stats() are cumulative: files_read, files_skipped, files_quarantined
+        # and errors by kind.
+        stats = [s.stats() for s in self.sources.values() if hasattr(s, "stats")]
+        files_read_total = sum(st.files_read for st in stats)
+        files_read = files_read_total - self._files_read_before
+        self._files_read_before = files_read_total
         errors = dict(self.errors)
-        for source in self.sources.values():
-            for kind, n in getattr(source, "errors_by_kind", {}).items():
+        for st in stats:
+            for kind, n in st.errors.items():
                 errors[kind] = errors.get(kind, 0) + n
         if self.sampler is not None:
             errors["sample"] = self.sampler.errors
@@ -70,8 +73,13 @@ class ScrapeCollector:
         )
         yield CounterMetricFamily(
             "gunicorn_exporter_files_skipped",
-            "Files skipped because they could not be read or parsed.",
-            value=self.skipped_total,
+            "Files left out of a scrape because they could not be read or parsed.",
+            value=sum(st.files_skipped for st in stats),
+        )
+        yield CounterMetricFamily(
+            "gunicorn_exporter_files_quarantined",
+            "Unreadable files moved to quarantine/ in the shared directory.",
+            value=sum(getattr(st, "files_quarantined", 0) for st in stats),
         )
         family = CounterMetricFamily(
             "gunicorn_exporter_errors", "Errors while collecting, by kind.", labels=["kind"]

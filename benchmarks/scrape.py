@@ -1,0 +1,170 @@
+"""Scrape cost of app multiprocess metrics: stock MultiProcessCollector vs AppMetricsCollector.
+
+Builds directories of N dead workers' files (10 labelled counter series per file, the layout of
+the research baseline in shared/research/prometheus-multiprocess.md §4), then in the same run
+and with a warm page cache times `generate_latest` with the stock collector and with ours (the
+first scrape, which compacts, and steady-state scrapes), checks both give the same exposition,
+and prints a table.
+
+Files are written through prometheus_client's own write path (MultiProcessValue with an
+overridden process identifier, as upstream's tests do), one file set per dead worker, up to
+--real workers; beyond that the first worker's files are cloned byte for byte under further
+pids to keep the run short (the output says how many were cloned). Dead pids are above the
+kernel's pid_max, so no running process can own them.
+
+    python benchmarks/scrape.py [--sizes 1000,10000,30000] [--real 1000] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from monitor.collectors.appmetrics import AppMetricsCollector  # noqa: E402
+
+
+def write_worker(directory: Path, ident: int) -> None:
+    """One dead worker's file, written by the library exactly as a worker process would."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)  # where MmapedValue puts files
+    values.ValueClass = values.MultiProcessValue(lambda: ident)
+    requests = Counter("app_requests", "Requests.", ["method", "status"], registry=None)
+    events = Counter("app_lifecycle_events", "Lifecycle events.", ["event"], registry=None)
+    errors = Counter("app_errors", "Errors.", ["kind"], registry=None)
+    for i, (method, status) in enumerate(
+        [("GET", "200"), ("GET", "404"), ("POST", "200"), ("POST", "500"), ("PUT", "200")]
+    ):
+        requests.labels(method, status).inc(ident % 7 + i)
+    for i, event in enumerate(("boot", "reload", "exit")):
+        events.labels(event).inc(i + 1)
+    for kind in ("timeout", "crash"):
+        errors.labels(kind).inc(ident % 3)
+    values.close_all_multiprocess_files()
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy a multiprocess file's used bytes and keep it sparse, like the original."""
+    with open(src, "rb") as f:
+        data = f.read(4096)
+        used = struct.unpack_from("i", data)[0]
+        data += f.read(max(0, used - len(data)))
+        size = os.fstat(f.fileno()).st_size
+    with open(dst, "wb") as f:
+        f.write(data[:used])
+        f.truncate(size)
+
+
+def build(directory: Path, size: int, real: int) -> int:
+    """Write `size` dead workers' files; returns how many were cloned rather than written."""
+    first_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        for pid in range(first_pid, first_pid + min(size, real)):
+            write_worker(directory, pid)
+    finally:
+        values.ValueClass = values.MutexValue
+        if saved is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
+    template = directory / f"counter_{first_pid}.db"
+    for pid in range(first_pid + real, first_pid + size):
+        sparse_copy(template, directory / f"counter_{pid}.db")
+    return max(0, size - real)
+
+
+def timed(scrape: Callable[[], bytes], repeat: int) -> tuple[float, bytes]:
+    times, out = [], b""
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = scrape()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), out
+
+
+def registry_of(collector: object) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    return registry
+
+
+def measure(root: Path, size: int, real: int, repeat: int) -> dict[str, float | int | str]:
+    original, ours_dir = root / f"stock-{size}", root / f"ours-{size}"
+    original.mkdir()
+    ours_dir.mkdir()
+    started = time.perf_counter()
+    cloned = build(original, size, real)
+    for name in os.listdir(original):
+        sparse_copy(original / name, ours_dir / name)
+    build_s = time.perf_counter() - started
+
+    stock = registry_of(MultiProcessCollector(None, path=str(original)))
+    generate_latest(stock)  # warm the page cache
+    stock_s, stock_out = timed(lambda: generate_latest(stock), repeat)
+
+    ours = registry_of(AppMetricsCollector(str(ours_dir)))
+    first_s, first_out = timed(lambda: generate_latest(ours), 1)
+    steady_s, steady_out = timed(lambda: generate_latest(ours), max(repeat, 50))
+
+    expected = sorted(stock_out.splitlines())
+    identical = sorted(first_out.splitlines()) == expected == sorted(steady_out.splitlines())
+    shutil.rmtree(original)
+    shutil.rmtree(ours_dir)
+    return {
+        "files": size,
+        "cloned": cloned,
+        "build_s": build_s,
+        "stock_ms": stock_s * 1e3,
+        "first_ms": first_s * 1e3,
+        "steady_ms": steady_s * 1e3,
+        "identical": "yes" if identical else "NO",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,30000", help="dead workers per directory")
+    parser.add_argument("--real", type=int, default=1000, help="workers written, not cloned")
+    parser.add_argument("--repeat", type=int, default=7, help="stock scrapes timed (median)")
+    parser.add_argument("--dir", help="where to build (default: a temporary directory)")
+    args = parser.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            rows.append(measure(Path(tmp), size, args.real, args.repeat))
+
+    out = sys.stdout.write
+    out(
+        f"{'dead workers':>12} {'cloned':>7} {'stock ms':>9} {'ours 1st ms':>12} "
+        f"{'ours ms':>8} {'stock/ours':>10} {'stock/1st':>9} {'same output':>11}\n"
+    )
+    for r in rows:
+        out(
+            f"{r['files']:>12} {r['cloned']:>7} {r['stock_ms']:>9.2f} {r['first_ms']:>12.1f} "
+            f"{r['steady_ms']:>8.3f} {r['stock_ms'] / r['steady_ms']:>9.0f}x "
+            f"{r['stock_ms'] / r['first_ms']:>8.2f}x {r['identical']:>11}\n"
+        )
+    out(
+        "stock = MultiProcessCollector + generate_latest, median, warm page cache; "
+        "ours 1st = the first scrape, which compacts every dead worker; ours = steady state, "
+        "median of 50.\n"
+        f"cloned = files copied byte for byte from the first library-written file "
+        f"(the first {args.real} per size are written by prometheus_client itself).\n"
+    )
+    return 0 if all(r["identical"] == "yes" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

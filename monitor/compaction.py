@@ -1,0 +1,538 @@
+"""Compaction of dead workers' prometheus_client multiprocess files into aggregate files.
+
+Why: the stock `MultiProcessCollector` re-reads every `.db` file ever written, on every scrape,
+so scrape time grows with every worker that ever lived (20 ms at 1k dead workers, 211 ms at
+10k), and one unreadable file fails the whole scrape (client_python#1199). prometheus_client has
+no compaction (it was refused upstream as unsafe: pid reuse, no locking, gauges), so this module
+provides it, with those three objections designed out.
+
+Directory layout (DIR is the shared PROMETHEUS_MULTIPROC_DIR; only its top level is ours):
+
+    DIR/<type>_<pid>.db, DIR/gauge_<mode>_<pid>.db   written by app processes (prometheus_client)
+    DIR/<type>_aggregate.db, DIR/gauge_<mode>_aggregate.db
+                                                     everything dead workers left, folded
+    DIR/.compacting/staged/<token>~<name>.db         dead workers' files, out of the *.db glob
+    DIR/.compacting/next/                            aggregates being built by the current fold
+    DIR/.compacting/COMMIT                           the journal: exists from commit to cleanup
+    DIR/.compacting/lock                             flock: one compaction (or reader) at a time
+    DIR/quarantine/<token>~<name>                    unreadable files, moved aside untouched
+
+Pid reuse. A file is staged (renamed out of the glob, atomic and O(1)) as soon as its pid is
+seen dead; a process that later gets the same pid starts a fresh file. The one window left is a
+new process that opens the old name between our liveness check and our rename: it would keep
+writing into the staged inode. So before folding, every staged file whose pid is alive again is
+put back under its old name (hard link, which never clobbers a file the new process made, then
+unlink), and folded only once that pid is dead. Files hard-linked twice by a crash inside that
+step are folded once (deduplicated by inode).
+
+Crash safety (a compaction killed at any instruction neither loses nor double counts):
+  1. stage: each rename moves a file from "read live" to "pending"; both are counted once.
+  2. fold: read the current aggregates and all pending files, write the new aggregates into
+     next/, fsync. A crash here leaves next/ garbage that recovery deletes (roll back).
+  3. commit: atomically create COMMIT listing the pending files consumed and the new aggregates.
+     This is the single commit point.
+  4. apply: rename next/* over DIR/*_aggregate.db, unlink the consumed staged files, unlink
+     COMMIT. Every step is idempotent; recovery repeats it whenever COMMIT exists (roll forward).
+Readers take the same lock and run recovery first, so no reader ever sees an aggregate that
+already includes a pending file, or a pending file whose aggregate is not yet in place.
+
+Gauge modes (what the stock collector shows after gunicorn's child_exit hook ran
+mark_process_dead):
+  - live*: dropped with the dead pid. Dead pids whose live files were never removed are treated
+    as if mark_process_dead had run: the files are deleted in the commit and counted.
+  - sum, min, max: reduced into one entry per series.
+  - mostrecent: the entry with the newest timestamp, value and timestamp both kept (the
+    library's merge() drops timestamps, client_python#1056, which is why this folds by hand).
+  - all: kept per pid. The aggregate entry's key carries the dead pid as a `pid` label, and the
+    reader in collectors/appmetrics.py restores it as the stock collector would; only that one
+    file cannot be read by the stock collector as is (it would show pid="aggregate").
+Under pid reuse the new process counts as a fresh worker (a fresh file), whereas stock would let
+it continue the old file: sums agree, `set()` gauges of the reused pid may differ.
+
+Liveness is judged with kill(pid, 0), so the exporter must share the app's pid namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
+
+import psutil
+from prometheus_client.mmap_dict import MmapedDict, _read_all_values
+
+AGGREGATE_ID = "aggregate"
+STATE_DIR = ".compacting"
+QUARANTINE_DIR = "quarantine"
+
+_PLAIN_TYPES = ("counter", "histogram", "summary")
+# How each file prefix folds. Modes not listed (a future prometheus_client) are read, never folded.
+_SUM, _MIN, _MAX, _RECENT, _PER_PID, _DROP = "sum", "min", "max", "recent", "per_pid", "drop"
+_FOLD = {
+    "counter": _SUM,
+    "histogram": _SUM,  # buckets are stored non-cumulative, so they sum
+    "summary": _SUM,
+    "gauge_sum": _SUM,
+    "gauge_min": _MIN,
+    "gauge_max": _MAX,
+    "gauge_mostrecent": _RECENT,
+    "gauge_all": _PER_PID,
+    "gauge_liveall": _DROP,
+    "gauge_livesum": _DROP,
+    "gauge_livemin": _DROP,
+    "gauge_livemax": _DROP,
+    "gauge_livemostrecent": _DROP,
+}
+
+_unpack_int = struct.Struct("i").unpack_from
+
+# Tells whether a pid may still write; tests substitute it to simulate pid reuse.
+AliveCheck = Callable[[int], bool]
+
+# Test hook: called with the name of each crash-relevant step; tests kill the process there.
+_crash_hook: Callable[[str], None] | None = None
+
+
+def _checkpoint(step: str) -> None:
+    if _crash_hook is not None:
+        _crash_hook(step)
+
+
+class DbName(NamedTuple):
+    """A multiprocess file name decoded the way MultiProcessCollector decodes it."""
+
+    prefix: str  # counter | histogram | summary | gauge_<mode>
+    typ: str
+    mode: str  # gauge mode, "" for other types
+    ident: str  # the process identifier (a pid, or AGGREGATE_ID)
+
+    @property
+    def pid(self) -> int | None:
+        """The pid, if the identifier is one (custom identifiers are never judged dead)."""
+        if self.ident.isascii() and self.ident.isdigit() and 0 < int(self.ident) < 1 << 31:
+            return int(self.ident)
+        return None
+
+
+def parse_name(basename: str) -> DbName | None:
+    """Decode `counter_123.db` / `gauge_livesum_123.db`; None for names the collector can't use."""
+    if not basename.endswith(".db"):
+        return None
+    parts = basename[:-3].split("_")
+    if parts[0] in _PLAIN_TYPES and len(parts) >= 2 and all(parts):
+        return DbName(parts[0], parts[0], "", "_".join(parts[1:]))
+    if parts[0] == "gauge" and len(parts) == 3 and parts[1] and parts[2]:
+        return DbName(f"gauge_{parts[1]}", "gauge", parts[1], parts[2])
+    return None
+
+
+class Entry(NamedTuple):
+    key: str
+    metric_name: str
+    name: str
+    labels: tuple[tuple[str, str], ...]  # sorted, as the stock collector keys them
+    help: str
+    value: float
+    timestamp: float
+
+
+class BadFile(Exception):
+    """A file that can't be read as a multiprocess file; `kind` is the error-counter label."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@lru_cache(maxsize=1 << 16)
+def _parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+    metric_name, name, labels, help_text = json.loads(key)
+    if not (isinstance(metric_name, str) and isinstance(name, str) and isinstance(labels, dict)):
+        raise ValueError("not a prometheus_client key")
+    if not all(isinstance(v, str) for v in labels.values()) or not isinstance(help_text, str):
+        raise ValueError("not a prometheus_client key")
+    return metric_name, name, tuple(sorted(labels.items())), help_text
+
+
+def read_entries(path: str) -> list[Entry]:
+    """Every entry of one file, fully validated, or BadFile; FileNotFoundError passes through.
+
+    The library's reader has no error isolation and trusts the header: a negative `used` reads as
+    an empty file and a negative entry length can walk backwards. So the header is checked here
+    and the library's entry parser (`_read_all_values`) is driven with bounds.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(mmap.PAGESIZE)  # what the library reads first, see mmap_dict.py
+            if len(data) < 8:
+                raise BadFile("empty" if not data else "truncated", "no header")
+            used = _unpack_int(data, 0)[0]
+            if used == 0:
+                return []  # created, header not yet written: empty, as stock reads it
+            if used < 8:
+                raise BadFile("corrupt", f"header says {used} bytes used")
+            if used > len(data):
+                data += f.read(used - len(data))
+            if used > len(data):
+                raise BadFile("truncated", f"{len(data)} of {used} bytes")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise BadFile("io", str(e)) from e
+    entries = []
+    last = 0
+    try:
+        for key, value, timestamp, pos in _read_all_values(data, used):
+            if pos <= last:
+                raise BadFile("corrupt", "entry offsets do not advance")
+            last = pos
+            metric_name, name, labels, help_text = _parse_key(key)
+            entries.append(Entry(key, metric_name, name, labels, help_text, value, timestamp))
+    except (struct.error, RuntimeError) as e:
+        raise BadFile("corrupt", str(e)) from e
+    except UnicodeDecodeError as e:
+        raise BadFile("encoding", str(e)) from e
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise BadFile("key", str(e)) from e
+    return entries
+
+
+def pid_alive(pid: int) -> bool:
+    """True unless the pid certainly has no process that could still write (gone or zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an unreaped zombie answers kill(0) but will never write again
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def _token() -> str:
+    # Sorts by staging time (so later deaths of a reused pid win for `all` gauges) and is unique,
+    # because rename() would silently replace an existing staged file.
+    return f"{time.time_ns():016x}{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dirs(path: str) -> tuple[str, str, str]:
+    state = os.path.join(path, STATE_DIR)
+    return state, os.path.join(state, "staged"), os.path.join(state, "next")
+
+
+@contextlib.contextmanager
+def directory_lock(path: str) -> Iterator[None]:
+    """Hold the directory's compaction lock (flock, released by the kernel if we die).
+
+    Not reentrant: flock conflicts between two opens even in one process.
+    """
+    state, staged, nxt = _dirs(path)
+    for d in (state, staged, nxt):
+        os.makedirs(d, exist_ok=True)
+    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def quarantine(path: str, source: str) -> str:
+    """Move an unreadable file to DIR/quarantine/ under a unique name; never deletes it."""
+    qdir = os.path.join(path, QUARANTINE_DIR)
+    os.makedirs(qdir, exist_ok=True)
+    target = os.path.join(qdir, f"{_token()}~{os.path.basename(source).split('~')[-1]}")
+    os.rename(source, target)
+    return target
+
+
+def stage_process_files(path: str, pid: int) -> int:
+    """Move one dead pid's files out of the glob; returns how many.
+
+    Safe without the lock (the fold only consumes the staged files its journal names), so
+    gunicorn's child_exit hook may call it in the master before it forks a replacement, which
+    closes the pid-reuse window entirely.
+    """
+    _, staged, _ = _dirs(path)
+    os.makedirs(staged, exist_ok=True)
+    token, moved = _token(), 0
+    for name in os.listdir(path):
+        db = parse_name(name)
+        if db is not None and db.pid == pid and db.prefix in _FOLD:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
+                moved += 1
+    return moved
+
+
+@dataclass
+class CompactionReport:
+    """What one compaction did, for the collector's self-metrics."""
+
+    staged: int = 0
+    unstaged: int = 0
+    folded: int = 0
+    dropped_live: int = 0
+    quarantined: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def _read_commit(state: str) -> dict[str, list[str]] | None:
+    try:
+        with open(os.path.join(state, "COMMIT"), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _apply(path: str, commit: dict[str, list[str]]) -> None:
+    """Finish a committed fold. Idempotent, so recovery can simply run it again."""
+    state, staged, nxt = _dirs(path)
+    for i, name in enumerate(commit["aggregates"]):
+        with contextlib.suppress(FileNotFoundError):  # already moved by an earlier attempt
+            os.replace(os.path.join(nxt, name), os.path.join(path, name))
+        if i == 0:
+            _checkpoint("applied-one")
+    _fsync_dir(path)
+    _fsync_dir(nxt)
+    _checkpoint("applied")
+    for i, name in enumerate(commit["consumed"]):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(staged, name))
+        if i == 0:
+            _checkpoint("cleaned-one")
+    _fsync_dir(staged)
+    if len(commit["consumed"]) > 1000:
+        # A directory keeps the size of its largest listing; every scrape lists this one.
+        with contextlib.suppress(OSError):  # not empty: a hook staged meanwhile; keep it
+            os.rmdir(staged)
+            os.mkdir(staged)
+    _checkpoint("cleaned")
+    os.unlink(os.path.join(state, "COMMIT"))
+    _fsync_dir(state)
+
+
+def recover(path: str) -> None:
+    """Finish (COMMIT present) or roll back (absent) an interrupted fold. Hold the lock."""
+    state, _, nxt = _dirs(path)
+    commit = _read_commit(state)
+    if commit is not None:
+        _apply(path, commit)
+        return
+    for name in os.listdir(nxt):
+        os.unlink(os.path.join(nxt, name))
+    for name in os.listdir(state):
+        if name.startswith("COMMIT."):  # a journal that never reached its rename
+            os.unlink(os.path.join(state, name))
+
+
+def _stage_dead(path: str, is_alive: AliveCheck, report: CompactionReport) -> None:
+    _, staged, _ = _dirs(path)
+    token, alive = _token(), {}
+    moved = False
+    for name in os.listdir(path):
+        db = parse_name(name)
+        if db is None or db.pid is None or db.prefix not in _FOLD:
+            continue
+        if db.pid not in alive:
+            alive[db.pid] = is_alive(db.pid)
+        if alive[db.pid]:
+            continue
+        try:
+            os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
+        except FileNotFoundError:
+            continue  # mark_process_dead or the hooks were faster
+        moved = True
+        report.staged += 1
+        _checkpoint("staged-one")
+    if moved:
+        _fsync_dir(path)
+        _fsync_dir(staged)
+    _checkpoint("staged")
+
+
+def _unstage_reused(
+    path: str, pending: list[str], is_alive: AliveCheck, report: CompactionReport
+) -> list[str]:
+    """Put back staged files whose pid lives again; return the pending files safe to fold."""
+    _, staged, _ = _dirs(path)
+    keep, alive = [], {}
+    for sname in pending:
+        name = sname.split("~", 1)[-1]
+        db = parse_name(name)
+        pid = db.pid if db is not None else None
+        if pid is not None and pid not in alive:
+            alive[pid] = is_alive(pid)
+        if pid is None or not alive[pid]:
+            keep.append(sname)
+            continue
+        src, dst = os.path.join(staged, sname), os.path.join(path, name)
+        try:
+            os.link(src, dst)  # never replaces a fresh file the new process created
+        except FileExistsError:
+            if not os.path.samefile(src, dst):
+                keep.append(sname)  # the new process has its own file: this one is dead data
+                continue
+        _checkpoint("relinked")
+        os.unlink(src)  # (a crash before this leaves two links: folded once, see _fold)
+        report.unstaged += 1
+        _checkpoint("unstaged-one")
+    return keep
+
+
+# One aggregate file being built: key -> [value, timestamp].
+_Acc = dict[str, list[float]]
+
+
+def _fold_into(acc: _Acc, how: str, db: DbName, entries: list[Entry]) -> None:
+    for e in entries:
+        key = e.key
+        if how == _PER_PID and db.ident != AGGREGATE_ID:
+            labels = dict(e.labels)
+            labels["pid"] = db.ident
+            key = json.dumps([e.metric_name, e.name, labels, e.help], sort_keys=True)
+        cur = acc.get(key)
+        if cur is None:
+            acc[key] = [e.value, e.timestamp]
+        elif how == _SUM:
+            cur[0] += e.value
+        elif how == _MIN:
+            cur[0] = min(cur[0], e.value)
+        elif how == _MAX:
+            cur[0] = max(cur[0], e.value)
+        elif how == _RECENT:
+            if e.timestamp > cur[1]:  # ties keep the first, as the stock collector does
+                acc[key] = [e.value, e.timestamp]
+        else:  # _PER_PID: a later death of a reused pid replaces the earlier one
+            acc[key] = [e.value, e.timestamp]
+
+
+def _write_aggregate(target: str, acc: _Acc) -> None:
+    # Written through the library's own writer, so the format is whatever the reader expects.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+    d = MmapedDict(target)
+    try:
+        for key, (value, timestamp) in acc.items():
+            d.write_value(key, value, timestamp)
+    finally:
+        d.close()
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
+    state, staged, nxt = _dirs(path)
+    accs: dict[str, _Acc] = {}
+    consumed, seen_inodes = [], set()
+    for sname in sorted(pending):
+        src = os.path.join(staged, sname)
+        db = parse_name(sname.split("~", 1)[-1])
+        how = _FOLD.get(db.prefix) if db is not None else None
+        try:
+            inode = os.stat(src).st_ino
+            if how is None:
+                raise BadFile("name", sname)
+            entries = [] if how == _DROP or inode in seen_inodes else read_entries(src)
+        except FileNotFoundError:
+            continue
+        except BadFile as e:
+            report.error(e.kind)
+            quarantine(path, src)
+            report.quarantined += 1
+            _checkpoint("quarantined")
+            continue
+        consumed.append(sname)
+        if how == _DROP:
+            report.dropped_live += 1
+            continue
+        if inode in seen_inodes:
+            continue  # the second link of a half-finished unstage: same data, fold once
+        seen_inodes.add(inode)
+        report.folded += 1
+        if db.prefix not in accs:
+            accs[db.prefix] = _load_aggregate(path, db.prefix, report)
+        _fold_into(accs[db.prefix], how, db, entries)
+    if not consumed:
+        return
+    names = []
+    for prefix, acc in accs.items():
+        name = f"{prefix}_{AGGREGATE_ID}.db"
+        _write_aggregate(os.path.join(nxt, name), acc)
+        names.append(name)
+    _fsync_dir(nxt)
+    _checkpoint("written")
+    tmp = os.path.join(state, f"COMMIT.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"consumed": consumed, "aggregates": names}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(state, "COMMIT"))  # the commit point
+    _fsync_dir(state)
+    _checkpoint("committed")
+    _apply(path, {"consumed": consumed, "aggregates": names})
+
+
+def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> _Acc:
+    acc: _Acc = {}
+    target = os.path.join(path, f"{prefix}_{AGGREGATE_ID}.db")
+    db = DbName(prefix, prefix.split("_")[0], prefix.partition("_")[2], AGGREGATE_ID)
+    try:
+        _fold_into(acc, _FOLD[prefix], db, read_entries(target))
+    except FileNotFoundError:
+        pass
+    except BadFile as e:
+        # Only a broken disk gets here (aggregates are fsynced and renamed into place). Moving
+        # it aside loses its totals from the output, but keeps them on disk for an operator.
+        report.error("aggregate-" + e.kind)
+        quarantine(path, target)
+        report.quarantined += 1
+    return acc
+
+
+def compact(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
+    """Recover, stage every dead pid's files, fold all pending files. Hold directory_lock."""
+    report = CompactionReport()
+    started = time.perf_counter()
+    recover(path)
+    _stage_dead(path, is_alive, report)
+    _, staged, _ = _dirs(path)
+    pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
+    if pending:
+        _fold(path, pending, report)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def run_compaction(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
+    """compact() under the directory lock, for callers outside the collector (CLI, tests)."""
+    with directory_lock(path):
+        return compact(path, is_alive)

@@ -1,0 +1,558 @@
+"""Dead workers' app metrics are compacted without changing what Prometheus sees.
+
+Every directory here is written by real processes through prometheus_client's own write path.
+The oracle is the stock MultiProcessCollector on a mirror of the uncompacted directory, after
+mark_process_dead for every dead pid (what gunicorn's child_exit hook does).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor import compaction
+from monitor.collectors.appmetrics import AppMetricsCollector
+from monitor.compaction import QUARANTINE_DIR, STATE_DIR, parse_name, run_compaction
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = "all liveall min livemin max livemax sum livesum mostrecent livemostrecent".split()
+
+# A Gunicorn-like app worker: every metric type, every gauge mode, labels. Values are multiples
+# of 1/4 so that sums are exact whatever order files are added in.
+WORKER = r"""
+import sys
+ident = sys.argv[3] if len(sys.argv) > 3 else None
+if ident:  # a process that gets a given pid (pid reuse), via the library's documented hook
+    from prometheus_client import values
+    values.ValueClass = values.MultiProcessValue(lambda: ident)
+from prometheus_client import Counter, Gauge, Histogram, Summary
+
+seed, linger = int(sys.argv[1]), sys.argv[2] == "linger"
+MODES = MODES_HERE
+requests = Counter("app_requests", "Requests.", ["method", "status"])
+jobs = Counter("app_jobs", "Jobs.")
+latency = Histogram("app_latency_seconds", "Latency.", ["route"], buckets=(0.25, 1.0, 4.0))
+payload = Summary("app_payload_bytes", "Payload.", ["route"])
+gauges = {m: Gauge("app_g_" + m, "Gauge " + m + ".", ["shard"], multiprocess_mode=m) for m in MODES}
+
+def work(rnd):
+    for i in range(3):
+        requests.labels(("GET", "POST")[i % 2], ("200", "500")[i % 2]).inc(seed + i + rnd)
+    jobs.inc(seed % 3)
+    for i in range(4):
+        latency.labels("ab"[i % 2]).observe((seed * i % 7) * 0.75 + rnd)
+    payload.labels("a").observe(seed * 0.5 + rnd)
+    for mode, g in gauges.items():
+        for shard in ("x", "y"):
+            child = g.labels(shard)
+            if mode.endswith("mostrecent"):
+                if (seed + rnd + len(shard)) % 3:  # some series never set: timestamp 0
+                    child.set(seed * 1.5 + rnd)
+            elif mode.endswith("sum"):
+                child.inc(seed + rnd)
+                child.dec(0.25)
+            else:
+                child.set((seed * 7 % 11) - 5 + rnd * 0.5)
+
+work(0)
+print("ready", flush=True)
+while linger:
+    cmd = sys.stdin.readline().strip()
+    if cmd == "more":
+        work(1)
+        print("ready", flush=True)
+    else:
+        break
+""".replace("MODES_HERE", repr(MODES))
+
+
+class Workers:
+    """Starts app worker processes and guarantees every one is gone at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(
+        self, directory: Path, seed: int, linger: bool = False, ident: str | None = None
+    ) -> subprocess.Popen[str]:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        args = [sys.executable, "-c", WORKER, str(seed), "linger" if linger else "exit"]
+        proc = subprocess.Popen(
+            args + ([ident] if ident else []),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, directory: Path, seeds: range) -> list[int]:
+        """Workers that write and exit, in parallel; returns their (now dead) pids."""
+        procs = [self.start(directory, s) for s in seeds]
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+            assert p.wait(timeout=60) == 0
+        return [p.pid for p in procs]
+
+    def lingering(self, directory: Path, seeds: range) -> list[subprocess.Popen[str]]:
+        procs = [self.start(directory, s, linger=True) for s in seeds]
+        for p in procs:
+            self.ready(p)
+        return procs
+
+    @staticmethod
+    def ready(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+
+    @staticmethod
+    def tell(proc: subprocess.Popen[str], cmd: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(cmd + "\n")
+        proc.stdin.flush()
+        if cmd == "more":
+            Workers.ready(proc)
+        else:
+            assert proc.wait(timeout=60) == 0
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=60)
+            for stream in (p.stdin, p.stdout):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    w = Workers()
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[int], int]]:
+    """Eight dead workers' files plus one worker that stays alive for the whole module."""
+    w = Workers()
+    directory = tmp_path_factory.mktemp("template")
+    try:
+        dead = w.run(directory, range(1, 9))
+        (live,) = w.lingering(directory, range(20, 21))
+        yield directory, dead, live.pid
+    finally:
+        w.stop_all()
+
+
+def exposition(collector: object) -> list[str]:
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    return sorted(generate_latest(registry).decode().splitlines())
+
+
+def stock(directory: Path) -> list[str]:
+    return exposition(MultiProcessCollector(None, path=str(directory)))
+
+
+def mirror(src: Path, dst: Path, dead: list[int]) -> Path:
+    """Add src's worker files to the uncompacted mirror, then mark the dead pids dead there."""
+    dst.mkdir(exist_ok=True)
+    for name in os.listdir(src):
+        db = parse_name(name)
+        if db is not None and db.pid is not None:
+            shutil.copyfile(src / name, dst / name)
+    for pid in dead:
+        mark_process_dead(pid, str(dst))
+    return dst
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in os.listdir(src):
+        if name.endswith(".db"):
+            shutil.copyfile(src / name, dst / name)
+    return dst
+
+
+def worker_files(directory: Path, pids: list[int]) -> list[str]:
+    return [
+        n
+        for n in os.listdir(directory)
+        if (db := parse_name(n)) is not None and db.pid in set(pids)
+    ]
+
+
+def counter_values(lines: list[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every monotonic sample (counters, histogram and summary parts) by name and labels."""
+    out = {}
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for s in family.samples:
+            if s.name.endswith(("_total", "_count", "_sum", "_bucket")):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def assert_clean(directory: Path) -> None:
+    state = directory / STATE_DIR
+    assert os.listdir(state / "staged") == [] and os.listdir(state / "next") == []
+    assert not (state / "COMMIT").exists()
+
+
+def test_churning_workers_are_folded_and_scrapes_match_the_stock_collector(
+    tmp_path: Path, workers: Workers
+) -> None:
+    directory, oracle_dir = tmp_path / "multiproc", tmp_path / "oracle"
+    directory.mkdir()
+    dead = workers.run(directory, range(1, 21))
+    alive = workers.lingering(directory, range(40, 44))
+
+    # The reader alone, no compaction, reads exactly what the stock collector reads.
+    assert exposition(AppMetricsCollector(str(directory), compact=False)) == stock(directory)
+
+    expected = stock(mirror(directory, oracle_dir, dead))
+    collector = AppMetricsCollector(str(directory))
+    first = exposition(collector)
+    assert first == expected
+    assert worker_files(directory, dead) == []
+    stats = collector.stats()
+    assert stats.files_compacted == 20 * 8  # 3 types + the gauge modes all/min/max/sum/mostrecent
+    assert stats.live_files_dropped == 20 * 5  # the five live* gauge modes
+    assert exposition(collector) == expected  # steady state
+
+    # More churn: new workers die, two old ones do more work and die, two do more and live on.
+    dead += workers.run(directory, range(21, 33))
+    for proc in alive:
+        workers.tell(proc, "more")
+    for proc in alive[:2]:
+        workers.tell(proc, "exit")
+        dead.append(proc.pid)
+    expected = stock(mirror(directory, oracle_dir, dead))
+    second = exposition(collector)
+    assert second == expected
+    before, after = counter_values(first), counter_values(second)
+    assert all(after[k] >= v for k, v in before.items())
+    assert worker_files(directory, dead) == []
+
+    for proc in alive[2:]:
+        workers.tell(proc, "exit")
+        dead.append(proc.pid)
+    expected = stock(mirror(directory, oracle_dir, dead))
+    assert exposition(collector) == expected
+    assert sorted(os.listdir(directory)) == sorted(
+        [f"{p}_aggregate.db" for p in ("counter", "histogram", "summary")]
+        + [f"gauge_{m}_aggregate.db" for m in ("all", "min", "max", "sum", "mostrecent")]
+        + [STATE_DIR]
+    )
+    assert_clean(directory)
+    assert collector.stats().errors == {}
+
+    # Aggregates use the collector's file naming: the stock collector reads them too, except
+    # the `all` gauge, whose per-pid series only this collector restores.
+    def without_all(lines: list[str]) -> list[str]:
+        return [line for line in lines if "app_g_all" not in line]
+
+    assert without_all(stock(directory)) == without_all(expected)
+
+
+def test_unreadable_files_are_skipped_counted_and_quarantined(
+    tmp_path: Path, template: tuple[Path, list[int], int]
+) -> None:
+    src, dead, live_pid = template
+    directory = copy_dir(src, tmp_path / "multiproc")
+    expected = stock(mirror(directory, tmp_path / "oracle", dead))
+    gone = [int(open("/proc/sys/kernel/pid_max").read()) + i for i in (1, 2, 3)]
+    histogram = next(n for n in os.listdir(src) if n.startswith("histogram_"))
+    bad = {
+        f"counter_{gone[0]}.db": b"",  # worker killed between open() and truncate()
+        f"histogram_{gone[1]}.db": (src / histogram).read_bytes()[:200],  # truncated
+        f"gauge_all_{gone[2]}.db": random.Random(7).randbytes(3000),  # garbage
+        f"counter_{os.getpid()}.db": b"",  # a live worker creating its file right now
+    }
+    for name, data in bad.items():
+        (directory / name).write_bytes(data)
+    with sqlite3.connect(directory / "app.db") as db:  # someone else's database
+        db.execute("create table t (x)")
+    foreign = (directory / "app.db").read_bytes()
+
+    collector = AppMetricsCollector(str(directory), quarantine_after=3600)
+    assert exposition(collector) == expected
+    stats = collector.stats()
+    assert stats.files_quarantined == 3  # the dead workers' files, at once
+    assert stats.files_skipped == 2  # the young ones: maybe still being created
+    assert stats.errors["empty"] == 2 and stats.errors["truncated"] >= 1
+    assert stats.errors["name"] == 1
+    quarantined = {n.split("~", 1)[1]: n for n in os.listdir(directory / QUARANTINE_DIR)}
+    assert sorted(quarantined) == sorted(list(bad)[:3])
+    for name in list(bad)[:3]:  # moved aside untouched, never deleted
+        assert (directory / QUARANTINE_DIR / quarantined[name]).read_bytes() == bad[name]
+
+    later = AppMetricsCollector(str(directory), quarantine_after=0)
+    assert exposition(later) == expected
+    assert later.stats().files_quarantined == 2
+    assert not (directory / "app.db").exists()
+    moved = [n for n in os.listdir(directory / QUARANTINE_DIR) if n.endswith("~app.db")]
+    assert (directory / QUARANTINE_DIR / moved[0]).read_bytes() == foreign
+    assert exposition(later) == expected
+    assert later.stats().files_skipped == 2  # nothing left to skip on the second scrape
+
+
+def _reused_pid_setup(tmp_path: Path, workers: Workers) -> tuple[Path, str]:
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    pid = str(int(open("/proc/sys/kernel/pid_max").read()) + 5)
+    first = workers.start(directory, 3, ident=pid)  # the first owner of the pid: dies
+    workers.ready(first)
+    assert first.wait(timeout=60) == 0
+    return directory, pid
+
+
+def _total(lines: list[str]) -> float:
+    return sum(v for (name, _), v in counter_values(lines).items() if name == "app_requests_total")
+
+
+def test_a_reused_pid_after_staging_gets_a_fresh_file(
+    tmp_path: Path, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, pid = _reused_pid_setup(tmp_path, workers)
+    alive: set[int] = set()
+    successor: list[subprocess.Popen[str]] = []
+
+    def hook(step: str) -> None:
+        if step == "staged" and not successor:  # the pid is reused right after staging
+            successor.append(workers.start(directory, 3, linger=True, ident=pid))
+            workers.ready(successor[0])
+            alive.add(int(pid))
+
+    monkeypatch.setattr(compaction, "_crash_hook", hook)
+    collector = AppMetricsCollector(str(directory), is_alive=lambda p: p in alive)
+    once = _total(stock(directory))
+    assert _total(exposition(collector)) == 2 * once  # the dead one folded, the new one live
+    assert (directory / "counter_aggregate.db").exists()
+    assert (directory / f"counter_{pid}.db").exists()
+
+    workers.tell(successor[0], "more")
+    with_more = _total(exposition(collector))
+    workers.tell(successor[0], "exit")
+    alive.clear()
+    assert _total(exposition(collector)) == with_more  # folded exactly once
+    assert not (directory / f"counter_{pid}.db").exists()
+    assert_clean(directory)
+
+
+def test_a_reused_pid_that_reopened_the_old_file_keeps_it_until_it_dies(
+    tmp_path: Path, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, pid = _reused_pid_setup(tmp_path, workers)
+    once = _total(stock(directory))
+    # The new owner of the pid opens the old file (and continues its values) just before the
+    # compaction renames it: liveness said "dead" at the scan, "alive" at the re-check.
+    successor = workers.start(directory, 3, linger=True, ident=pid)
+    workers.ready(successor)
+    alive: set[int] = set()
+    checks: list[str] = []
+
+    def hook(step: str) -> None:
+        if step == "staged" and not checks:
+            checks.append(step)
+            alive.add(int(pid))
+
+    monkeypatch.setattr(compaction, "_crash_hook", hook)
+    collector = AppMetricsCollector(str(directory), is_alive=lambda p: p in alive)
+    assert _total(exposition(collector)) == 2 * once
+    assert collector.stats().files_compacted == 0  # put back, not folded
+    assert (directory / f"counter_{pid}.db").exists()
+
+    workers.tell(successor, "more")  # these writes land in the file that was put back
+    with_more = _total(exposition(collector))
+    assert with_more > 2 * once
+    workers.tell(successor, "exit")
+    alive.clear()
+    assert _total(exposition(collector)) == with_more
+    assert collector.stats().files_compacted == 8
+    assert_clean(directory)
+
+
+class Crash(BaseException):
+    """Stops a compaction mid-step, leaving the disk exactly as a SIGKILL there would."""
+
+
+def test_a_crash_while_putting_back_a_reused_pids_file_folds_it_once(
+    tmp_path: Path, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, pid = _reused_pid_setup(tmp_path, workers)
+    successor = workers.start(directory, 3, linger=True, ident=pid)
+    workers.ready(successor)
+    continued = _total(stock(directory))
+    alive: set[int] = set()
+    steps: list[str] = []
+
+    def hook(step: str) -> None:
+        steps.append(step)
+        if step == "staged" and steps.count(step) == 1:
+            alive.add(int(pid))
+        if step == "relinked" and steps.count(step) == 1:
+            raise Crash  # the file now has two names: back in place, and still staged
+
+    monkeypatch.setattr(compaction, "_crash_hook", hook)
+    with pytest.raises(Crash):
+        run_compaction(str(directory), lambda p: p in alive)
+    workers.tell(successor, "exit")
+    alive.clear()
+    collector = AppMetricsCollector(str(directory), is_alive=lambda p: p in alive)
+    assert _total(exposition(collector)) == continued
+    assert collector.stats().files_compacted == 8
+    assert_clean(directory)
+
+
+CRASH_POINTS = [
+    ["staged-one"],
+    ["staged"],
+    ["quarantined"],
+    ["written"],
+    ["committed"],
+    ["applied-one"],
+    ["applied"],
+    ["cleaned-one"],
+    ["cleaned"],
+    # crashed again while recovering or retrying
+    ["committed", "applied-one"],
+    ["written", "committed"],
+    ["staged-one", "cleaned-one"],
+    ["applied-one", "cleaned"],
+]
+
+CRASHING_COMPACTION = """
+import os, signal, sys
+from monitor import compaction
+point = sys.argv[2]
+compaction._crash_hook = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == point else None
+print("go", flush=True)
+compaction.run_compaction(sys.argv[1])
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("points", CRASH_POINTS, ids="+".join)
+def test_a_compaction_killed_at_any_step_loses_and_doubles_nothing(
+    tmp_path: Path, template: tuple[Path, list[int], int], points: list[str]
+) -> None:
+    src, dead, live_pid = template
+    directory = copy_dir(src, tmp_path / "multiproc")
+    expected = stock(mirror(directory, tmp_path / "oracle", dead))
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    (directory / f"summary_{pid_max + 9}.db").write_bytes(b"")  # makes "quarantined" reachable
+
+    for point in points:
+        result = subprocess.run(
+            [sys.executable, "-c", CRASHING_COMPACTION, str(directory), point],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=60,
+        )
+        assert result.returncode == -signal.SIGKILL, f"never reached {point}"
+
+    collector = AppMetricsCollector(str(directory))
+    assert exposition(collector) == expected
+    assert exposition(collector) == expected
+    assert_clean(directory)
+    assert worker_files(directory, dead) == []
+    assert worker_files(directory, [live_pid]) != []
+    assert len(os.listdir(directory / QUARANTINE_DIR)) == 1
+
+
+def test_compactions_killed_at_random_moments_lose_and_double_nothing(
+    tmp_path: Path, template: tuple[Path, list[int], int]
+) -> None:
+    src, dead, _ = template
+    directory = copy_dir(src, tmp_path / "multiproc")
+    oracle = mirror(directory, tmp_path / "oracle", dead)
+    counter = next(n for n in os.listdir(src) if n.startswith("counter_"))
+    first = int(open("/proc/sys/kernel/pid_max").read()) + 100
+    rng = random.Random(1199)
+    kills, window = 0, 0.05  # narrowed to the length of a compaction once one finishes
+    for attempt in range(20):
+        for pid in range(first + 400 * attempt, first + 400 * attempt + 400):
+            for target in (directory, oracle):  # more workers died since the last attempt
+                shutil.copyfile(src / counter, target / f"counter_{pid}.db")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_COMPACTION, str(directory), "never"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "go\n"
+        started = time.monotonic()
+        try:
+            proc.wait(timeout=rng.uniform(0.0, window))
+            window = (time.monotonic() - started) * 0.9
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        if kills == 5:
+            break
+    assert kills == 5  # the kills really landed mid-compaction
+    collector = AppMetricsCollector(str(directory))
+    assert exposition(collector) == stock(oracle)
+    assert_clean(directory)
+
+
+def test_a_failing_compaction_still_serves_every_sample(
+    tmp_path: Path, template: tuple[Path, list[int], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dead, _ = template
+    directory = copy_dir(src, tmp_path / "multiproc")
+    expected = stock(mirror(directory, tmp_path / "oracle", dead))
+
+    def disk_full(step: str) -> None:
+        if step == "written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compaction, "_crash_hook", disk_full)
+    collector = AppMetricsCollector(str(directory))
+    assert exposition(collector) == expected  # the staged files are read where they wait
+    assert collector.stats().errors == {"compaction": 1}
+    monkeypatch.setattr(compaction, "_crash_hook", None)
+    assert exposition(collector) == expected
+    assert collector.stats().files_compacted == len(dead) * 8
+    assert_clean(directory)
+
+
+def test_overlapping_scrapes_compact_once(
+    tmp_path: Path, template: tuple[Path, list[int], int]
+) -> None:
+    src, dead, _ = template
+    directory = copy_dir(src, tmp_path / "multiproc")
+    expected = stock(mirror(directory, tmp_path / "oracle", dead))
+    collector = AppMetricsCollector(str(directory))
+    start = threading.Barrier(4)
+    results: list[list[str]] = []
+
+    def scrape() -> None:
+        start.wait()
+        results.append(exposition(collector))
+
+    threads = [threading.Thread(target=scrape) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [expected] * 4
+    stats = collector.stats()
+    assert stats.compactions == 1 and stats.files_compacted == len(dead) * 8
+    assert stats.scrapes + stats.scrapes_reused == 4

@@ -1,0 +1,328 @@
+"""`--web.config.file`: the exporter behind TLS, client certificates and basic auth.
+
+An operator points the exporter at the same exporter-toolkit file node_exporter takes. Every
+scenario runs the real `gunicorn-monitor serve` with certificates made by `openssl` for the test,
+and scrapes it the way Prometheus would; a file the exporter cannot use stops it at start with
+one line on stderr.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from monitor import webconfig
+from tests.harness import BIN, Exporter, free_port, http_get
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+METRIC = "gunicorn_worker_exits_total"
+TLS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+MTLS = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n"
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _issue(cwd: Path, name: str, subject: str, extensions: str) -> None:
+    """An EC key and a certificate for it, signed by ca.key."""
+    (cwd / f"{name}.ext").write_text(extensions)
+    _openssl(cwd, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key")
+    _openssl(cwd, "req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr")
+    _openssl(
+        cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """ca.crt; server.crt for 127.0.0.1 and localhost; client.crt; other-ca.crt (not trusted)."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("other-ca", "ca"):
+        _openssl(d, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{ca}.key")
+        _openssl(
+            d, "req", "-x509", "-new", "-key", f"{ca}.key", "-subj", f"/CN=test {ca}",
+            "-days", "2", "-out", f"{ca}.crt",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+    leaf = "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    _issue(
+        d,
+        "server",
+        "/CN=localhost",
+        leaf + "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    _issue(d, "client", "/CN=prometheus", leaf + "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+@pytest.fixture
+def web_dir(pki, tmp_path) -> Path:
+    """A directory holding the certificates, where each test writes its web.yml."""
+    d = tmp_path / "web"
+    shutil.copytree(pki, d)
+    return d
+
+
+def _config(web_dir: Path, text: str) -> str:
+    path = web_dir / "web.yml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def serve(shared_dir, web_dir):
+    """Start the exporter with a web.yml of the given text; kill it after, and check its log."""
+    started = []
+
+    def start(text: str, **kwargs) -> Exporter:
+        e = Exporter(shared_dir, args=("--web.config.file", _config(web_dir, text)), **kwargs)
+        started.append(e)
+        return e.start()
+
+    yield start
+    for e in started:
+        e.kill()
+        log = e.proc.stdout.read().decode(errors="replace")
+        e.proc.stdout.close()
+        assert "Traceback" not in log, log
+
+
+def _client(pki: Path, cert: bool = False, ca: str = "ca.crt") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / ca))
+    if cert:
+        ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    return ctx
+
+
+def _hash(password: str, prefix: str = "$2b$") -> str:
+    return prefix + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()[4:]
+
+
+def _basic(user: str, password: str) -> dict:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# TLS
+
+
+def test_https_scrape_verifies_against_the_ca(serve, pki):
+    e = serve(TLS, scheme="https", ssl_context=_client(pki))
+    assert any(name == METRIC for name, _ in e.scrape())
+    status, _ = http_get(e.url + "/metrics", 10, context=_client(pki, ca="other-ca.crt"))
+    assert status == 0, "a client that does not trust the CA must not get through"
+
+
+def test_plain_http_to_the_tls_port_gets_no_metrics(serve, pki):
+    e = serve(TLS, scheme="https", ssl_context=_client(pki))
+    status, body = http_get(f"http://127.0.0.1:{e.port}/metrics", 10)
+    assert status != 200 and METRIC.encode() not in body
+    assert e.scrape(), "the exporter keeps serving after a plain-HTTP client"
+
+
+def test_mtls_rejects_a_client_without_a_certificate(serve, pki):
+    e = serve(MTLS, scheme="https", ssl_context=_client(pki, cert=True))
+    assert any(name == METRIC for name, _ in e.scrape())
+    status, body = http_get(e.url + "/metrics", 10, context=_client(pki))
+    assert status == 0 and body == b""
+
+
+def test_mtls_rejects_a_certificate_from_another_ca(serve, pki, web_dir):
+    _openssl(web_dir, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "o.key")
+    _openssl(
+        web_dir, "req", "-x509", "-new", "-key", "o.key", "-subj", "/CN=intruder",
+        "-days", "2", "-out", "o.crt",
+    )  # fmt: skip
+    e = serve(MTLS, scheme="https", ssl_context=_client(pki, cert=True))
+    ctx = _client(pki)
+    ctx.load_cert_chain(str(web_dir / "o.crt"), str(web_dir / "o.key"))
+    assert http_get(e.url + "/metrics", 10, context=ctx)[0] == 0
+
+
+def test_a_stalled_tls_client_does_not_block_scrapes(serve, pki):
+    e = serve(TLS, scheme="https", ssl_context=_client(pki))
+    stalled = [socket.create_connection(("127.0.0.1", e.port)) for _ in range(5)]
+    half = socket.create_connection(("127.0.0.1", e.port))
+    half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert any(name == METRIC for name, _ in e.scrape())
+            assert time.monotonic() - t0 < 5
+    finally:
+        for s in [*stalled, half]:
+            s.close()
+
+
+# basic auth
+
+
+def test_basic_auth_lets_only_the_right_password_through(serve):
+    users = f"basic_auth_users:\n  alice: {_hash('s3cret')}\n"
+    e = serve(users, headers=_basic("alice", "s3cret"))
+    assert any(name == METRIC for name, _ in e.scrape())
+    assert e.scrape(), "a second scrape with the same credentials (cached) passes too"
+    for headers in (
+        _basic("alice", "wrong"),
+        None,
+        _basic("mallory", "s3cret"),
+        {"Authorization": "Bearer s3cret"},
+        {"Authorization": "Basic !!!notbase64"},
+    ):
+        for path in ("/metrics", "/-/healthy", "/"):
+            status, got, body = _get(e.url + path, headers)
+            assert status == 401, (headers, path)
+            assert got["WWW-Authenticate"] == 'Basic realm="gunicorn-monitor"'
+            assert b"gunicorn_" not in body
+
+
+def test_an_htpasswd_2y_hash_works(serve):
+    users = f"basic_auth_users:\n  prometheus: '{_hash('pw', '$2y$')}'\n"
+    e = serve(users, headers=_basic("prometheus", "pw"))
+    assert any(name == METRIC for name, _ in e.scrape())
+    assert _get(e.url + "/metrics", _basic("prometheus", "nope"))[0] == 401
+
+
+def test_tls_and_basic_auth_together(serve, pki):
+    text = MTLS + f"basic_auth_users:\n  alice: {_hash('pw')}\n"
+    e = serve(
+        text, scheme="https", ssl_context=_client(pki, cert=True), headers=_basic("alice", "pw")
+    )
+    assert any(name == METRIC for name, _ in e.scrape())
+    assert _get(e.url + "/metrics", _basic("alice", "x"), _client(pki, cert=True))[0] == 401
+
+
+# files the exporter refuses
+
+BAD = {
+    "yaml syntax error": ("tls_server_config:\n  cert_file: [unclosed\n", "invalid YAML: line"),
+    "unknown top-level key": ("basic_auth_user:\n  alice: x\n", "basic_auth_user: unknown key"),
+    "unknown tls key": (TLS + "  certfile: x\n", "tls_server_config.certfile: unknown key"),
+    "missing key_file": (
+        "tls_server_config:\n  cert_file: server.crt\n",
+        "tls_server_config.key_file: missing",
+    ),
+    "bad bcrypt hash": ("basic_auth_users:\n  alice: plaintext\n", "not a bcrypt hash"),
+    "wrong cert path": (
+        "tls_server_config:\n  cert_file: nope.crt\n  key_file: server.key\n",
+        "tls_server_config.cert_file: cannot read",
+    ),
+    "key of another certificate": (
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: client.key\n",
+        "tls_server_config.cert_file: cannot use",
+    ),
+    "unsupported option": (
+        TLS + "  cipher_suites: [TLS_AES_128_GCM_SHA256]\n",
+        "cipher_suites: exporter-toolkit option not supported",
+    ),
+    "RequireAnyClientCert": (
+        TLS + "  client_auth_type: RequireAnyClientCert\n",
+        "RequireAnyClientCert is not supported",
+    ),
+    "client auth without a CA": (
+        TLS + "  client_auth_type: RequireAndVerifyClientCert\n",
+        "client_ca_file: missing",
+    ),
+    "unknown TLS version": (TLS + "  min_version: TLS14\n", "min_version: 'TLS14' is not one"),
+    "not a mapping": ("- just\n- a list\n", "top level: expected a mapping"),
+}
+
+
+def _run(shared_dir: Path, config: str) -> tuple[int, str]:
+    cmd = [str(BIN / "gunicorn-monitor"), "serve", "--dir", str(shared_dir)]
+    cmd += ["--listen", f"127.0.0.1:{free_port()}", "--web.config.file", config]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert out == b""
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_web_config_stops_the_exporter_with_one_line(case, shared_dir, web_dir):
+    text, expected = BAD[case]
+    path = _config(web_dir, text)
+    status, err = _run(shared_dir, path)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith(f"gunicorn-monitor: {path}: "), err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_missing_web_config_file_stops_the_exporter(shared_dir, tmp_path):
+    status, err = _run(shared_dir, str(tmp_path / "absent.yml"))
+    assert status == 2
+    assert err == f"gunicorn-monitor: {tmp_path / 'absent.yml'}: cannot read web config: " + (
+        "No such file or directory\n"
+    )
+
+
+def test_the_environment_twin_is_read(shared_dir, web_dir):
+    cmd = [
+        str(BIN / "gunicorn-monitor"),
+        "serve",
+        "--dir",
+        str(shared_dir),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    ]
+    env = {"GUNICORN_MONITOR_WEB_CONFIG": _config(web_dir, "nonsense: 1\n"), "PATH": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=20)
+    assert proc.returncode == 2 and b"nonsense: unknown key" in proc.stderr
+
+
+# the check itself, in process: what a scrape costs
+
+
+def test_repeated_scrapes_pay_bcrypt_once(tmp_path, monkeypatch):
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  alice: {_hash('pw')}\n")
+    config = webconfig.load(str(path))
+    calls = []
+    real = webconfig.bcrypt.checkpw
+    monkeypatch.setattr(webconfig.bcrypt, "checkpw", lambda p, h: calls.append(h) or real(p, h))
+    good = _basic("alice", "pw")["Authorization"]
+    assert all(config.check(good) for _ in range(10))
+    assert len(calls) == 1
+    assert not config.check(_basic("alice", "bad")["Authorization"])
+    assert not config.check(_basic("bob", "pw")["Authorization"])
+    assert len(calls) == 3, "a failure is never cached; an unknown user costs a real check"
+    assert calls[2] == config._dummy_hash()
+    token = good.split()[1]
+    spellings = [f"Basic{' ' * n}{token}" for n in range(1, webconfig.CACHE_SIZE + 20)]
+    assert all(config.check(h) for h in spellings)
+    assert len(config._ok) == webconfig.CACHE_SIZE, "the cache stays bounded"
+
+
+def test_an_empty_file_means_plain_http_without_auth(tmp_path):
+    path = tmp_path / "web.yml"
+    path.write_text("")
+    config = webconfig.load(str(path))
+    assert config.ssl_context() is None and config.check(None)
