@@ -267,7 +267,7 @@ def test_a_hup_deploy_fires_nothing(stack, deployed):
 
 def test_every_rule_is_loaded_and_evaluates_without_error(stack, storm_stack, deployed, storm):
     expected = rules_by_name(RULES.read_text())
-    for stack, episode in ((stack, deployed), (storm_stack, storm)):
+    for where, episode in ((stack, deployed), (storm_stack, storm)):
         loaded = {r["name"]: r for r in episode.rules}
         assert loaded.keys() == expected.keys()
         bad = [
@@ -275,7 +275,7 @@ def test_every_rule_is_loaded_and_evaluates_without_error(stack, storm_stack, de
             for name, r in loaded.items()
             if r["health"] != "ok" or r.get("lastError")
         ]
-        assert bad == [], stack.why(bad)
+        assert bad == [], where.why(bad)
         for name in expected:
             assert loaded[name]["query"], name
 
