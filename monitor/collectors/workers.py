@@ -63,6 +63,7 @@ class WorkerSampler:
         self._warned: set[str] = set()
         self._tail = journal.Tail(layout)
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self.exit_memory = Histogram(
             EXIT_MEMORY,
             "Resident memory of workers at their last sample before they exited, by cause.",
@@ -89,6 +90,20 @@ class WorkerSampler:
                 log.error("event=sample_failed error=%r", e)
 
     def sample(self) -> None:
+        with self._lock:
+            self._sample()
+
+    def current(self) -> Snapshot:
+        """The last snapshot, taken anew if a worker in it has died since (a reload, a crash):
+        a scrape never serves a dead worker's slot, nor loses a slot to the sampling interval.
+        """
+        snap = self.snapshot
+        if snap.workers and not all(psutil.pid_exists(w.pid) for w in snap.workers.values()):
+            self.sample()
+            snap = self.snapshot
+        return snap
+
+    def _sample(self) -> None:
         self._tick += 1
         full = self._tick % FULL_EVERY == 1
         masters = [m for m in state.read(self.layout)[0] if m.alive]
@@ -169,7 +184,7 @@ class WorkersCollector:
         self.sampler = sampler
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.sampler.snapshot
+        snap = self.sampler.current()
         memory = GaugeMetricFamily(
             "gunicorn_worker_memory_bytes",
             "Worker memory by type (rss, pss, uss, swap), by stable worker slot.",
