@@ -14,6 +14,13 @@ import signal
 import time
 from urllib.parse import parse_qs
 
+from prometheus_client import Counter
+
+# The app's own metrics, in prometheus_client's multiprocess mode (gunicorn.conf.py points
+# PROMETHEUS_MULTIPROC_DIR at the shared directory): the sidecar serves them beside its own.
+REQUESTS = Counter("demo_requests", "Requests the demo app answered, by endpoint.", ["endpoint"])
+ENDPOINTS = {"/", "/sleep", "/spin", "/exit", "/alloc", "/pid"}
+
 _hoard = []
 
 
@@ -36,6 +43,7 @@ def _sleep(query: str) -> None:
 
 
 def _act(path: str, query: str) -> bytes:
+    REQUESTS.labels(path if path in ENDPOINTS else "other").inc()
     if path == "/sleep":
         _sleep(query)
     elif path == "/spin":
@@ -67,6 +75,7 @@ async def asgi_app(scope, receive, send):
     path, query = scope["path"], scope.get("query_string", b"").decode()
     if path == "/sleep":
         # Blocks the event loop on purpose: the heartbeat stops, as with any blocking call.
+        REQUESTS.labels(path).inc()
         _sleep(query)
         body = b"ok\n"
     else:

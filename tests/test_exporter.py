@@ -73,7 +73,8 @@ def test_500_recycles_lose_no_exit_and_add_no_series(make_master, make_exporter)
     series.update(k for k in final if k[0].startswith("gunicorn_worker_"))
     slots = {dict(labels).get("worker") for _, labels in series} - {None}
     assert slots <= {"0", "1", "2", "3"}, slots  # bounded by the overlap, never by churn
-    assert value(final, "gunicorn_worker_spawns_total") == served + 2
+    spawned = served + 2  # each exit's replacement is forked on the master's next loop turn
+    wait_for(lambda: value(e.scrape(), "gunicorn_worker_spawns_total") == spawned, 10, "spawns")
     m.signal(signal.SIGTERM)
     m.wait_exit()
     assert exits(e.scrape()) == {**want, ("shutdown", "SIGTERM"): 2.0}

@@ -97,10 +97,7 @@ class LifecycleCollector:
         self._skipped(bad)
         live = [m for m in masters if m.alive]
         workers = sum(
-            1
-            for m in live
-            for pid, w in m.state.get("workers", {}).items()
-            if state.is_running(int(pid), None)
+            1 for m in live for pid in m.state.get("workers", {}) if state.pid_exists(int(pid))
         )
         yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=1 if live else 0)
         yield GaugeMetricFamily(metrics.WORKERS.name, metrics.WORKERS.help, value=workers)

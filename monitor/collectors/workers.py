@@ -6,7 +6,7 @@ predecessor's slot, so cardinality stays bounded however many workers come and g
 
 Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
 a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
-the last sample before a worker dies is at most one interval old. That sample is what the
+the last sample before a worker dies is at most one interval (2 s) old. That sample is what the
 memory-at-exit histogram records, when the journal reports the exit and its cause.
 """
 
@@ -27,8 +27,11 @@ from monitor.directory import Layout
 log = logging.getLogger("gunicorn_monitor")
 
 TYPES = ("rss", "pss", "uss", "swap")
-# smaps_rollup (pss, uss, swap) costs about ten times what statm (rss) does: read it less often.
-FULL_EVERY = 5
+# Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which costs about ten
+# times what stat and statm do, and moves slowly) every FULL_EVERY samples. Measured with 64
+# workers (benchmarks/exporter_cost.py): this keeps the sidecar under 1 % of a core.
+INTERVAL = 2.0
+FULL_EVERY = 10
 
 EXIT_MEMORY = "gunicorn_worker_exit_memory_bytes"
 EXIT_MEMORY_BUCKETS = tuple(float(2**i * 1024 * 1024) for i in range(4, 14))  # 16 MiB .. 8 GiB
@@ -52,13 +55,14 @@ class Snapshot:
 
 
 class WorkerSampler:
-    def __init__(self, layout: Layout, interval: float = 1.0) -> None:
+    def __init__(self, layout: Layout, interval: float = INTERVAL) -> None:
         self.layout = layout
         self.interval = interval
         self.snapshot = Snapshot()
         self.errors = 0
         self._by_pid: dict[int, Sample] = {}
         self._full: dict[int, dict[str, float]] = {}
+        self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
         self._tick = 0
         self._warned: set[str] = set()
         self._tail = journal.Tail(layout)
@@ -98,7 +102,7 @@ class WorkerSampler:
         a scrape never serves a dead worker's slot, nor loses a slot to the sampling interval.
         """
         snap = self.snapshot
-        if snap.workers and not all(psutil.pid_exists(w.pid) for w in snap.workers.values()):
+        if snap.workers and not all(state.pid_exists(w.pid) for w in snap.workers.values()):
             self.sample()
             snap = self.snapshot
         return snap
@@ -111,7 +115,8 @@ class WorkerSampler:
         snap = Snapshot(readable=dict(self.snapshot.readable))
         by_pid: dict[int, Sample] = {}
         for m in masters:
-            snap.master = self._measure(m.pid, -1, full, snap) or snap.master
+            key = (m.pid, m.state.get("start_time"))
+            snap.master = self._measure(key, -1, full, snap) or snap.master
             snap.build = {
                 "version": str(m.state.get("version", "")),
                 "worker_class": str(m.state.get("worker_class", "")),
@@ -122,18 +127,27 @@ class WorkerSampler:
                 m.state.get("workers", {}).items(), key=lambda kv: kv[1].get("spawned") or 0
             )
             for pid, info in workers:
-                s = self._measure(int(pid), int(info.get("slot", 0)), full, snap)
+                key = (int(pid), info.get("spawned"))
+                s = self._measure(key, int(info.get("slot", 0)), full, snap)
                 if s is not None:
                     by_pid[s.pid] = s
                     snap.workers[s.slot] = s
         self._record_exits()
         self._by_pid = by_pid
         self._full = {pid: mem for pid, mem in self._full.items() if pid in by_pid}
+        master_pids = {m.pid for m in masters}
+        self._procs = {
+            k: v for k, v in self._procs.items() if k[0] in by_pid or k[0] in master_pids
+        }
         self.snapshot = snap
 
-    def _measure(self, pid: int, slot: int, full: bool, snap: Snapshot) -> Sample | None:
+    def _measure(self, key: tuple, slot: int, full: bool, snap: Snapshot) -> Sample | None:
+        """`key` is (pid, start): a pid reused by a new worker gets a new psutil.Process."""
+        pid = key[0]
         try:
-            proc = psutil.Process(pid)
+            proc = self._procs.get(key)
+            if proc is None:
+                proc = self._procs[key] = psutil.Process(pid)
             with proc.oneshot():
                 cpu = proc.cpu_times()
                 sample = Sample(pid, slot, proc.create_time(), cpu.user + cpu.system)
@@ -201,7 +215,7 @@ class WorkersCollector:
             labels=["worker"],
         )
         for slot, s in sorted(snap.workers.items()):
-            if not psutil.pid_exists(s.pid):
+            if not state.pid_exists(s.pid):
                 continue  # gone since the last sample: its series go with it, in this scrape
             for t in TYPES:
                 if t in s.memory:
@@ -209,7 +223,7 @@ class WorkersCollector:
             started.add_metric([str(slot)], s.started)
             cpu.add_metric([str(slot)], s.cpu)
         yield from (memory, started, cpu)
-        if snap.master is not None and psutil.pid_exists(snap.master.pid):
+        if snap.master is not None and state.pid_exists(snap.master.pid):
             master_memory = GaugeMetricFamily(
                 "gunicorn_master_memory_bytes", "Master memory by type.", labels=["type"]
             )
