@@ -49,6 +49,21 @@ SUBSTITUTIONS = {
 }
 
 
+def _label_variable(name: str, query: str, refresh: dm.VariableRefresh) -> dashboard.QueryVariable:
+    """A multi-value `job`/`instance` picker over gunicorn_up, `All` meaning any value."""
+    return (
+        dashboard.QueryVariable(name)
+        .label(name.capitalize())
+        .datasource(DS)
+        .query(query)
+        .refresh(refresh)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
 def sel(metric: str, extra: str = "") -> str:
     """`metric{job=~"$job",instance=~"$instance"[,extra]}`."""
     return f"{metric}{{{SEL}{',' + extra if extra else ''}}}"
@@ -502,26 +517,16 @@ def build() -> dict:
             .current(dm.VariableOption(text="Prometheus", value="${" + DS_INPUT + "}"))
         )
         .with_variable(
-            dashboard.QueryVariable("job")
-            .label("Job")
-            .datasource(DS)
-            .query("label_values(gunicorn_up, job)")
-            .refresh(dm.VariableRefresh.ON_DASHBOARD_LOAD)
-            .sort(dm.VariableSort.ALPHABETICAL_ASC)
-            .multi(True)
-            .include_all(True)
-            .all_value(".*")
+            _label_variable(
+                "job", "label_values(gunicorn_up, job)", dm.VariableRefresh.ON_DASHBOARD_LOAD
+            )
         )
         .with_variable(
-            dashboard.QueryVariable("instance")
-            .label("Instance")
-            .datasource(DS)
-            .query('label_values(gunicorn_up{job=~"$job"}, instance)')
-            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-            .sort(dm.VariableSort.ALPHABETICAL_ASC)
-            .multi(True)
-            .include_all(True)
-            .all_value(".*")
+            _label_variable(
+                "instance",
+                'label_values(gunicorn_up{job=~"$job"}, instance)',
+                dm.VariableRefresh.ON_TIME_RANGE_CHANGED,
+            )
         )
         .annotation(
             dashboard.AnnotationQuery()

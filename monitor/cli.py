@@ -4,8 +4,9 @@
     gunicorn-monitor mark-deploy [--dir DIR]
     gunicorn-monitor events [--dir DIR] [--last N]
 
-Every flag has an environment twin (GUNICORN_MONITOR_LISTEN, PROMETHEUS_MULTIPROC_DIR). A bad
-flag or an unusable directory is one line on stderr and exit status 2.
+Every flag has an environment twin (PROMETHEUS_MULTIPROC_DIR, GUNICORN_MONITOR_LISTEN,
+GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL). A bad flag, config file or directory
+is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations

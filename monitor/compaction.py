@@ -70,6 +70,8 @@ from typing import NamedTuple
 import psutil
 from prometheus_client.mmap_dict import MmapedDict, _read_all_values
 
+from monitor import state
+
 AGGREGATE_ID = "aggregate"
 STATE_DIR = ".compacting"
 QUARANTINE_DIR = "quarantine"
@@ -208,12 +210,8 @@ def read_entries(path: str) -> list[Entry]:
 
 def pid_alive(pid: int) -> bool:
     """True unless the pid certainly has no process that could still write (gone or zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not state.pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:  # an unreaped zombie answers kill(0) but will never write again
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
