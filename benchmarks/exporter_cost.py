@@ -81,6 +81,10 @@ def main() -> None:
     master.start(wait=False)
     try:
         master.wait_workers(args.workers, timeout=120)
+        # Traffic, so that the workers write the demo app's own multiprocess files: the
+        # baseline then has a directory of live workers' files to serve, as in production.
+        for _ in range(4 * args.workers):
+            http_get(master.url + "/")
         bin_dir = Path(sys.executable).parent
         port = free_port()
         base = measure([sys.executable, "-c", BASELINE, str(shared), str(port)], port, args.seconds)

@@ -123,8 +123,11 @@ class Monitor:
         return original()
 
     def _reexec(self, original: Callable) -> Any:
+        before = self.server.reexec_pid
         result = original()
-        if os.getpid() == self.pid:  # the forked child goes on to exec the new master
+        # The forked child goes on to exec the new master; and a USR2 during an upgrade is
+        # ignored by Gunicorn ("Child exists"): only a new child is an upgrade.
+        if os.getpid() == self.pid and not before and self.server.reexec_pid:
             _guard("reexec", self._deploy, "upgrade")
         return result
 
