@@ -80,6 +80,8 @@ class Monitor:
         self.retiring_for_reload: set[int] = set()
         self.vacancies = 0
         self.stopping = False
+        self.stopped_at: float | None = None
+        self.dirty = False
         self.desired = server.num_workers
         notes.discard_stale(self.layout)
         self._wrap_arbiter()
@@ -89,7 +91,7 @@ class Monitor:
     def _wrap_arbiter(self) -> None:
         gunicorn.arbiter.os = _Waitpid(os, self)
         s = self.server
-        for name in ("kill_worker", "reload", "stop", "reexec", "spawn_worker"):
+        for name in ("kill_worker", "reload", "stop", "reexec", "spawn_worker", "manage_workers"):
             original = getattr(s, name)
             setattr(s, name, functools.partial(getattr(self, "_" + name), original))
 
@@ -158,6 +160,7 @@ class Monitor:
             previous = os.environ.get("GUNICORN_PID")
             self._event("master_start", previous_master_pid=int(previous) if previous else None)
             self._save()
+            self.flush()
 
     def _spawned(self, pid: int) -> None:
         with self.lock:
@@ -266,27 +269,44 @@ class Monitor:
             self.exited(worker)
         with self.lock:
             self._event("master_stop")
-            self._save(stopped=True)
+            self.stopped_at = time.time()
+            self._save()
+            self.flush()
 
-    def _save(self, stopped: bool = False) -> None:
-        cfg = self.server.cfg
-        state.write(
-            self.layout,
-            self.pid,
-            {
-                "pid": self.pid,
-                "start_time": self.started,
-                "stopped": stopped,
-                "version": gunicorn.__version__,
-                "worker_class": cfg.worker_class_str,
-                "workers_desired": self.desired,
-                "workers": {
-                    str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
-                    for pid, slot in self.slots.items()
+    def _save(self) -> None:
+        # Written once per turn of the master's loop (see _manage_workers), not per event:
+        # replacing a file costs about a millisecond of wall time on ext4, and an exit and the
+        # spawn that replaces it come in the same turn.
+        self.dirty = True
+
+    def _manage_workers(self, original: Callable) -> Any:
+        result = original()
+        _guard("manage_workers", self.flush)
+        return result
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.dirty:
+                return
+            self.dirty = False
+            cfg = self.server.cfg
+            state.write(
+                self.layout,
+                self.pid,
+                {
+                    "pid": self.pid,
+                    "start_time": self.started,
+                    "stopped": self.stopped_at is not None,
+                    "version": gunicorn.__version__,
+                    "worker_class": cfg.worker_class_str,
+                    "workers_desired": self.desired,
+                    "workers": {
+                        str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
+                        for pid, slot in self.slots.items()
+                    },
+                    "updated": time.time(),
                 },
-                "updated": time.time(),
-            },
-        )
+            )
 
 
 def _retire_app_files(pid: int, root: str) -> None:
