@@ -100,7 +100,7 @@ class Tail:
         try:
             self._file = open(self.path, "rb")
             self._file.seek(0, os.SEEK_END)
-        except FileNotFoundError:
+        except OSError:  # not there yet, or not ours to read: nothing to follow
             pass
 
     def read_new(self) -> list[dict]:
@@ -119,7 +119,7 @@ class Tail:
                 self._partial = b""
             try:
                 self._file = open(self.path, "rb")
-            except FileNotFoundError:
+            except OSError:
                 self._file = None
                 return records
 

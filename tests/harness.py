@@ -200,11 +200,13 @@ class Exporter:
         scheme: str = "http",
         ssl_context: ssl.SSLContext | None = None,
         headers: dict | None = None,
+        prefix: tuple[str, ...] = (),
     ):
         self.scheme, self.ssl_context, self.headers = scheme, ssl_context, headers
         self.port = free_port()
         self.dir = Path(shared_dir)
         self.cmd = [
+            *prefix,
             str(BIN / "gunicorn-monitor"),
             "serve",
             "--dir",

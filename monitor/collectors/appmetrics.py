@@ -101,16 +101,20 @@ class AppMetricsCollector:
     def _error(self, kind: str, n: int = 1) -> None:
         self._errors[kind] = self._errors.get(kind, 0) + n
 
+    def _failed(self, kind: str, line: str) -> None:
+        """Counted every time, said once per kind: a read-only directory fails every scrape."""
+        (log.error if kind not in self._errors else log.debug)(line)
+        self._error(kind)
+
     def _collect_locked(self) -> list[Metric]:
         if not self._compact:
             return self._read()
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(compaction.directory_lock(self._path))
-            except OSError:
+            except OSError as e:
                 # e.g. a read-only mount: still serve, just without compaction.
-                log.exception("cannot lock %s; serving without compaction", self._path)
-                self._error("lock")
+                self._failed("lock", f"event=compaction_unavailable dir={self._path} error={e!r}")
                 return self._read()
             pending_unfolded = not self._run_compaction()
             families = self._read(include_staged=pending_unfolded)
@@ -123,9 +127,8 @@ class AppMetricsCollector:
         """Compact; False if it failed and staged files may be waiting outside the aggregates."""
         try:
             report = compaction.compact(self._path, self._is_alive)
-        except Exception:  # never fail the scrape; the files stay where the protocol left them
-            log.exception("compaction of %s failed", self._path)
-            self._error("compaction")
+        except Exception as e:  # never fail the scrape; the files stay where the protocol left them
+            self._failed("compaction", f"event=compaction_failed dir={self._path} error={e!r}")
             return False
         for kind, n in report.errors.items():
             self._error(kind, n)
@@ -178,21 +181,20 @@ class AppMetricsCollector:
         try:
             compaction.recover(self._path)
             return True
-        except Exception:
-            log.exception("recovery of %s failed; staged files left out", self._path)
-            self._error("recovery")
+        except Exception as e:
+            self._failed("recovery", f"event=recovery_failed dir={self._path} error={e!r}")
             return False
 
     def _maybe_quarantine(self, path: str, error: BadFile) -> None:
         try:
             age = time.time() - os.stat(path).st_mtime
             if age < self._quarantine_after:
-                log.debug("skipping unreadable %s (%s)", path, error)
+                log.debug("event=skipped file=%s reason=%s", path, error)
                 return
             target = compaction.quarantine(self._path, path)
         except OSError:
             return  # gone already, or the directory is read-only: skipped and counted anyway
-        log.warning("quarantined unreadable %s as %s (%s)", path, target, error)
+        log.warning("event=quarantined file=%s as=%s reason=%s", path, target, error)
         self._bump(files_quarantined=1)
 
 
