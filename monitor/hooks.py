@@ -234,6 +234,17 @@ class Monitor:
                 self.vacancies += 1
             status = evidence.status
             code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+            # The line Gunicorn's own "was sent SIGTERM!" never was: what happened, and why.
+            (log.info if cause in causes.PLANNED else log.warning)(
+                "gunicorn-monitor event=worker_exit pid=%s slot=%s cause=%s signal=%s "
+                "exit_code=%s age_seconds=%s",
+                pid,
+                slot,
+                cause,
+                sig,
+                code,
+                round(age, 3) if age is not None else None,
+            )
             self._event(
                 "exit",
                 pid=pid,
@@ -333,7 +344,11 @@ def _contain(hook: str, exc: BaseException) -> None:
     try:
         if hook not in _failed_once:
             _failed_once.add(hook)
-            log.error("gunicorn-monitor: hook %s failed: %r (further failures counted)", hook, exc)
+            log.error(
+                "gunicorn-monitor event=hook_failed hook=%s error=%r (counted, said once)",
+                hook,
+                exc,
+            )
         if _monitor is not None:
             with _monitor.lock:
                 _monitor.store.inc(metrics.HOOK_ERRORS, hook=hook)

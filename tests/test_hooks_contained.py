@@ -30,7 +30,7 @@ def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make
     )
     assert m.proc.poll() is None, "the master must survive"
     assert http_get(m.url + "/")[0] == 200
-    assert m.output().count("gunicorn-monitor: hook manage_workers failed") == 1
+    assert m.output().count("event=hook_failed hook=manage_workers") == 1
 
 
 def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, make_exporter):
@@ -48,4 +48,4 @@ def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, m
     e = make_exporter()
     assert http_get(m.url + "/")[0] == 200
     assert exits(e.scrape()) == {}
-    assert "hook post_worker_init failed" in m.output()
+    assert "event=hook_failed hook=post_worker_init" in m.output()

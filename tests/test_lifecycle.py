@@ -116,7 +116,9 @@ def test_every_cause_on_a_running_master(worker, make_master, make_exporter):
     assert value(final, "gunicorn_worker_spawns_total") == 2 + 6 + 2
     assert value(final, "gunicorn_worker_restarts_total") == 6
     assert value(final, "gunicorn_monitor_hook_errors_total") == 0
-    assert "gunicorn-monitor: hook" not in m.output()
+    assert "event=hook_failed" not in m.output()
+    # The log says what the exit was, beside Gunicorn's own "was sent SIGTERM!".
+    assert "event=worker_exit" in m.output() and "cause=signal signal=SIGTERM" in m.output()
 
 
 @pytest.mark.parametrize("worker", CLASSES)
