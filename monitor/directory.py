@@ -13,6 +13,7 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -67,12 +68,23 @@ def create(path: str | None = None) -> Layout:
     return layout
 
 
+RUNNING_MASTER = "GUNICORN_MONITOR_MASTER_PID"  # set by the hooks once a master runs
+
+
 def create_or_exit(path: str | None = None) -> Layout:
-    """For gunicorn.conf.py: an unusable directory is one line on stderr and exit status 2."""
+    """For gunicorn.conf.py: an unusable directory is one line on stderr and exit status 2.
+
+    Except in a running master re-reading its config on HUP: exiting there would take the
+    whole server down. It says so in one line and goes on with the files it has open.
+    """
     try:
         return create(path)
     except DirectoryError as e:
-        sys.stderr.write(f"gunicorn-monitor: {ENV}: {e}\n")
+        line = f"gunicorn-monitor: {ENV}: {e}"
+        if os.environ.get(RUNNING_MASTER) == str(os.getpid()):
+            logging.getLogger("gunicorn.error").error("%s (kept running)", line)
+            return Layout(resolve(path))
+        sys.stderr.write(line + "\n")
         raise SystemExit(2) from None
 
 

@@ -411,6 +411,7 @@ def _worker_leaving(worker: Any) -> None:
 def on_starting(server: Any) -> None:
     global _monitor
     try:
+        os.environ[directory.RUNNING_MASTER] = str(os.getpid())
         _monitor = Monitor(server)
         _monitor.started_master()
     except Exception as e:

@@ -49,3 +49,19 @@ def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, m
     assert http_get(m.url + "/")[0] == 200
     assert exits(e.scrape()) == {}
     assert "event=hook_failed hook=post_worker_init" in m.output()
+
+
+def test_a_hup_with_the_directory_gone_keeps_the_master(make_master, tmp_path):
+    m = make_master(workers=1).start()
+    old = set(m.worker_pids())
+    # The directory disappears under the running master, and its path becomes unusable.
+    m.dir.rename(tmp_path / "moved")
+    m.dir.write_text("not a directory any more")
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: "(kept running)" in m.output(), 10, "one line about it")
+    # Reloaded: a new worker runs (the demo app's own metrics have nowhere to go now, which is
+    # the app's business), and the master that re-read its config is still there.
+    wait_for(
+        lambda: {c.pid for c in psutil.Process(m.pid).children()} - old, 20, "a reloaded worker"
+    )
+    assert m.proc.poll() is None, "the master must survive its own config reload"
