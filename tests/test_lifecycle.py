@@ -217,3 +217,14 @@ def test_a_usr2_upgrade_retires_the_old_workers_as_reload(make_master, make_expo
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_worker_outliving_graceful_timeout_is_a_shutdown_by_sigkill(make_master, make_exporter):
+    """Gunicorn SIGKILLs it at the end of stop() and often never reaps it: on_exit does."""
+    m = make_master(workers=2, env={"GUNICORN_GRACEFUL_TIMEOUT": "1"}).start()
+    e = make_exporter()
+    _background_get(m.url + "/sleep?s=60")
+    wait_for(lambda: value(e.scrape(), "demo_requests_total", endpoint="/sleep") == 1, 10, "busy")
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    assert exits(e.scrape()) == {("shutdown", "SIGTERM"): 1.0, ("shutdown", "SIGKILL"): 1.0}
