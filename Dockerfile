@@ -15,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PROMETHEUS_MULTIPROC_DIR=/run/gunicorn-monitor \
+    XDG_RUNTIME_DIR=/run/gunicorn \
     HEALTHCHECK_URL=http://127.0.0.1:8000/
 
 WORKDIR /srv/app
@@ -31,10 +32,13 @@ COPY examples/ examples/
 
 # Numeric UID/GID 10001, the same in Kubernetes' runAsUser. The shared directory is created
 # owned by that user, so a fresh Docker named volume mounted there inherits the ownership.
+# /run/gunicorn holds Gunicorn's control socket (gunicornc), which otherwise goes to $HOME,
+# and the user has no home.
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin app \
-    && install -d -o 10001 -g 10001 -m 0750 /run/gunicorn-monitor
+    && install -d -o 10001 -g 10001 -m 0750 /run/gunicorn-monitor \
+    && install -d -o 10001 -g 10001 -m 0700 /run/gunicorn
 USER 10001:10001
 
 EXPOSE 8000 9971

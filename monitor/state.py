@@ -54,6 +54,17 @@ def is_running(pid: int, started: float | None) -> bool:
         return False
 
 
+def last_change(layout: Layout) -> float:
+    """When any master last recorded a change of its workers (newest state file mtime)."""
+    newest = 0.0
+    for path in glob.glob(os.path.join(layout.own, "master-*.json")):
+        try:
+            newest = max(newest, os.stat(path).st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
 @dataclass
 class Master:
     pid: int

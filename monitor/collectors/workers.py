@@ -65,6 +65,7 @@ class WorkerSampler:
         self._full: dict[int, dict[str, float]] = {}
         self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
         self._tick = 0
+        self._seen_change = 0.0
         self._warned: set[str] = set()
         self._tail = journal.Tail(layout)
         self._stop = threading.Event()
@@ -99,16 +100,19 @@ class WorkerSampler:
             self._sample()
 
     def current(self) -> Snapshot:
-        """The last snapshot, taken anew if a worker in it has died since (a reload, a crash):
-        a scrape never serves a dead worker's slot, nor loses a slot to the sampling interval.
+        """The last snapshot, taken anew if the masters recorded a change since (a worker died
+        or was spawned) or a sampled worker is gone: a scrape never serves a dead worker's slot,
+        nor misses its replacement for the length of the sampling interval.
         """
         snap = self.snapshot
-        if snap.workers and not all(state.pid_exists(w.pid) for w in snap.workers.values()):
+        changed = state.last_change(self.layout) > self._seen_change
+        if changed or not all(state.pid_exists(w.pid) for w in snap.workers.values()):
             self.sample()
             snap = self.snapshot
         return snap
 
     def _sample(self) -> None:
+        self._seen_change = state.last_change(self.layout)
         self._tick += 1
         full = self._tick % FULL_EVERY == 1
         masters = [m for m in state.read(self.layout)[0] if m.alive]
