@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer, make_server
@@ -138,6 +137,4 @@ def serve_forever(server: WSGIServer) -> None:
         *server.server_address[:2],
         os.getpid(),
     )
-    thread = threading.current_thread()
-    log.debug("serving on thread %s", thread.name)
     server.serve_forever()
