@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import glob
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from monitor import causes, metrics, state
+from monitor import causes, compaction, metrics, state
 from monitor.directory import Layout
 
 _COUNTERS = (
@@ -33,21 +31,11 @@ _COUNTERS = (
 
 
 def readable(path: str) -> bool:
-    """Whether this is a whole prometheus_client file: a sane header and entries that parse.
-
-    The header check matters: garbage whose first word is negative parses as an empty file.
-    """
+    """Whether this is a whole prometheus_client file, by the compaction's validating reader."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            size = os.fstat(f.fileno()).st_size
-        used = struct.unpack("i", head[:4])[0] if len(head) == 8 else -1
-        if not 8 <= used <= size:
-            return False
-        for _ in MmapedDict.read_all_values_from_file(path):
-            pass
+        compaction.read_entries(path)
         return True
-    except Exception:
+    except (compaction.BadFile, OSError):
         return False
 
 
