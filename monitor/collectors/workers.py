@@ -101,12 +101,15 @@ class WorkerSampler:
 
     def current(self) -> Snapshot:
         """The last snapshot, taken anew if the masters recorded a change since (a worker died
-        or was spawned) or a sampled worker is gone: a scrape never serves a dead worker's slot,
-        nor misses its replacement for the length of the sampling interval.
+        or was spawned) or a sampled process is gone: a scrape never serves a dead worker's slot
+        or a dead master, nor misses a replacement for the length of the sampling interval.
         """
         snap = self.snapshot
+        sampled = [w.pid for w in snap.workers.values()]
+        if snap.master is not None:
+            sampled.append(snap.master.pid)
         changed = state.last_change(self.layout) > self._seen_change
-        if changed or not all(state.pid_exists(w.pid) for w in snap.workers.values()):
+        if changed or not all(state.pid_exists(pid) for pid in sampled):
             self.sample()
             snap = self.snapshot
         return snap
@@ -220,15 +223,13 @@ class WorkersCollector:
             labels=["worker"],
         )
         for slot, s in sorted(snap.workers.items()):
-            if not state.pid_exists(s.pid):
-                continue  # gone since the last sample: its series go with it, in this scrape
             for t in TYPES:
                 if t in s.memory:
                     memory.add_metric([str(slot), t], s.memory[t])
             started.add_metric([str(slot)], s.started)
             cpu.add_metric([str(slot)], s.cpu)
         yield from (memory, started, cpu)
-        if snap.master is not None and state.pid_exists(snap.master.pid):
+        if snap.master is not None:
             master_memory = GaugeMetricFamily(
                 "gunicorn_master_memory_bytes", "Master memory by type.", labels=["type"]
             )
