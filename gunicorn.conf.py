@@ -1,7 +1,7 @@
 """Drop-in production Gunicorn config with worker lifecycle monitoring.
 
 Every setting below comes from the environment (GUNICORN_TIMEOUT, GUNICORN_WORKERS, ...; see
-monitor/settings.py for the table) and is validated before the master starts. Command-line
+monitor/hooks/settings.py for the table) and is validated before the master starts. Command-line
 flags override it as usual: `gunicorn -c gunicorn.conf.py --timeout 10 app:app`.
 
 Your own hooks: define them anywhere above the `wire(globals())` line. They keep working and
@@ -10,8 +10,8 @@ run right after the monitor's hooks of the same name.
 
 import os
 
-from monitor import directory, settings
-from monitor.hooks import wire
+from monitor.contract import directory
+from monitor.hooks import settings, wire
 
 globals().update(settings.load_or_exit())
 

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest, value
 from prometheus_client.multiprocess import MultiProcessCollector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from monitor.collectors.appmetrics import AppMetricsCollector  # noqa: E402
+from monitor.sidecar.collectors.appmetrics import AppMetricsCollector  # noqa: E402
 
 
 def write_worker(directory: Path, ident: int) -> None:

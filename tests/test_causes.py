@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from monitor.causes import KNOWN_EXITS, Evidence, classify
+from monitor.contract.causes import KNOWN_EXITS
+from monitor.hooks.classify import Evidence, classify
 
 TERM, KILL, ABRT = signal.SIGTERM, signal.SIGKILL, signal.SIGABRT
 

@@ -24,9 +24,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor import compaction
-from monitor.collectors.appmetrics import AppMetricsCollector
-from monitor.compaction import QUARANTINE_DIR, STATE_DIR, parse_name, run_compaction
+from monitor.contract.appfiles import STATE_DIR, parse_name
+from monitor.sidecar import compaction
+from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
+from monitor.sidecar.compaction import QUARANTINE_DIR, run_compaction
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = "all liveall min livemin max livemax sum livesum mostrecent livemostrecent".split()
@@ -438,7 +439,7 @@ CRASH_POINTS = [
 
 CRASHING_COMPACTION = """
 import os, signal, sys
-from monitor import compaction
+from monitor.sidecar import compaction
 point = sys.argv[2]
 compaction._crash_hook = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == point else None
 print("go", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from monitor.collectors.scrape import ScrapeCollector
+from monitor.sidecar.collectors.scrape import ScrapeCollector
 from tests.harness import BIN, exits, free_port, http_get, value, wait_for
 
 

@@ -36,10 +36,10 @@ def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make
 def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, make_exporter):
     config = tmp_path / "gunicorn.conf.py"
     fault = (
-        "import monitor.hooks\n"
+        "import monitor.hooks.worker\n"
         "def _boom(worker):\n"
         "    raise RuntimeError('injected fault')\n"
-        "monitor.hooks._instrument_worker = _boom\n"
+        "monitor.hooks.worker.instrument = _boom\n"
     )
     config.write_text(CONFIG.read_text().replace("wire(globals())", fault + "wire(globals())"))
     m = make_master(workers=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from monitor import journal
-from monitor.directory import create
+from monitor.contract import journal
+from monitor.contract.directory import create
 
 
 def _write(root: str, writer: int, n: int, max_bytes: int) -> None:

@@ -100,7 +100,7 @@ def test_dockerignore_keeps_what_the_image_copies():
         if line.strip() and not line.startswith("#")
     ]
     for path in (
-        "monitor/causes.py",
+        "monitor/hooks/classify.py",
         "gunicorn.conf.py",
         "pyproject.toml",
         "README.md",

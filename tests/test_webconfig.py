@@ -21,7 +21,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from monitor import webconfig
+from monitor.sidecar import webconfig
 from tests.harness import BIN, Exporter, free_port, http_get
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

@@ -21,13 +21,14 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from monitor import directory, journal, metrics, state, webconfig
-from monitor.collectors.appmetrics import AppMetricsCollector
-from monitor.collectors.lifecycle import LifecycleCollector
-from monitor.collectors.scrape import ScrapeCollector
-from monitor.collectors.workers import WorkerSampler, WorkersCollector
-from monitor.exporter import make_app, make_http_server, parse_listen, serve_forever
-from monitor.store import set_max_locked
+from monitor.contract import directory, journal, metrics, state
+from monitor.contract.store import set_max_locked
+from monitor.sidecar import webconfig
+from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
+from monitor.sidecar.collectors.lifecycle import LifecycleCollector
+from monitor.sidecar.collectors.scrape import ScrapeCollector
+from monitor.sidecar.collectors.workers import WorkerSampler, WorkersCollector
+from monitor.sidecar.exporter import make_app, make_http_server, parse_listen, serve_forever
 
 DEFAULT_LISTEN = "0.0.0.0:9971"
 log = logging.getLogger("gunicorn_monitor")

@@ -21,8 +21,8 @@ import psutil
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from monitor import causes, journal, state
-from monitor.directory import Layout
+from monitor.contract import causes, journal, state
+from monitor.contract.directory import Layout
 
 log = logging.getLogger("gunicorn_monitor")
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 if TYPE_CHECKING:
-    from monitor.webconfig import WebConfig
+    from monitor.sidecar.webconfig import WebConfig
 
 log = logging.getLogger("gunicorn_monitor")
 

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from monitor.directory import Layout
+from monitor.contract.directory import Layout
 
 MAX_BYTES = 4 * 1024 * 1024  # per file; one rotated file is kept, so at most 8 MiB in all
 

@@ -1,7 +1,8 @@
-"""The cause taxonomy: why a worker ended, decided from the evidence the hooks gathered.
+"""Why a worker ended, decided from the evidence the hooks gathered.
 
 Everything that decides a cause lives here, as one pure function over plain facts, so that the
-whole taxonomy can be read (and tested) without a running Gunicorn. The hooks only collect facts.
+whole decision can be read (and tested) without a running Gunicorn. The hooks only collect
+facts; the set of causes itself is the contract's (monitor/contract/causes.py).
 """
 
 from __future__ import annotations
@@ -9,71 +10,22 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-RELOAD = "reload"
-SHUTDOWN = "shutdown"
-SCALE_DOWN = "scale_down"
-MAX_REQUESTS = "max_requests"
-TIMEOUT = "timeout"
-OOM = "oom"
-KILLED = "killed"
-SIGNAL = "signal"
-CRASH = "crash"
-BOOT_ERROR = "boot_error"
-APP_LOAD_ERROR = "app_load_error"
-UNKNOWN = "unknown"
-
-CAUSES = (
-    RELOAD,
-    SHUTDOWN,
-    SCALE_DOWN,
-    MAX_REQUESTS,
-    TIMEOUT,
-    OOM,
-    KILLED,
-    SIGNAL,
-    CRASH,
-    BOOT_ERROR,
+from monitor.contract.causes import (
     APP_LOAD_ERROR,
+    BOOT_ERROR,
+    CRASH,
+    KILLED,
+    MAX_REQUESTS,
+    NO_SIGNAL,
+    OOM,
+    SIGNAL,
+    TIMEOUT,
     UNKNOWN,
+    signal_name,
 )
-
-# Causes an operator expects during normal operation; everything else is worth a look.
-PLANNED = frozenset({RELOAD, SHUTDOWN, SCALE_DOWN, MAX_REQUESTS})
-
-NO_SIGNAL = "none"
 
 # Gunicorn's own exit codes (arbiter.py: WORKER_BOOT_ERROR, APP_LOAD_ERROR).
 _EXIT_CODE_CAUSES = {3: BOOT_ERROR, 4: APP_LOAD_ERROR}
-
-# Every (cause, signal) pair a worker can end with on the supported worker classes. These series
-# exist from the first scrape at 0, so `increase()` and alerts see the first event. Signals outside
-# this list still get their own series when they happen (signal names are a bounded set).
-KNOWN_EXITS = (
-    (RELOAD, NO_SIGNAL),
-    (RELOAD, "SIGTERM"),
-    (SHUTDOWN, NO_SIGNAL),
-    (SHUTDOWN, "SIGTERM"),
-    (SHUTDOWN, "SIGQUIT"),
-    (SHUTDOWN, "SIGKILL"),
-    (SCALE_DOWN, NO_SIGNAL),
-    (SCALE_DOWN, "SIGTERM"),
-    (MAX_REQUESTS, NO_SIGNAL),
-    (TIMEOUT, "SIGABRT"),
-    (TIMEOUT, "SIGKILL"),
-    (OOM, "SIGKILL"),
-    (KILLED, "SIGKILL"),
-    (SIGNAL, "SIGTERM"),
-    (SIGNAL, "SIGINT"),
-    (SIGNAL, "SIGQUIT"),
-    (SIGNAL, "SIGABRT"),
-    (SIGNAL, "SIGSEGV"),
-    (SIGNAL, "SIGBUS"),
-    (SIGNAL, "SIGHUP"),
-    (CRASH, NO_SIGNAL),
-    (BOOT_ERROR, NO_SIGNAL),
-    (APP_LOAD_ERROR, NO_SIGNAL),
-    (UNKNOWN, NO_SIGNAL),
-)
 
 # What the master was doing when it signalled a worker.
 PHASE_RELOAD = "reload"
@@ -99,13 +51,6 @@ class Evidence:
     aborted: bool = False
     note: str | None = None
     oom_kills: int = 0
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"SIG{signum}"
 
 
 def classify(ev: Evidence) -> tuple[str, str]:

@@ -2,9 +2,9 @@
 
 Why not the stock MultiProcessCollector: it re-reads every dead worker's file on every scrape and
 fails the whole scrape on one bad file. This collector compacts dead workers' files first
-(monitor/compaction.py), so a scrape reads only the live workers' files plus one aggregate per
-file type, and it reads each file in isolation: an unreadable file is skipped and counted, and
-moved to DIR/quarantine/ once no process can still be creating it.
+(monitor/sidecar/compaction.py), so a scrape reads only the live workers' files plus one
+aggregate per file type, and it reads each file in isolation: an unreadable file is skipped and
+counted, and moved to DIR/quarantine/ once no process can still be creating it.
 
 The output is the stock collector's, sample for sample: the files are turned into Metric objects
 exactly as MultiProcessCollector._read_metrics does and then handed to the library's own
@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitor import compaction
-from monitor.compaction import AGGREGATE_ID, BadFile, DbName, parse_name, pid_alive
+from monitor.contract.appfiles import AGGREGATE_ID, STATE_DIR, DbName, parse_name
+from monitor.sidecar import compaction
+from monitor.sidecar.compaction import BadFile, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class AppMetricsCollector:
         """Merge every readable file; None if a file vanished mid-read and `retry` allows it."""
         files = [(e.name, e.path, True) for e in _scan(self._path)]
         if include_staged and self._recovered():
-            staged = os.path.join(self._path, compaction.STATE_DIR, "staged")
+            staged = os.path.join(self._path, STATE_DIR, "staged")
             for sname in _ls(staged):  # dead pids' files: their live* gauges are gone with them
                 name = sname.split("~", 1)[-1]
                 if not name.startswith("gauge_live"):

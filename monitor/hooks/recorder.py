@@ -1,4 +1,4 @@
-"""Gunicorn server hooks that record every worker's birth and death, with its cause.
+"""The master's recorder: every worker's birth and death, with its cause.
 
 Gunicorn knows how each worker ended but hands no hook the exit status, runs no worker hook on
 SIGTERM, and under UvicornWorker runs no worker hook on any signal. So the master gathers the
@@ -12,8 +12,7 @@ evidence itself, and decides in child_exit:
 - kernel OOM kill counters;
 - a note the worker leaves when it catches a signal or reaches max_requests.
 
-Every hook is contained: a failure is logged once through Gunicorn's logger and counted, and
-never reaches Gunicorn (an exception out of child_exit kills the master).
+Every call into it from Gunicorn goes through monitor/hooks/contain.py (see the package's rules).
 """
 
 from __future__ import annotations
@@ -24,22 +23,22 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import gunicorn
 import gunicorn.arbiter
 from prometheus_client import multiprocess
 
-from monitor import causes, compaction, directory, journal, metrics, notes, oom, state
-from monitor.store import Store
+from monitor.contract import appfiles, causes, directory, journal, metrics, state
+from monitor.contract.store import Store
+from monitor.hooks import classify, notes, oom
+from monitor.hooks.contain import contain, guard
 
 log = logging.getLogger("gunicorn.error")
 
 _RETIRING = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 _TERMINATING = _RETIRING + (signal.SIGKILL, signal.SIGABRT)
-# Signals whose Python handler a worker may have; a caught one is noted before it acts.
-_CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)
 
 
 class _Waitpid:
@@ -96,7 +95,7 @@ class Monitor:
             setattr(s, name, functools.partial(getattr(self, "_" + name), original))
 
     def _kill_worker(self, original: Callable, pid: int, sig: int) -> Any:
-        _guard("kill_worker", self._note_signal, pid, sig)
+        guard("kill_worker", self._note_signal, pid, sig)
         return original(pid, sig)
 
     def _note_signal(self, pid: int, sig: int) -> None:
@@ -119,7 +118,7 @@ class Monitor:
                     self.phase[pid] = causes.SCALE_DOWN
 
     def _reload(self, original: Callable) -> Any:
-        _guard("reload", self._deploy, "reload")
+        guard("reload", self._deploy, "reload")
         with self.lock:
             self.retiring_for_reload.update(self.server.WORKERS)
         return original()
@@ -130,7 +129,7 @@ class Monitor:
         # The forked child goes on to exec the new master; and a USR2 during an upgrade is
         # ignored by Gunicorn ("Child exists"): only a new child is an upgrade.
         if os.getpid() == self.pid and not before and self.server.reexec_pid:
-            _guard("reexec", self._deploy, "upgrade")
+            guard("reexec", self._deploy, "upgrade")
         return result
 
     def _stop(self, original: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -140,7 +139,7 @@ class Monitor:
     def _spawn_worker(self, original: Callable) -> Any:
         pid = original()
         # Only the master returns here; the child exits inside spawn_worker.
-        _guard("spawn_worker", self._spawned, pid)
+        guard("spawn_worker", self._spawned, pid)
         return pid
 
     # -- events ---------------------------------------------------------------------------
@@ -205,14 +204,14 @@ class Monitor:
                 # Gunicorn halts on these without calling child_exit: record the exit now.
                 self.exited(self.server.WORKERS[pid])
         except Exception as e:
-            _contain("waitpid", e)
+            contain("waitpid", e)
 
     def exited(self, worker: Any) -> None:
         with self.lock:
             pid = worker.pid
             if pid not in self.slots and pid not in self.statuses:
                 return  # already recorded (boot error), or never ours
-            evidence = causes.Evidence(
+            evidence = classify.Evidence(
                 status=self.statuses.pop(pid, None),
                 master_signals=frozenset(self.sent.pop(pid, ())),
                 master_phase=self.phase.pop(pid, None),
@@ -220,7 +219,7 @@ class Monitor:
                 note=notes.take(self.layout, pid),
                 oom_kills=self._new_oom_kills(),
             )
-            cause, sig = causes.classify(evidence)
+            cause, sig = classify.classify(evidence)
             if sig == "SIGKILL" and cause == causes.OOM:
                 self.oom_seen += 1
             slot = self.slots.pop(pid, None)
@@ -259,6 +258,10 @@ class Monitor:
             self._save()
         _retire_app_files(pid, self.layout.root)
 
+    def count_failure(self, hook: str) -> None:
+        with self.lock:
+            self.store.inc(metrics.HOOK_ERRORS, hook=hook)
+
     def _new_oom_kills(self) -> int:
         return max(0, oom.read_oom_kills(self.oom_paths) - self.oom_seen)
 
@@ -292,7 +295,7 @@ class Monitor:
 
     def _manage_workers(self, original: Callable) -> Any:
         result = original()
-        _guard("manage_workers", self.flush)
+        guard("manage_workers", self.flush)
         return result
 
     def flush(self) -> None:
@@ -329,148 +332,6 @@ def _retire_app_files(pid: int, root: str) -> None:
     """
     try:
         multiprocess.mark_process_dead(pid, root)
-        compaction.stage_process_files(root, pid)
+        appfiles.stage_process_files(root, pid)
     except Exception as e:
-        _contain("retire_app_files", e)
-
-
-# -- containment ---------------------------------------------------------------------------
-
-_failed_once: set[str] = set()
-_monitor: Monitor | None = None
-
-
-def _contain(hook: str, exc: BaseException) -> None:
-    try:
-        if hook not in _failed_once:
-            _failed_once.add(hook)
-            log.error(
-                "gunicorn-monitor event=hook_failed hook=%s error=%r (counted, said once)",
-                hook,
-                exc,
-            )
-        if _monitor is not None:
-            with _monitor.lock:
-                _monitor.store.inc(metrics.HOOK_ERRORS, hook=hook)
-    except Exception:
-        pass
-
-
-def _guard(hook: str, fn: Callable, *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception as e:
-        _contain(hook, e)
-
-
-# -- worker side ---------------------------------------------------------------------------
-
-
-def _note_then(layout: directory.Layout, handler: Callable) -> Callable:
-    def noted(signum: int, frame: Any) -> Any:
-        _guard("signal_note", notes.leave, layout, os.getpid(), causes.signal_name(signum))
-        return handler(signum, frame)
-
-    return noted
-
-
-class _UvicornMaxRequests(logging.Filter):
-    """uvicorn counts requests itself (worker.nr stays 0) and only says so in this log line."""
-
-    def __init__(self, layout: directory.Layout) -> None:
-        super().__init__()
-        self.layout = layout
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Maximum request limit"):
-            _guard("max_requests_note", notes.leave, self.layout, os.getpid(), causes.MAX_REQUESTS)
-        return True
-
-
-def _instrument_worker(worker: Any) -> None:
-    layout = directory.Layout(directory.resolve())
-    for sig in _CAUGHT:
-        handler = signal.getsignal(sig)
-        # Never put a handler over SIG_DFL: UvicornWorker relies on dying by the signal itself.
-        if callable(handler):
-            signal.signal(sig, _note_then(layout, handler))
-    if "uvicorn" in type(worker).__module__:
-        logging.getLogger("uvicorn.error").addFilter(_UvicornMaxRequests(layout))
-
-
-def _worker_leaving(worker: Any) -> None:
-    if worker.pid != os.getpid():
-        return  # Gunicorn also calls worker_exit in the master for a worker that vanished
-    if worker.max_requests and worker.nr >= worker.max_requests:
-        notes.leave(directory.Layout(directory.resolve()), worker.pid, causes.MAX_REQUESTS)
-
-
-# -- the hooks -----------------------------------------------------------------------------
-
-
-def on_starting(server: Any) -> None:
-    global _monitor
-    try:
-        os.environ[directory.RUNNING_MASTER] = str(os.getpid())
-        _monitor = Monitor(server)
-        _monitor.started_master()
-    except Exception as e:
-        _contain("on_starting", e)
-
-
-def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
-    if _monitor is not None:
-        _guard("nworkers_changed", _monitor.desired_changed, new_value)
-
-
-def post_worker_init(worker: Any) -> None:
-    _guard("post_worker_init", _instrument_worker, worker)
-
-
-def worker_exit(server: Any, worker: Any) -> None:
-    _guard("worker_exit", _worker_leaving, worker)
-
-
-def child_exit(server: Any, worker: Any) -> None:
-    if _monitor is not None:
-        _guard("child_exit", _monitor.exited, worker)
-
-
-def on_exit(server: Any) -> None:
-    if _monitor is not None:
-        _guard("on_exit", _monitor.stopped)
-
-
-HOOKS = {
-    "on_starting": on_starting,
-    "nworkers_changed": nworkers_changed,
-    "post_worker_init": post_worker_init,
-    "worker_exit": worker_exit,
-    "child_exit": child_exit,
-    "on_exit": on_exit,
-}
-
-
-def wire(namespace: MutableMapping[str, Any]) -> None:
-    """Install the monitor's hooks into a Gunicorn config namespace: `wire(globals())`.
-
-    A hook the config already defines is kept and runs after the monitor's own, with its
-    arguments, return value and exceptions unchanged: chaining changes nothing for it.
-    """
-    for name, ours in HOOKS.items():
-        theirs = namespace.get(name)
-        if theirs is None:
-            namespace[name] = ours
-        elif theirs is not ours and not getattr(theirs, "_gunicorn_monitor", False):
-            namespace[name] = _chain(ours, theirs)
-
-
-def _chain(ours: Callable, theirs: Callable) -> Callable:
-    def both(*args: Any) -> Any:
-        ours(*args)
-        return theirs(*args)
-
-    # Gunicorn checks a hook's arity through inspect.signature, which follows __wrapped__.
-    both.__wrapped__ = theirs  # type: ignore[attr-defined]
-    both._gunicorn_monitor = True  # type: ignore[attr-defined]
-    return both
+        contain("retire_app_files", e)

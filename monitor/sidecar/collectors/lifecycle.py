@@ -17,8 +17,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from monitor import causes, compaction, metrics, state
-from monitor.directory import Layout
+from monitor.contract import causes, metrics, state
+from monitor.contract.directory import Layout
+from monitor.sidecar import compaction
 
 _COUNTERS = (
     metrics.WORKER_EXITS,

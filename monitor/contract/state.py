@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from monitor.directory import Layout
+from monitor.contract.directory import Layout
 
 
 def write(layout: Layout, pid: int, state: dict) -> None:

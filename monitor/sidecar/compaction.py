@@ -61,7 +61,6 @@ import mmap
 import os
 import struct
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,30 +68,23 @@ from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict, _read_all_values
 
-from monitor import state
+from monitor.contract import state
+from monitor.contract.appfiles import (
+    AGGREGATE_ID,
+    DROP,
+    FOLD,
+    MAX,
+    MIN,
+    PER_PID,
+    RECENT,
+    SUM,
+    DbName,
+    dirs,
+    new_token,
+    parse_name,
+)
 
-AGGREGATE_ID = "aggregate"
-STATE_DIR = ".compacting"
 QUARANTINE_DIR = "quarantine"
-
-_PLAIN_TYPES = ("counter", "histogram", "summary")
-# How each file prefix folds. Modes not listed (a future prometheus_client) are read, never folded.
-_SUM, _MIN, _MAX, _RECENT, _PER_PID, _DROP = "sum", "min", "max", "recent", "per_pid", "drop"
-_FOLD = {
-    "counter": _SUM,
-    "histogram": _SUM,  # buckets are stored non-cumulative, so they sum
-    "summary": _SUM,
-    "gauge_sum": _SUM,
-    "gauge_min": _MIN,
-    "gauge_max": _MAX,
-    "gauge_mostrecent": _RECENT,
-    "gauge_all": _PER_PID,
-    "gauge_liveall": _DROP,
-    "gauge_livesum": _DROP,
-    "gauge_livemin": _DROP,
-    "gauge_livemax": _DROP,
-    "gauge_livemostrecent": _DROP,
-}
 
 _unpack_int = struct.Struct("i").unpack_from
 
@@ -106,34 +98,6 @@ _crash_hook: Callable[[str], None] | None = None
 def _checkpoint(step: str) -> None:
     if _crash_hook is not None:
         _crash_hook(step)
-
-
-class DbName(NamedTuple):
-    """A multiprocess file name decoded the way MultiProcessCollector decodes it."""
-
-    prefix: str  # counter | histogram | summary | gauge_<mode>
-    typ: str
-    mode: str  # gauge mode, "" for other types
-    ident: str  # the process identifier (a pid, or AGGREGATE_ID)
-
-    @property
-    def pid(self) -> int | None:
-        """The pid, if the identifier is one (custom identifiers are never judged dead)."""
-        if self.ident.isascii() and self.ident.isdigit() and 0 < int(self.ident) < 1 << 31:
-            return int(self.ident)
-        return None
-
-
-def parse_name(basename: str) -> DbName | None:
-    """Decode `counter_123.db` / `gauge_livesum_123.db`; None for names the collector can't use."""
-    if not basename.endswith(".db"):
-        return None
-    parts = basename[:-3].split("_")
-    if parts[0] in _PLAIN_TYPES and len(parts) >= 2 and all(parts):
-        return DbName(parts[0], parts[0], "", "_".join(parts[1:]))
-    if parts[0] == "gauge" and len(parts) == 3 and parts[1] and parts[2]:
-        return DbName(f"gauge_{parts[1]}", "gauge", parts[1], parts[2])
-    return None
 
 
 class Entry(NamedTuple):
@@ -216,12 +180,6 @@ def pid_alive(pid: int) -> bool:
     return state.pid_exists(pid)
 
 
-def _token() -> str:
-    # Sorts by staging time (so later deaths of a reused pid win for `all` gauges) and is unique,
-    # because rename() would silently replace an existing staged file.
-    return f"{time.time_ns():016x}{uuid.uuid4().hex[:8]}"
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -230,18 +188,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _dirs(path: str) -> tuple[str, str, str]:
-    state = os.path.join(path, STATE_DIR)
-    return state, os.path.join(state, "staged"), os.path.join(state, "next")
-
-
 @contextlib.contextmanager
 def directory_lock(path: str) -> Iterator[None]:
     """Hold the directory's compaction lock (flock, released by the kernel if we die).
 
     Not reentrant: flock conflicts between two opens even in one process.
     """
-    state, staged, nxt = _dirs(path)
+    state, staged, nxt = dirs(path)
     for d in (state, staged, nxt):
         os.makedirs(d, exist_ok=True)
     fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -256,28 +209,9 @@ def quarantine(path: str, source: str) -> str:
     """Move an unreadable file to DIR/quarantine/ under a unique name; never deletes it."""
     qdir = os.path.join(path, QUARANTINE_DIR)
     os.makedirs(qdir, exist_ok=True)
-    target = os.path.join(qdir, f"{_token()}~{os.path.basename(source).split('~')[-1]}")
+    target = os.path.join(qdir, f"{new_token()}~{os.path.basename(source).split('~')[-1]}")
     os.rename(source, target)
     return target
-
-
-def stage_process_files(path: str, pid: int) -> int:
-    """Move one dead pid's files out of the glob; returns how many.
-
-    Safe without the lock (the fold only consumes the staged files its journal names), so
-    gunicorn's child_exit hook may call it in the master before it forks a replacement, which
-    closes the pid-reuse window entirely.
-    """
-    _, staged, _ = _dirs(path)
-    os.makedirs(staged, exist_ok=True)
-    token, moved = _token(), 0
-    for name in os.listdir(path):
-        db = parse_name(name)
-        if db is not None and db.pid == pid and db.prefix in _FOLD:
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
-                moved += 1
-    return moved
 
 
 @dataclass
@@ -306,7 +240,7 @@ def _read_commit(state: str) -> dict[str, list[str]] | None:
 
 def _apply(path: str, commit: dict[str, list[str]]) -> None:
     """Finish a committed fold. Idempotent, so recovery can simply run it again."""
-    state, staged, nxt = _dirs(path)
+    state, staged, nxt = dirs(path)
     for i, name in enumerate(commit["aggregates"]):
         with contextlib.suppress(FileNotFoundError):  # already moved by an earlier attempt
             os.replace(os.path.join(nxt, name), os.path.join(path, name))
@@ -333,7 +267,7 @@ def _apply(path: str, commit: dict[str, list[str]]) -> None:
 
 def recover(path: str) -> None:
     """Finish (COMMIT present) or roll back (absent) an interrupted fold. Hold the lock."""
-    state, _, nxt = _dirs(path)
+    state, _, nxt = dirs(path)
     commit = _read_commit(state)
     if commit is not None:
         _apply(path, commit)
@@ -346,12 +280,12 @@ def recover(path: str) -> None:
 
 
 def _stage_dead(path: str, is_alive: AliveCheck, report: CompactionReport) -> None:
-    _, staged, _ = _dirs(path)
-    token, alive = _token(), {}
+    _, staged, _ = dirs(path)
+    token, alive = new_token(), {}
     moved = False
     for name in os.listdir(path):
         db = parse_name(name)
-        if db is None or db.pid is None or db.prefix not in _FOLD:
+        if db is None or db.pid is None or db.prefix not in FOLD:
             continue
         if db.pid not in alive:
             alive[db.pid] = is_alive(db.pid)
@@ -374,7 +308,7 @@ def _unstage_reused(
     path: str, pending: list[str], is_alive: AliveCheck, report: CompactionReport
 ) -> list[str]:
     """Put back staged files whose pid lives again; return the pending files safe to fold."""
-    _, staged, _ = _dirs(path)
+    _, staged, _ = dirs(path)
     keep, alive = [], {}
     for sname in pending:
         name = sname.split("~", 1)[-1]
@@ -406,23 +340,23 @@ _Acc = dict[str, list[float]]
 def _fold_into(acc: _Acc, how: str, db: DbName, entries: list[Entry]) -> None:
     for e in entries:
         key = e.key
-        if how == _PER_PID and db.ident != AGGREGATE_ID:
+        if how == PER_PID and db.ident != AGGREGATE_ID:
             labels = dict(e.labels)
             labels["pid"] = db.ident
             key = json.dumps([e.metric_name, e.name, labels, e.help], sort_keys=True)
         cur = acc.get(key)
         if cur is None:
             acc[key] = [e.value, e.timestamp]
-        elif how == _SUM:
+        elif how == SUM:
             cur[0] += e.value
-        elif how == _MIN:
+        elif how == MIN:
             cur[0] = min(cur[0], e.value)
-        elif how == _MAX:
+        elif how == MAX:
             cur[0] = max(cur[0], e.value)
-        elif how == _RECENT:
+        elif how == RECENT:
             if e.timestamp > cur[1]:  # ties keep the first, as the stock collector does
                 acc[key] = [e.value, e.timestamp]
-        else:  # _PER_PID: a later death of a reused pid replaces the earlier one
+        else:  # PER_PID: a later death of a reused pid replaces the earlier one
             acc[key] = [e.value, e.timestamp]
 
 
@@ -444,18 +378,18 @@ def _write_aggregate(target: str, acc: _Acc) -> None:
 
 
 def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
-    state, staged, nxt = _dirs(path)
+    state, staged, nxt = dirs(path)
     accs: dict[str, _Acc] = {}
     consumed, seen_inodes = [], set()
     for sname in sorted(pending):
         src = os.path.join(staged, sname)
         db = parse_name(sname.split("~", 1)[-1])
-        how = _FOLD.get(db.prefix) if db is not None else None
+        how = FOLD.get(db.prefix) if db is not None else None
         try:
             inode = os.stat(src).st_ino
             if how is None:
                 raise BadFile("name", sname)
-            entries = [] if how == _DROP or inode in seen_inodes else read_entries(src)
+            entries = [] if how == DROP or inode in seen_inodes else read_entries(src)
         except FileNotFoundError:
             continue
         except BadFile as e:
@@ -465,7 +399,7 @@ def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
             _checkpoint("quarantined")
             continue
         consumed.append(sname)
-        if how == _DROP:
+        if how == DROP:
             report.dropped_live += 1
             continue
         if inode in seen_inodes:
@@ -500,7 +434,7 @@ def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> _Acc:
     target = os.path.join(path, f"{prefix}_{AGGREGATE_ID}.db")
     db = DbName(prefix, prefix.split("_")[0], prefix.partition("_")[2], AGGREGATE_ID)
     try:
-        _fold_into(acc, _FOLD[prefix], db, read_entries(target))
+        _fold_into(acc, FOLD[prefix], db, read_entries(target))
     except FileNotFoundError:
         pass
     except BadFile as e:
@@ -518,7 +452,7 @@ def compact(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
     started = time.perf_counter()
     recover(path)
     _stage_dead(path, is_alive, report)
-    _, staged, _ = _dirs(path)
+    _, staged, _ = dirs(path)
     pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
     if pending:
         _fold(path, pending, report)

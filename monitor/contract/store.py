@@ -18,8 +18,8 @@ import os
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
-from monitor.directory import Layout
-from monitor.metrics import Spec
+from monitor.contract.directory import Layout
+from monitor.contract.metrics import Spec
 
 
 class Store:

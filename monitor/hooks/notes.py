@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from monitor.directory import Layout
+from monitor.contract.directory import Layout
 
 
 def leave(layout: Layout, pid: int, text: str) -> None:

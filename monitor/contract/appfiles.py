@@ -1,0 +1,97 @@
+"""The application's prometheus_client multiprocess files, as both sides name and move them.
+
+The app's processes write `<type>_<pid>.db` at the top of the shared directory
+(prometheus_client's own format and naming). When a worker dies, its files are moved out of the
+`*.db` glob into `.compacting/staged/` (a rename, atomic and O(1)); the sidecar's compaction
+(monitor/sidecar/compaction.py) folds staged files into `<type>_aggregate.db`. The master may
+stage a dead worker's files itself, before it forks a replacement that could reuse the pid: that
+move is all the in-Gunicorn side ever does to these files, so it lives here, in the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from typing import NamedTuple
+
+AGGREGATE_ID = "aggregate"
+STATE_DIR = ".compacting"
+
+PLAIN_TYPES = ("counter", "histogram", "summary")
+# How each file prefix folds. Modes not listed (a future prometheus_client) are read, never folded.
+SUM, MIN, MAX, RECENT, PER_PID, DROP = "sum", "min", "max", "recent", "per_pid", "drop"
+FOLD = {
+    "counter": SUM,
+    "histogram": SUM,  # buckets are stored non-cumulative, so they sum
+    "summary": SUM,
+    "gauge_sum": SUM,
+    "gauge_min": MIN,
+    "gauge_max": MAX,
+    "gauge_mostrecent": RECENT,
+    "gauge_all": PER_PID,
+    "gauge_liveall": DROP,
+    "gauge_livesum": DROP,
+    "gauge_livemin": DROP,
+    "gauge_livemax": DROP,
+    "gauge_livemostrecent": DROP,
+}
+
+
+class DbName(NamedTuple):
+    """A multiprocess file name decoded the way MultiProcessCollector decodes it."""
+
+    prefix: str  # counter | histogram | summary | gauge_<mode>
+    typ: str
+    mode: str  # gauge mode, "" for other types
+    ident: str  # the process identifier (a pid, or AGGREGATE_ID)
+
+    @property
+    def pid(self) -> int | None:
+        """The pid, if the identifier is one (custom identifiers are never judged dead)."""
+        if self.ident.isascii() and self.ident.isdigit() and 0 < int(self.ident) < 1 << 31:
+            return int(self.ident)
+        return None
+
+
+def parse_name(basename: str) -> DbName | None:
+    """Decode `counter_123.db` / `gauge_livesum_123.db`; None for names the collector can't use."""
+    if not basename.endswith(".db"):
+        return None
+    parts = basename[:-3].split("_")
+    if parts[0] in PLAIN_TYPES and len(parts) >= 2 and all(parts):
+        return DbName(parts[0], parts[0], "", "_".join(parts[1:]))
+    if parts[0] == "gauge" and len(parts) == 3 and parts[1] and parts[2]:
+        return DbName(f"gauge_{parts[1]}", "gauge", parts[1], parts[2])
+    return None
+
+
+def new_token() -> str:
+    # Sorts by staging time (so later deaths of a reused pid win for `all` gauges) and is unique,
+    # because rename() would silently replace an existing staged file.
+    return f"{time.time_ns():016x}{uuid.uuid4().hex[:8]}"
+
+
+def dirs(path: str) -> tuple[str, str, str]:
+    state = os.path.join(path, STATE_DIR)
+    return state, os.path.join(state, "staged"), os.path.join(state, "next")
+
+
+def stage_process_files(path: str, pid: int) -> int:
+    """Move one dead pid's files out of the glob; returns how many.
+
+    Safe without the lock (the fold only consumes the staged files its journal names), so
+    gunicorn's child_exit hook may call it in the master before it forks a replacement, which
+    closes the pid-reuse window entirely.
+    """
+    _, staged, _ = dirs(path)
+    os.makedirs(staged, exist_ok=True)
+    token, moved = new_token(), 0
+    for name in os.listdir(path):
+        db = parse_name(name)
+        if db is not None and db.pid == pid and db.prefix in FOLD:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
+                moved += 1
+    return moved
