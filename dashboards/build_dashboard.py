@@ -352,6 +352,58 @@ def exits(d: dashboard.Dashboard) -> dashboard.Dashboard:
     )
 
 
+def hangs(d: dashboard.Dashboard) -> dashboard.Dashboard:
+    """Why workers hung: timeouts by what the worker was doing, stuck boots, boot time."""
+    return (
+        d.with_row(dashboard.Row("Why workers hung"))
+        .with_panel(
+            stacked_bars(
+                "Worker timeouts by phase",
+                q(
+                    "sum by (phase) "
+                    f"(increase({sel('gunicorn_worker_timeouts_total')}{RATE}))",
+                    "{{phase}}",
+                ),
+            ).description(
+                "Workers aborted for a missed heartbeat, by what they were doing: boot (still "
+                "importing the app), request, idle, unknown (UvicornWorker reports no requests). "
+                "The stack of each one: gunicorn-monitor events --stacks."
+            )
+        )
+        .with_panel(
+            graph(
+                "Workers stuck booting",
+                "short",
+                q(f"sum by (instance) ({sel('gunicorn_workers_stuck_booting')})", "{{instance}}"),
+                w=6,
+            )
+            .min(0)
+            .description(
+                "Workers still booting after `timeout` seconds. Gunicorn never times these out."
+            )
+        )
+        .with_panel(
+            graph(
+                "Worker boot time",
+                "s",
+                q(
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(increase({sel('gunicorn_worker_boot_seconds_bucket')}{RATE})))",
+                    "p50",
+                    "A",
+                ),
+                q(
+                    "histogram_quantile(0.99, sum by (le) "
+                    f"(increase({sel('gunicorn_worker_boot_seconds_bucket')}{RATE})))",
+                    "p99",
+                    "B",
+                ),
+                w=6,
+            ).description("From the fork to post_worker_init (the app is loaded).")
+        )
+    )
+
+
 def lifetime(d: dashboard.Dashboard) -> dashboard.Dashboard:
     """How long workers lived before they exited, and how old the live ones are."""
     return (
@@ -547,7 +599,7 @@ def build() -> dict:
             .expr(f"changes({sel('gunicorn_last_deploy_timestamp_seconds')}{RATE}) > 0")
         )
     )
-    for row in (overview, exits, lifetime, memory_and_cpu, exporter):
+    for row in (overview, exits, hangs, lifetime, memory_and_cpu, exporter):
         d = row(d)
     return _post_process(json.loads(JSONEncoder(sort_keys=True).encode(d.build())))
 

@@ -28,6 +28,7 @@ COUNTERS = {
     "gunicorn_worker_cpu_seconds_total": {"worker"},
     "gunicorn_exporter_files_skipped_total": set(),
     "gunicorn_exporter_errors_total": {"kind"},
+    "gunicorn_worker_timeouts_total": {"phase"},
 }
 GAUGES = {
     "gunicorn_last_deploy_timestamp_seconds": set(),
@@ -40,10 +41,12 @@ GAUGES = {
     "gunicorn_master_start_time_seconds": set(),
     "gunicorn_build_info": {"version", "worker_class"},
     "gunicorn_exporter_scrape_duration_seconds": set(),
+    "gunicorn_workers_stuck_booting": set(),
 }
 HISTOGRAMS = {
     "gunicorn_worker_lifetime_seconds": {"cause"},
     "gunicorn_worker_exit_memory_bytes": {"cause"},
+    "gunicorn_worker_boot_seconds": set(),
 }
 CONTRACT: dict[str, set[str]] = {**COUNTERS, **GAUGES}
 for _name, _labels in HISTOGRAMS.items():
