@@ -30,6 +30,14 @@ def on_starting(server: Any) -> None:
         contain("on_starting", e)
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    guard("pre_fork", worker_side.forking, server, worker)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    guard("post_fork", worker_side.booting, server, worker)
+
+
 def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
     if _monitor is not None:
         guard("nworkers_changed", _monitor.desired_changed, new_value)
@@ -56,6 +64,8 @@ def on_exit(server: Any) -> None:
 HOOKS = {
     "on_starting": on_starting,
     "nworkers_changed": nworkers_changed,
+    "pre_fork": pre_fork,
+    "post_fork": post_fork,
     "post_worker_init": post_worker_init,
     "worker_exit": worker_exit,
     "child_exit": child_exit,

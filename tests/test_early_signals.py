@@ -1,0 +1,102 @@
+"""A worker signalled before it has finished booting is classified like any other.
+
+Gunicorn installs the worker's own signal handlers only in init_process, and the app is imported
+after that: a stray SIGTERM can land while the worker still runs the master's handlers (Gunicorn
+queues it and forgets it), or while the app is still importing (a sync worker then leaves with
+exit 0 once it has booted). Either way it was a stray SIGTERM: `signal` / `SIGTERM`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.harness import CLASSES, CONFIG, WORKER_CLASSES, exits, wait_for
+
+# The worker signals itself from its own post_fork hook: the earliest moment user code runs in a
+# new worker, 0 ms after the fork, before Gunicorn's worker has installed any handler.
+SELF_KILL = """
+import os as _os, signal as _signal
+
+
+def post_fork(server, worker):
+    if worker.age <= 2:  # the first two workers only; their replacements must live
+        _os.kill(_os.getpid(), _signal.SIGTERM)
+
+"""
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(
+    worker, tmp_path, make_master, make_exporter
+):
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(CONFIG.read_text().replace("wire(globals())", SELF_KILL + "wire(globals())"))
+    m = make_master(worker=worker, workers=2)
+    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
+    m.start()
+    e = make_exporter()
+    wait_for(lambda: exits(e.scrape()) == {("signal", "SIGTERM"): 2.0}, 20, "two stray SIGTERMs")
+    assert m.proc.poll() is None
+
+
+SLOW_APP = """
+import time
+
+time.sleep(1.5)  # a slow import: the worker is booting for this long
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {c.pid for c in psutil.Process(pid).children()}
+    except psutil.Error:
+        return set()
+
+
+@pytest.mark.parametrize("worker", CLASSES)
+def test_a_sigterm_while_the_app_imports_is_a_stray_sigterm(
+    worker, tmp_path, make_master, make_exporter
+):
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    attr = WORKER_CLASSES[worker][1].split(":")[1]
+    m = make_master(
+        worker=worker,
+        workers=1,
+        app=f"slowapp:{attr}",
+        env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{m_root()}"},
+    )
+    m.start(wait=False)
+    e = make_exporter()
+    # Kill each of the first two workers as soon as it appears: booting, the app not yet loaded.
+    killed: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(killed) < 2 and time.monotonic() < deadline:
+        for pid in _children(m.pid) - set(killed):
+            os.kill(pid, signal.SIGTERM)
+            killed.append(pid)
+        time.sleep(0.001)
+    assert len(killed) == 2, "two workers seen booting"
+    wait_for(lambda: exits(e.scrape()) == {("signal", "SIGTERM"): 2.0}, 30, "two stray SIGTERMs")
+    m.wait_workers(1, exclude=set(killed), timeout=30)
+    assert m.proc.poll() is None
+
+
+def m_root() -> str:
+    return str(CONFIG.parent)
