@@ -6,6 +6,9 @@
 /spin?s=N    hold the GIL in C code for about N seconds (a timeout on every worker class)
 /exit?code=N os._exit(N) from inside the request (a crash)
 /alloc?mb=N  allocate N MiB and keep it (an OOM kill under a memory limit)
+
+DEMO_BOOT_SLEEP=N in the environment: each worker sleeps N seconds while importing the app
+(a start-up waiting on a database that does not answer).
 """
 
 import asyncio
@@ -22,6 +25,13 @@ REQUESTS = Counter("demo_requests", "Requests the demo app answered, by endpoint
 ENDPOINTS = {"/", "/sleep", "/spin", "/exit", "/alloc", "/pid"}
 
 _hoard = []
+
+
+def _slow_start(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+_slow_start(float(os.environ.get("DEMO_BOOT_SLEEP") or 0))
 
 
 def _number(query: str, name: str, default: float) -> float:

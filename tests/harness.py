@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "gunicorn.conf.py"
 BIN = Path(sys.executable).parent
 
-CLASSES = ["sync", "gthread", "uvicorn"]
+CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers"]
 WORKER_CLASSES = {
     "sync": ("sync", "examples.app:app"),
     "gthread": ("gthread", "examples.app:app"),
     "uvicorn": ("uvicorn_worker.UvicornWorker", "examples.app:asgi_app"),
+    # uvicorn's own, deprecated, still the most common in existing configs
+    "uvicorn.workers": ("uvicorn.workers.UvicornWorker", "examples.app:asgi_app"),
 }
 
 

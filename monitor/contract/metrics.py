@@ -66,3 +66,33 @@ WORKERS = Spec("gunicorn_workers", "gauge", "Live workers of the live masters.")
 WORKERS_DESIRED = Spec(
     "gunicorn_workers_desired", "gauge", "Workers the live masters are configured to run."
 )
+
+# Why a worker hung (monitor/hooks/watch.py): written by the master.
+WORKER_TIMEOUTS = Spec(
+    "gunicorn_worker_timeouts",
+    "counter",
+    "Workers aborted for a missed heartbeat (or GUNICORN_BOOT_TIMEOUT), by what they were doing: "
+    "boot (before post_worker_init), request, idle, or unknown (no per-request hook).",
+    ("phase",),
+)
+CAPTURES_DROPPED = Spec(
+    "gunicorn_worker_captures_dropped",
+    "counter",
+    "Stack captures removed from the shared directory to keep it within its bounds.",
+)
+WORKER_BOOT = Spec(
+    "gunicorn_worker_boot_seconds",
+    "histogram",
+    "Time from a worker's fork to the end of its boot (post_worker_init: the app is loaded).",
+    (),
+    (
+        5.0,  # a quick boot? a replacement serves within seconds of a crash or a recycle
+        30.0,  # within Gunicorn's default timeout? slower ones make every deploy and restart slow
+    ),
+)
+WORKERS_STUCK_BOOTING = Spec(
+    "gunicorn_workers_stuck_booting",
+    "gauge",
+    "Workers of the live masters still booting after `timeout` seconds (Gunicorn never times "
+    "out a worker before its first heartbeat).",
+)

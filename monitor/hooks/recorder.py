@@ -82,6 +82,9 @@ class Monitor:
         self.stopped_at: float | None = None
         self.dirty = False
         self.desired = server.num_workers
+        # Set by the watch (watch.py): the capture and phase of an exit, the stuck-booting gauge.
+        self.exit_fields: Callable[[int, str], dict] = lambda pid, cause: {}
+        self.state_fields: Callable[[], dict] = dict
         notes.discard_stale(self.layout)
         self._wrap_arbiter()
 
@@ -254,6 +257,7 @@ class Monitor:
                 signal=sig,
                 exit_code=code,
                 aborted=evidence.aborted,
+                **self.exit_fields(pid, cause),
             )
             self._save()
         _retire_app_files(pid, self.layout.root)
@@ -319,6 +323,7 @@ class Monitor:
                         for pid, slot in self.slots.items()
                     },
                     "updated": time.time(),
+                    **self.state_fields(),
                 },
             )
 

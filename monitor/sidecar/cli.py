@@ -2,7 +2,9 @@
 
     gunicorn-monitor serve [--dir DIR] [--listen HOST:PORT] [--web.config.file FILE]
     gunicorn-monitor mark-deploy [--dir DIR]
-    gunicorn-monitor events [--dir DIR] [--last N]
+    gunicorn-monitor events [--dir DIR] [--last N] [--stacks]
+    gunicorn-monitor status [--dir DIR] [--watch SECONDS] [--json]
+    gunicorn-monitor doctor [--config gunicorn.conf.py] [--dir DIR] [--json]
 
 Every flag has an environment twin (PROMETHEUS_MULTIPROC_DIR, GUNICORN_MONITOR_LISTEN,
 GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL). A bad flag, config file or directory
@@ -23,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.contract import directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import webconfig
+from monitor.sidecar import doctor, stacks, status, webconfig
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from monitor.sidecar.collectors.scrape import ScrapeCollector
@@ -78,6 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="print the event journal as JSON lines")
     with_dir(events)
     events.add_argument("--last", type=int, default=0, help="only the last N events")
+    events.add_argument(
+        "--stacks", action="store_true", help="print the captures of hung workers instead"
+    )
+
+    top = sub.add_parser("status", help="masters, worker slots and recent exits, live")
+    with_dir(top)
+    top.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="redraw")
+    top.add_argument("--json", action="store_true", help="one JSON object (per redraw)")
+
+    doc = sub.add_parser("doctor", help="check the config, the directory and the timeouts")
+    with_dir(doc)
+    doc.add_argument("--config", default=None, help="Gunicorn config (default gunicorn.conf.py)")
+    doc.add_argument(
+        "--termination-grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the platform's termination grace period (Kubernetes default 30)",
+    )
+    doc.add_argument(
+        "--lb-idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the load balancer's idle timeout (default 60, as AWS ALB)",
+    )
+    doc.add_argument("--json", action="store_true", help="the checks as one JSON object")
     return parser
 
 
@@ -150,13 +179,36 @@ def _mark_deploy(args: argparse.Namespace) -> int:
 
 def _events(args: argparse.Namespace) -> int:
     layout = directory.open_for_reading(args.dir)
+    if args.stacks:
+        text, _ = stacks.render(layout, args.last)
+        sys.stdout.write(text)
+        return 0
     records, _ = journal.read(layout)
     for rec in records[-args.last :] if args.last > 0 else records:
         sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
     return 0
 
 
-COMMANDS = {"serve": _serve, "mark-deploy": _mark_deploy, "events": _events}
+def _status(args: argparse.Namespace) -> int:
+    if args.watch < 0:
+        sys.stderr.write("gunicorn-monitor: --watch must be >= 0\n")
+        return 2
+    return status.run(directory.open_for_reading(args.dir), args.watch, args.json)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    return doctor.run(
+        args.config, args.dir, args.termination_grace, args.lb_idle_timeout, args.json
+    )
+
+
+COMMANDS = {
+    "serve": _serve,
+    "mark-deploy": _mark_deploy,
+    "events": _events,
+    "status": _status,
+    "doctor": _doctor,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

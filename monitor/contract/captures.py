@@ -1,0 +1,103 @@
+"""Captures: the stacks and requests of a worker the master gave up on, kept on disk, bounded.
+
+`gunicorn-monitor/captures/<microseconds since the epoch>-<pid>.json`, one JSON object each,
+written by the master (tmp file, then rename: a reader sees whole files only). The exit record
+in the journal names its capture (`"capture": "<file name>"`), and `gunicorn-monitor events
+--stacks` prints them.
+
+Bounded on count and bytes: before a capture is written, the oldest are removed until the new
+one fits; the master counts what it removed (`gunicorn_worker_captures_dropped_total`). The
+stack in one capture is cut at MAX_STACK bytes (it says so: `truncated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+
+from monitor.contract.directory import Layout
+
+DIR = "captures"
+MAX_COUNT = 100
+MAX_BYTES = 4 * 1024 * 1024
+MAX_STACK = 64 * 1024
+
+# Why the master captured: a missed heartbeat, a boot past GUNICORN_BOOT_TIMEOUT, a boot past
+# `timeout` (the worker is left running), or the SIGKILL after graceful_timeout at shutdown.
+TIMEOUT = "timeout"
+BOOT_TIMEOUT = "boot_timeout"
+STUCK_BOOTING = "stuck_booting"
+SHUTDOWN_KILL = "shutdown_kill"
+REASONS = (TIMEOUT, BOOT_TIMEOUT, STUCK_BOOTING, SHUTDOWN_KILL)
+
+# What the worker was doing: the label values of gunicorn_worker_timeouts_total{phase}.
+BOOT = "boot"  # not yet through post_worker_init
+REQUEST = "request"
+IDLE = "idle"
+UNKNOWN = "unknown"  # a worker class that reports no requests (UvicornWorker), or no table
+PHASES = (BOOT, REQUEST, IDLE, UNKNOWN)
+
+_NAME = re.compile(r"^(\d{16})-(\d+)\.json$")
+
+
+def directory(layout: Layout) -> str:
+    return os.path.join(layout.own, DIR)
+
+
+def name(time_s: float, pid: int) -> str:
+    return f"{int(time_s * 1e6):016d}-{pid}.json"
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(path) if _NAME.match(n))
+    except FileNotFoundError:
+        return []
+
+
+def save(layout: Layout, record: dict) -> tuple[str, int]:
+    """Write one capture; returns its file name and how many old ones were dropped for it."""
+    path = directory(layout)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    data = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+    fname = name(record["time"], record["pid"])
+    existing = []
+    for n in _names(path):
+        with contextlib.suppress(OSError):
+            existing.append((n, os.stat(os.path.join(path, n)).st_size))
+    total = sum(size for _, size in existing)
+    dropped = 0
+    while existing and (len(existing) >= MAX_COUNT or total + len(data) > MAX_BYTES):
+        old, size = existing.pop(0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, old))
+        total -= size
+        dropped += 1
+    tmp = os.path.join(path, f".{fname}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(path, fname))
+    return fname, dropped
+
+
+def load(layout: Layout) -> tuple[list[dict], int]:
+    """Every capture on disk, oldest first, and how many files could not be read as one."""
+    path = directory(layout)
+    records, bad = [], 0
+    for n in _names(path):
+        try:
+            with open(os.path.join(path, n), "rb") as f:
+                rec = json.loads(f.read(MAX_BYTES))
+        except FileNotFoundError:
+            continue  # dropped while we listed
+        except (OSError, ValueError):
+            bad += 1
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("stack", ""), str):
+            bad += 1
+            continue
+        rec["name"] = n
+        records.append(rec)
+    return records, bad

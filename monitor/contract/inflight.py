@@ -1,0 +1,258 @@
+"""What a worker is doing right now, in a small file it owns, readable while the worker is wedged.
+
+When the master aborts a worker, that worker cannot answer questions: it may hold the GIL in a
+C call. So each worker keeps its state where the master can read it without the worker's help:
+`gunicorn-monitor/live/<pid>.inflight`, created by the worker right after the fork, with a fixed
+size, and updated in place through a shared mapping (a store into memory, no system call per
+request). Next to it, `<pid>.stacks` receives the worker's thread stacks, written by
+`faulthandler` from C when the master sends CAPTURE_SIGNAL.
+
+Safety:
+- The file is allocated with posix_fallocate before it is mapped, so a full disk fails the
+  creation (the worker then simply has no table) instead of raising SIGBUS on a later store.
+- Only the worker writes it; the master only reads it (pread, never a mapping) and removes it
+  once the worker is reaped.
+- A slot is written under a sequence number (odd while it changes). A reader that sees an odd
+  or changed number reads again, a few times, then reports the slot as unreadable: a gap, not a
+  guess.
+
+Layout: a 64-byte header, then `capacity` slots of 256 bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass
+
+from monitor.contract.directory import Layout
+
+LIVE = "live"
+# A real-time signal no Gunicorn worker class, uvicorn or faulthandler's defaults touch:
+# Gunicorn's Worker.init_signals resets only its own list, so the handler survives it.
+CAPTURE_SIGNAL = signal.SIGRTMIN + 7
+MAX_CAPACITY = 1024
+
+_MAGIC = b"gmflight"
+# magic pid capacity phase armed tracks forked ready overflow served
+_HEADER = struct.Struct("<8sIIBBBxddQQ")
+_SERVED = struct.Struct("<Q")
+_SERVED_AT = _HEADER.size - _SERVED.size
+_HEADER_SIZE = 64
+_SEQ = struct.Struct("<Q")
+_BODY = struct.Struct("<d16sH222s")  # started (monotonic), method, path length, path
+_SLOT_SIZE = _SEQ.size + _BODY.size
+assert _SLOT_SIZE == 256
+
+BOOTING, READY = 0, 1
+_IDLE_BODY = _BODY.pack(0.0, b"", 0, b"")
+
+
+def live_dir(layout: Layout) -> str:
+    return os.path.join(layout.own, LIVE)
+
+
+def table_path(layout: Layout, pid: int) -> str:
+    return os.path.join(live_dir(layout), f"{pid}.inflight")
+
+
+def stacks_path(layout: Layout, pid: int) -> str:
+    return os.path.join(live_dir(layout), f"{pid}.stacks")
+
+
+def _size(capacity: int) -> int:
+    return _HEADER_SIZE + capacity * _SLOT_SIZE
+
+
+class Table:
+    """The worker's side. Slots are handed out from a free list: one per request in flight.
+
+    pop() and append() on a list are atomic under the GIL, so gthread's pool threads share it
+    without a lock, and a slot belongs to one request at a time.
+    """
+
+    def __init__(self, mm: mmap.mmap, pid: int, capacity: int, tracks: bool) -> None:
+        self._mm = mm
+        self._pid = pid
+        self._capacity = capacity
+        self._tracks = tracks
+        self._armed = False
+        self._ready = 0.0
+        self._forked = time.monotonic()
+        self._overflow = 0
+        self._served = 0
+        self._free = list(range(capacity - 1, -1, -1))
+        self._seq = [0] * capacity
+        self._header(BOOTING)
+
+    @classmethod
+    def create(cls, layout: Layout, pid: int, capacity: int, tracks: bool) -> Table:
+        capacity = max(0, min(capacity, MAX_CAPACITY))
+        size = _size(capacity)
+        fd = os.open(table_path(layout, pid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)  # ENOSPC here, never SIGBUS later
+            mm = mmap.mmap(fd, size)  # the mapping keeps its own reference to the file
+        finally:
+            os.close(fd)
+        return cls(mm, pid, capacity, tracks)
+
+    def _header(self, phase: int) -> None:
+        _HEADER.pack_into(
+            self._mm,
+            0,
+            _MAGIC,
+            self._pid,
+            self._capacity,
+            phase,
+            self._armed,
+            self._tracks,
+            self._forked,
+            self._ready,
+            self._overflow,
+            self._served,
+        )
+
+    def armed(self) -> None:
+        """faulthandler is registered for CAPTURE_SIGNAL: the master may send it."""
+        self._armed = True
+        self._header(READY if self._ready else BOOTING)
+
+    def ready(self) -> None:
+        self._ready = time.monotonic()
+        self._header(READY)
+
+    def acquire(self, method: str, path: str) -> int:
+        try:
+            i = self._free.pop()
+        except IndexError:
+            self._overflow += 1  # more requests than slots: counted, said in the capture
+            self._header(READY)
+            return -1
+        raw = path.encode("utf-8", "replace")[:222]
+        off = _HEADER_SIZE + i * _SLOT_SIZE
+        seq = self._seq[i] + 1
+        _SEQ.pack_into(self._mm, off, seq)
+        _BODY.pack_into(
+            self._mm, off + 8, time.monotonic(), method.encode("ascii", "replace"), len(raw), raw
+        )
+        self._seq[i] = seq + 1
+        _SEQ.pack_into(self._mm, off, seq + 1)
+        return i
+
+    def release(self, i: int) -> None:
+        self._served += 1  # gthread's threads may race here: a count off by one, never a hang
+        _SERVED.pack_into(self._mm, _SERVED_AT, self._served)
+        if i < 0:
+            return
+        off = _HEADER_SIZE + i * _SLOT_SIZE
+        seq = self._seq[i] + 1
+        _SEQ.pack_into(self._mm, off, seq)
+        self._mm[off + 8 : off + _SLOT_SIZE] = _IDLE_BODY
+        self._seq[i] = seq + 1
+        _SEQ.pack_into(self._mm, off, seq + 1)
+        self._free.append(i)
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    started: float  # time.monotonic() of the worker: the same clock as the master's on Linux
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pid: int
+    ready: bool
+    armed: bool
+    tracks: bool  # this worker class reports its requests (sync, gthread)
+    forked: float  # monotonic
+    ready_at: float  # monotonic, 0.0 while booting
+    requests: tuple[Request, ...]
+    unreadable: int  # slots that changed under every read
+    overflow: int  # requests that found no free slot
+    served: int  # requests finished (sync, gthread)
+
+
+def read(layout: Layout, pid: int) -> Snapshot | None:
+    """The worker's table, or None when it has none (creation failed, or another pid's)."""
+    try:
+        fd = os.open(table_path(layout, pid), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size:
+            return None
+        magic, fpid, cap, phase, armed, tracks, forked, ready_at, overflow, served = _HEADER.unpack(
+            head
+        )
+        if magic != _MAGIC or fpid != pid or cap > MAX_CAPACITY:
+            return None
+        requests, unreadable = [], 0
+        for i in range(cap):
+            slot = _read_slot(fd, _HEADER_SIZE + i * _SLOT_SIZE)
+            if slot is None:
+                unreadable += 1
+            elif slot.started:
+                requests.append(slot)
+    finally:
+        os.close(fd)
+    return Snapshot(
+        pid,
+        phase == READY,
+        bool(armed),
+        bool(tracks),
+        forked,
+        ready_at,
+        tuple(requests),
+        unreadable,
+        overflow,
+        served,
+    )
+
+
+def _read_slot(fd: int, off: int) -> Request | None:
+    for _ in range(3):
+        first = os.pread(fd, _SLOT_SIZE, off)
+        second = os.pread(fd, _SLOT_SIZE, off)
+        if len(first) < _SLOT_SIZE or first != second or _SEQ.unpack_from(first)[0] % 2:
+            continue
+        started, method, n, path = _BODY.unpack_from(first, 8)
+        return Request(
+            method.rstrip(b"\0").decode("ascii", "replace"),
+            path[: min(n, 222)].decode("utf-8", "replace"),
+            started,
+        )
+    return None
+
+
+def discard(layout: Layout, pid: int) -> None:
+    for path in (table_path(layout, pid), stacks_path(layout, pid)):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def discard_stale(layout: Layout) -> None:
+    """Files of pids that no longer run are from workers of an earlier master."""
+    try:
+        names = os.listdir(live_dir(layout))
+    except FileNotFoundError:
+        return
+    for name in names:
+        pid = name.split(".", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            try:
+                os.unlink(os.path.join(live_dir(layout), name))
+            except OSError:
+                pass
+        except PermissionError:
+            pass

@@ -1,0 +1,214 @@
+"""`gunicorn-monitor status [--watch SECONDS] [--json]`: the live picture, in a terminal.
+
+Reads the same directory the exporter reads, and works without the exporter running: each
+master (pid, uptime, version, worker class, last deploy), each worker slot (pid, age, phase,
+rss, pss, cpu %, requests served where the worker class reports them), and the exits of the
+last hour by cause. What cannot be read is shown as `?` (null in JSON), never as a zero.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from monitor.contract import captures, inflight, journal, state
+from monitor.contract.directory import Layout
+
+_DEPLOYS = ("master_start", "reload", "upgrade", "mark_deploy")
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+class _Cpu:
+    """cpu % of each worker between two looks (the first look of a pid has no answer yet)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, float]] = {}
+
+    def percent(self, proc: psutil.Process) -> float | None:
+        times = proc.cpu_times()
+        now = time.monotonic()
+        used = times.user + times.system
+        before = self._last.get(proc.pid)
+        self._last[proc.pid] = (now, used)
+        if before is None or now <= before[0]:
+            return None
+        return round(100.0 * (used - before[1]) / (now - before[0]), 1)
+
+
+def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
+    """Everything shown, as plain data (the --json output)."""
+    now_wall, now_mono = time.time(), time.monotonic()
+    masters, bad = state.read(layout)
+    records, _ = journal.read(layout)
+    last_deploy = max(
+        (r["time"] for r in records if r.get("event") in _DEPLOYS and _is_time(r.get("time"))),
+        default=None,
+    )
+    hour = collections.Counter(
+        str(r.get("cause"))
+        for r in records
+        if r.get("event") == "exit" and _is_time(r.get("time")) and r["time"] > now_wall - 3600
+    )
+    out = []
+    for m in sorted(masters, key=lambda m: m.pid):
+        if not m.alive:
+            continue
+        workers = []
+        for w in sorted(m.workers, key=lambda w: w.slot):
+            if not state.pid_exists(w.pid):
+                continue  # exited; its replacement is listed once recorded
+            workers.append(_worker(layout, w, now_wall, now_mono, cpu))
+        out.append(
+            {
+                "pid": m.pid,
+                "uptime_seconds": round(now_wall - m.start_time, 1),
+                "version": m.version,
+                "worker_class": m.worker_class,
+                "workers_desired": m.workers_desired,
+                "workers_stuck_booting": m.stuck_booting,
+                "workers": workers,
+            }
+        )
+    return {
+        "time": now_wall,
+        "directory": layout.root,
+        "masters": out,
+        "state_files_unreadable": bad,
+        "last_deploy": last_deploy,
+        "exits_last_hour": dict(sorted(hour.items())),
+        "captures": len(captures.load(layout)[0]),
+    }
+
+
+def _is_time(t: object) -> bool:
+    return isinstance(t, int | float) and not isinstance(t, bool)
+
+
+def _worker(layout: Layout, w: state.Worker, now: float, mono: float, cpu: _Cpu) -> dict:
+    row: dict[str, Any] = {
+        "slot": w.slot,
+        "pid": w.pid,
+        "age_seconds": round(now - w.spawned, 1) if w.spawned else None,
+        "phase": None,
+        "in_flight": None,
+        "requests_served": None,
+        "rss_bytes": None,
+        "pss_bytes": None,
+        "cpu_percent": None,
+    }
+    snap = inflight.read(layout, w.pid)
+    if snap is not None:
+        if not snap.ready:
+            row["phase"] = captures.BOOT
+        elif not snap.tracks:
+            row["phase"] = captures.UNKNOWN
+        else:
+            row["phase"] = captures.REQUEST if snap.requests else captures.IDLE
+            row["requests_served"] = snap.served
+            row["in_flight"] = [
+                {"method": r.method, "path": r.path, "seconds": round(mono - r.started, 1)}
+                for r in snap.requests
+            ]
+    try:
+        proc = psutil.Process(w.pid)
+        with proc.oneshot():
+            row["rss_bytes"] = proc.memory_info().rss
+            row["cpu_percent"] = cpu.percent(proc)
+        row["pss_bytes"] = proc.memory_full_info().pss
+    except (psutil.Error, OSError, AttributeError):
+        pass  # gone, or not ours to read: shown as unknown
+    return row
+
+
+def render(snap: dict[str, Any]) -> str:
+    lines = [f"gunicorn-monitor status  {snap['directory']}  {_clock(snap['time'])}"]
+    if not snap["masters"]:
+        lines.append("no live Gunicorn master recorded here")
+    for m in snap["masters"]:
+        lines.append(
+            f"master {m['pid']}  up {_span(m['uptime_seconds'])}  gunicorn {m['version']}  "
+            f"{m['worker_class']}  workers {len(m['workers'])}/{m['workers_desired']}"
+            + (
+                f"  STUCK BOOTING {m['workers_stuck_booting']}"
+                if m["workers_stuck_booting"]
+                else ""
+            )
+        )
+        lines.append(
+            f"  {'slot':>4} {'pid':>8} {'age':>8} {'phase':>8} {'rss':>9} {'pss':>9} "
+            f"{'cpu%':>6} {'served':>7}  in flight"
+        )
+        for w in m["workers"]:
+            flight = w["in_flight"]
+            flight_text = (
+                "?"
+                if flight is None
+                else ", ".join(f"{r['method']} {r['path']} {r['seconds']}s" for r in flight)
+            )
+            lines.append(
+                f"  {w['slot']:>4} {w['pid']:>8} {_span(w['age_seconds']):>8} "
+                f"{w['phase'] or '?':>8} {_mib(w['rss_bytes']):>9} {_mib(w['pss_bytes']):>9} "
+                f"{_opt(w['cpu_percent']):>6} {_opt(w['requests_served']):>7}  {flight_text}"
+            )
+    deploy = snap["last_deploy"]
+    lines.append(f"last deploy: {_clock(deploy) if deploy else '?'}")
+    exits = snap["exits_last_hour"]
+    text = ", ".join(f"{cause} {n}" for cause, n in exits.items()) if exits else "none"
+    lines.append(f"exits in the last hour: {text}")
+    if snap["captures"]:
+        lines.append(f"captures: {snap['captures']} (gunicorn-monitor events --stacks)")
+    if snap["state_files_unreadable"]:
+        lines.append(f"unreadable state files: {snap['state_files_unreadable']}")
+    return "\n".join(lines) + "\n"
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d"
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f}M"
+
+
+def _opt(v: object) -> str:
+    return "?" if v is None else str(v)
+
+
+def run(layout: Layout, watch: float = 0.0, as_json: bool = False) -> int:
+    cpu = _Cpu()
+    if not watch:
+        # cpu % needs two looks: a short first interval, so one call answers.
+        snapshot(layout, cpu)
+        time.sleep(0.2)
+        snap = snapshot(layout, cpu)
+        sys.stdout.write(json.dumps(snap, sort_keys=True) + "\n" if as_json else render(snap))
+        return 0
+    try:
+        while True:
+            snap = snapshot(layout, cpu)
+            if as_json:
+                sys.stdout.write(json.dumps(snap, sort_keys=True) + "\n")
+            else:
+                sys.stdout.write(_CLEAR + render(snap))
+            sys.stdout.flush()
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return 0
