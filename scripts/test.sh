@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
-# Runs the whole test suite from a fresh machine: virtualenv, packages, promtool, lint, pytest.
+# Runs the whole test suite from a fresh machine: virtualenvs, packages, promtool, lint, pytest.
+#
+# First everything on the default python3 with the newest declared versions (arguments go to
+# this pytest run). Then the cause table, on the two ends of the declared dependency ranges
+# (pyproject.toml's `oldest` and `newest` extras): Python 3.10 with the oldest releases and
+# Python 3.13 with the newest. GUNICORN_MONITOR_MATRIX=0 skips those two for a quick local run;
+# CI always runs them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/bootstrap.sh test
+source scripts/bootstrap.sh test,tools,newest
 source scripts/prometheus.sh
 ruff check .
 ruff format --check .
-exec pytest "$@"
+pytest "$@"
+
+# The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill) and the
+# pure cause decision they rest on.
+CAUSE_TABLE=(tests/test_lifecycle.py tests/test_oom.py tests/test_causes.py)
+if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then
+    for end in oldest:3.10 newest:3.13; do
+        name=${end%:*} version=${end#*:}
+        python=$(find_python "$version")
+        venv "$ROOT/.venv-$name" "$python" "test,$name"
+        echo "== the cause table on Python $version with the $name declared versions"
+        "$ROOT/.venv-$name/bin/python" -m pytest -p no:cacheprovider "${CAUSE_TABLE[@]}"
+    done
+fi

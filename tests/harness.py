@@ -19,11 +19,16 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import gunicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "gunicorn.conf.py"
 BIN = Path(sys.executable).parent
+
+# gunicorn 25.1+ opens a control socket by default, at one per-user path that concurrent masters
+# would fight over; older releases have neither the socket nor the flag (and reject the flag).
+NO_CONTROL_SOCKET = ("--no-control-socket",) if gunicorn.version_info >= (25, 1) else ()
 
 CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers"]
 WORKER_CLASSES = {
@@ -123,7 +128,7 @@ class Master:
             str(BIN / "gunicorn"),
             "-c",
             str(CONFIG),
-            "--no-control-socket",
+            *NO_CONTROL_SOCKET,
             *args,
             app or default_app,
         ]
