@@ -1,11 +1,19 @@
 """The application's prometheus_client multiprocess files, as both sides name and move them.
 
 The app's processes write `<type>_<pid>.db` at the top of the shared directory
-(prometheus_client's own format and naming). When a worker dies, its files are moved out of the
-`*.db` glob into `.compacting/staged/` (a rename, atomic and O(1)); the sidecar's compaction
-(monitor/sidecar/compaction.py) folds staged files into `<type>_aggregate.db`. The master may
-stage a dead worker's files itself, before it forks a replacement that could reuse the pid: that
-move is all the in-Gunicorn side ever does to these files, so it lives here, in the contract.
+(prometheus_client's own format and naming). An app may serve them itself too, with a stock
+`MultiProcessCollector` on the same directory (prometheus_client's recipe for Gunicorn), and
+that collector sums whatever the `*.db` glob holds at the moment it reads.
+
+Folding (FOLD_ENV, off by default, read by both processes): when a worker dies, its files are
+moved out of the glob into `.compacting/staged/` (a rename, atomic and O(1)), and the sidecar's
+compaction (monitor/sidecar/compaction.py) folds staged files into `<type>_aggregate.db`. Until
+it does, a stock collector misses the dead worker's counts (a dip), and one that globbed the
+file before the move fails its scrape. That is why it is opt-in. The master stages a dead
+worker's files itself, before it forks a replacement that could reuse the pid: that move is all
+the in-Gunicorn side ever does to these files, so it lives here, in the contract. Off, nothing
+ever leaves the glob (the hooks only call prometheus_client's `mark_process_dead`), and the
+sidecar only finishes folding files an earlier fold-on run left staged.
 """
 
 from __future__ import annotations
@@ -18,6 +26,22 @@ from typing import NamedTuple
 
 AGGREGATE_ID = "aggregate"
 STATE_DIR = ".compacting"
+
+# One switch for both processes: the master stages dead workers' files, the sidecar folds (and
+# stages any the master missed). Both read it with parse_switch, so they accept the same words.
+FOLD_ENV = "GUNICORN_MONITOR_FOLD_APP_METRICS"
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def parse_switch(text: str) -> bool:
+    """FOLD_ENV's value; ValueError for anything but 1/0, true/false, yes/no, on/off (or empty)."""
+    lowered = text.strip().lower()
+    if lowered in _ON:
+        return True
+    if lowered in _OFF:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
 
 PLAIN_TYPES = ("counter", "histogram", "summary")
 # How each file prefix folds. Modes not listed (a future prometheus_client) are read, never folded.

@@ -32,7 +32,7 @@ from prometheus_client import multiprocess
 
 from monitor.contract import appfiles, causes, directory, journal, metrics, state
 from monitor.contract.store import Store
-from monitor.hooks import classify, notes, oom
+from monitor.hooks import classify, notes, oom, settings
 from monitor.hooks.contain import contain, guard
 
 log = logging.getLogger("gunicorn.error")
@@ -328,15 +328,24 @@ class Monitor:
             )
 
 
+@functools.cache
+def _folding() -> bool:
+    """appfiles.FOLD_ENV, read once per master process (a bad value is logged once, as off)."""
+    return bool(settings.monitor_setting(settings.FOLD_APP_METRICS))
+
+
 def _retire_app_files(pid: int, root: str) -> None:
     """The app's own prometheus_client files of a dead worker.
 
-    Its live-mode gauges go, as prometheus_client documents (mark_process_dead); the rest is
-    moved out of the way for the exporter to compact, here in the master before it forks a
-    replacement that could reuse the pid and append to the dead worker's files.
+    Its live-mode gauges go, as prometheus_client documents (mark_process_dead), and that is
+    all by default: the app may serve the same directory with a stock MultiProcessCollector,
+    which must keep seeing the dead worker's counts. With folding on (appfiles.FOLD_ENV) the
+    rest is moved out of the glob for the exporter to compact, here in the master before it
+    forks a replacement that could reuse the pid and append to the dead worker's files.
     """
     try:
         multiprocess.mark_process_dead(pid, root)
-        appfiles.stage_process_files(root, pid)
+        if _folding():
+            appfiles.stage_process_files(root, pid)
     except Exception as e:
         contain("retire_app_files", e)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.contract import appfiles
+
 log = logging.getLogger("gunicorn.error")
 
 
@@ -86,14 +88,47 @@ SETTINGS = (
 )
 
 
+# The monitor's own settings: not Gunicorn's, so the hooks read them from the environment at run
+# time (monitor_setting), under any config that calls wire(); gunicorn.conf.py checks them here
+# with the rest, so a typo stops the master before it starts instead of silently meaning "off".
+FOLD_APP_METRICS = Setting(
+    "fold_app_metrics", appfiles.FOLD_ENV, False, appfiles.parse_switch, "true or false"
+)
+MONITOR_SETTINGS = (FOLD_APP_METRICS,)
+
+
 class SettingsError(ValueError):
     pass
 
 
+def monitor_setting(setting: Setting, environ: Mapping[str, str] = os.environ) -> Any:
+    """One of MONITOR_SETTINGS for the hooks: never raises (they run inside Gunicorn).
+
+    A bad value is the default, with one line; gunicorn.conf.py already refused it before the
+    master started, so this only happens under a config of the user's own.
+    """
+    raw = environ.get(setting.env)
+    if raw is None:
+        return setting.default
+    try:
+        return setting.parse(raw)
+    except ValueError:
+        log.error(
+            "gunicorn-monitor event=invalid_setting variable=%s value=%r expected=%r using=%r",
+            setting.env,
+            raw,
+            setting.expect,
+            setting.default,
+        )
+        return setting.default
+
+
 def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The settings as Gunicorn config names, or SettingsError naming every bad variable."""
+    """The settings as Gunicorn config names, or SettingsError naming every bad variable
+    (the monitor's own settings are checked too, but not returned: Gunicorn has no use for
+    them)."""
     values, errors = {}, []
-    for s in SETTINGS:
+    for s in SETTINGS + MONITOR_SETTINGS:
         raw = environ.get(s.env)
         if raw is None:
             values[s.name] = s.default
@@ -104,7 +139,7 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
             errors.append(f"{s.env}={raw!r} is not valid: expected {s.expect}")
     if errors:
         raise SettingsError("; ".join(errors))
-    return values
+    return {s.name: values[s.name] for s in SETTINGS}
 
 
 def load_or_exit(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:

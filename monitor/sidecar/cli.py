@@ -7,8 +7,8 @@
     gunicorn-monitor doctor [--config gunicorn.conf.py] [--dir DIR] [--json]
 
 Every flag has an environment twin (PROMETHEUS_MULTIPROC_DIR, GUNICORN_MONITOR_LISTEN,
-GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL). A bad flag, config file or directory
-is one line on stderr and exit status 2.
+GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL, GUNICORN_MONITOR_FOLD_APP_METRICS). A bad
+flag, config file or directory is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from monitor.contract import directory, journal, metrics, state
+from monitor.contract import appfiles, directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
 from monitor.sidecar import doctor, stacks, status, webconfig
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
@@ -40,6 +40,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+
+def _fold_switch(text: str) -> bool:
+    try:
+        return appfiles.parse_switch(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not true or false (the flag, or env {appfiles.FOLD_ENV})"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GUNICORN_MONITOR_WEB_CONFIG") or None,
         metavar="FILE",
         help="exporter-toolkit web config: TLS and basic auth (env GUNICORN_MONITOR_WEB_CONFIG)",
+    )
+    serve.add_argument(
+        "--app-metrics.fold",
+        dest="app_metrics_fold",
+        nargs="?",
+        const="true",
+        default=os.environ.get(appfiles.FOLD_ENV, "false"),
+        type=_fold_switch,
+        metavar="BOOL",
+        help="fold dead workers' app metric files into aggregates: fast scrapes with 10k+ dead "
+        "workers, but a stock collector in the app then sees dips; set the same in Gunicorn's "
+        f"environment (env {appfiles.FOLD_ENV}; default false)",
     )
 
     deploy = sub.add_parser("mark-deploy", help="record a deploy now (for CI/CD pipelines)")
@@ -119,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def build_registry(layout: directory.Layout) -> tuple[CollectorRegistry, WorkerSampler]:
+def build_registry(
+    layout: directory.Layout, fold: bool = False
+) -> tuple[CollectorRegistry, WorkerSampler]:
     """flags -> collectors -> registry: every source of facts, behind one single-flight scrape."""
     sampler = WorkerSampler(layout)
     sampler.start()
     sources = {
         "lifecycle": LifecycleCollector(layout),
         "workers": WorkersCollector(sampler),
-        "app": AppMetricsCollector(layout.root),
+        "app": AppMetricsCollector(layout.root, compact=fold),
     }
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, sampler))
@@ -145,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
     layout = directory.open_for_reading(args.dir)
-    registry, _ = build_registry(layout)
+    registry, _ = build_registry(layout, args.app_metrics_fold)
 
     def ready() -> tuple[bool, str]:
         if not os.access(layout.root, os.R_OK | os.X_OK):

@@ -49,6 +49,15 @@ mark_process_dead):
 Under pid reuse the new process counts as a fresh worker (a fresh file), whereas stock would let
 it continue the old file: sums agree, `set()` gauges of the reused pid may differ.
 
+Folding off (the default; appfiles.FOLD_ENV). An app may serve the same directory with a stock
+MultiProcessCollector, which sums whatever the glob holds when it reads: a dead worker's file
+moved out of the glob is a dip in its counters until the fold lands, and a failed scrape if it
+had already globbed the name. So with folding off, compact(stage_dead=False) never moves a file
+of the glob: it only finishes what an earlier fold-on run left under .compacting/ (recovery,
+putting back reused pids' files, folding the staged ones), every step of which only ever adds to
+what the stock collector sees. The glob's dead workers' files are then read on every scrape, as
+the stock collector reads them.
+
 Liveness is judged with kill(pid, 0), so the exporter must share the app's pid namespace.
 """
 
@@ -446,12 +455,31 @@ def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> _Acc:
     return acc
 
 
-def compact(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
-    """Recover, stage every dead pid's files, fold all pending files. Hold directory_lock."""
+def has_pending(path: str) -> bool:
+    """True if a fold has work left (staged files, or a COMMIT to finish): the one question a
+    folding-off scrape asks before it takes the lock. Cheap: one listdir, usually empty."""
+    state, staged, _ = dirs(path)
+    if os.path.lexists(os.path.join(state, "COMMIT")):
+        return True
+    try:
+        with os.scandir(staged) as it:
+            return any(True for _ in it)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # can't tell: let the locked path try, and count what fails there
+
+
+def compact(
+    path: str, is_alive: AliveCheck = pid_alive, *, stage_dead: bool = True
+) -> CompactionReport:
+    """Recover, stage every dead pid's files (unless `stage_dead` is False: folding off, see
+    above), fold all pending files. Hold directory_lock."""
     report = CompactionReport()
     started = time.perf_counter()
     recover(path)
-    _stage_dead(path, is_alive, report)
+    if stage_dead:
+        _stage_dead(path, is_alive, report)
     _, staged, _ = dirs(path)
     pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
     if pending:
@@ -460,7 +488,9 @@ def compact(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
     return report
 
 
-def run_compaction(path: str, is_alive: AliveCheck = pid_alive) -> CompactionReport:
+def run_compaction(
+    path: str, is_alive: AliveCheck = pid_alive, *, stage_dead: bool = True
+) -> CompactionReport:
     """compact() under the directory lock, for callers outside the collector (CLI, tests)."""
     with directory_lock(path):
-        return compact(path, is_alive)
+        return compact(path, is_alive, stage_dead=stage_dead)

@@ -1,10 +1,14 @@
 """The app's own prometheus_client multiprocess metrics, read from the shared directory.
 
-Why not the stock MultiProcessCollector: it re-reads every dead worker's file on every scrape and
-fails the whole scrape on one bad file. This collector compacts dead workers' files first
-(monitor/sidecar/compaction.py), so a scrape reads only the live workers' files plus one
-aggregate per file type, and it reads each file in isolation: an unreadable file is skipped and
-counted, and moved to DIR/quarantine/ once no process can still be creating it.
+Why not the stock MultiProcessCollector: it fails the whole scrape on one bad file, and it re-reads
+every dead worker's file on every scrape. This collector reads each file in isolation: an
+unreadable file is skipped and counted. With folding on (`compact=True`, the sidecar's
+`--app-metrics.fold`) it also compacts dead workers' files first (monitor/sidecar/compaction.py),
+so a scrape reads only the live workers' files plus one aggregate per file type, and moves an
+unreadable file to DIR/quarantine/ once no process can still be creating it. Folding moves files
+out of the glob that a stock collector in the app may be reading (see monitor/contract/appfiles.py),
+so the sidecar's default is off: then this collector never moves a file of the glob, and only
+finishes folding what an earlier fold-on run left staged.
 
 The output is the stock collector's, sample for sample: the files are turned into Metric objects
 exactly as MultiProcessCollector._read_metrics does and then handed to the library's own
@@ -54,10 +58,14 @@ class AppMetricsCollector:
     against other exporters), and a scrape that had to wait reuses the result of a scrape that
     started after it arrived, so a pile-up of scrapes costs one read, not one each.
 
+    `compact` is folding: True folds dead workers' files (staging them itself); False never
+    moves a file of the glob, nor quarantines one, but still folds files already staged.
+
     `quarantine_after` is how old (mtime, seconds) an unreadable file of a live or unknown
-    process must be before it is moved aside: a zero-byte file may be one a worker is creating
-    right now (client_python#1199), and a foreign `.db` may be another program's open database.
-    Unreadable files of dead workers are quarantined at once by the compaction.
+    process must be before it is moved aside, folding on only: a zero-byte file may be one a
+    worker is creating right now (client_python#1199), and a foreign `.db` may be another
+    program's open database. Unreadable files of dead workers are quarantined at once by the
+    compaction.
     """
 
     def __init__(
@@ -108,15 +116,15 @@ class AppMetricsCollector:
         self._error(kind)
 
     def _collect_locked(self) -> list[Metric]:
-        if not self._compact:
-            return self._read()
+        if not self._compact and not compaction.has_pending(self._path):
+            return self._read_unlocked()  # nothing to fold: read as the stock collector does
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(compaction.directory_lock(self._path))
             except OSError as e:
                 # e.g. a read-only mount: still serve, just without compaction.
                 self._failed("lock", f"event=compaction_unavailable dir={self._path} error={e!r}")
-                return self._read()
+                return self._read_unlocked()
             pending_unfolded = not self._run_compaction()
             families = self._read(include_staged=pending_unfolded)
             if families is None:  # a file moved away under us (e.g. staged by a hook): again
@@ -124,10 +132,14 @@ class AppMetricsCollector:
                 families = self._read(include_staged=pending_unfolded, retry=False)
             return families
 
+    def _read_unlocked(self) -> list[Metric]:
+        families = self._read()
+        return families if families is not None else self._read(retry=False)
+
     def _run_compaction(self) -> bool:
         """Compact; False if it failed and staged files may be waiting outside the aggregates."""
         try:
-            report = compaction.compact(self._path, self._is_alive)
+            report = compaction.compact(self._path, self._is_alive, stage_dead=self._compact)
         except Exception as e:  # never fail the scrape; the files stay where the protocol left them
             self._failed("compaction", f"event=compaction_failed dir={self._path} error={e!r}")
             return False
@@ -169,7 +181,7 @@ class AppMetricsCollector:
             except BadFile as e:
                 skipped += 1
                 self._error(e.kind)
-                if top_level:
+                if top_level and self._compact:
                     self._maybe_quarantine(path, e)
                 continue
             read += 1
