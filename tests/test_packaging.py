@@ -244,3 +244,61 @@ def test_pod_monitor_scrapes_the_sidecar_port(k8s, pod, containers):
     (sidecar_port,) = containers["sidecar"]["ports"]
     assert endpoint["port"] == sidecar_port["name"]
     assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+# -- app metrics folding; scripts/container-smoke.sh --------------------------------------------
+
+FOLD_ENV = "GUNICORN_MONITOR_FOLD_APP_METRICS"
+SMOKE = ROOT / "scripts" / "container-smoke.sh"
+
+
+def test_app_and_sidecar_agree_on_app_metrics_folding(compose, containers):
+    # The master stages dead workers' files and the sidecar folds them: one switch, both sides.
+    assert compose["app"]["environment"][FOLD_ENV] == compose["sidecar"]["environment"][FOLD_ENV]
+    envs = [{e["name"]: e.get("value") for e in c["env"]} for c in containers.values()]
+    assert envs[0][FOLD_ENV] == envs[1][FOLD_ENV]
+
+
+def test_container_smoke_sets_its_own_podman_options():
+    subprocess.run(["bash", "-n", str(SMOKE)], check=True)
+    text = SMOKE.read_text()
+    # Without these, a fresh podman fails where the process lacks CAP_SYS_RESOURCE
+    # ("error setting rlimit type 7") or on hybrid cgroups (crun).
+    assert "PODMAN=(podman --runtime runc " in text
+    assert 'ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")' in text
+    lines = [line.strip() for line in text.splitlines()]
+    for line in lines:  # every container it creates goes through those options
+        assert not line.startswith(("podman run", "podman build", "podman exec")), line
+        if line.startswith(('"${PODMAN[@]}" build', "run --name")):
+            assert "${ULIMITS[@]}" in line or "${POD[@]}" in line, line
+    assert any(line.startswith("POD=(") and "${ULIMITS[@]}" in line for line in lines)
+    assert "deb.debian.org" not in text  # the mirror comes from the machine's apt sources
+    assert '"promtool", "check", "metrics"' in text
+    assert "for order in sidecar-first app-first" in text
+
+
+def test_container_smoke_takes_the_debian_mirror_from_apt_sources(tmp_path):
+    def mirror(sources: dict[str, str]) -> str:
+        apt = tmp_path / str(len(list(tmp_path.iterdir())))
+        (apt / "sources.list.d").mkdir(parents=True)
+        for name, body in sources.items():
+            (apt / name).write_text(body)
+        script = 'source <(sed -n "/^debian_mirror()/,/^}/p" "$0"); debian_mirror "$1"'
+        done = subprocess.run(
+            ["bash", "-c", script, str(SMOKE), str(apt)], capture_output=True, text=True
+        )
+        return done.stdout.strip()
+
+    deb822 = (
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: bookworm\n\n"
+        "Types: deb-src deb\nURIs: http://mirror.example/debian\n"
+        "Suites: bookworm-updates bookworm\n"
+    )
+    assert mirror({"sources.list.d/debian.sources": deb822}) == "http://mirror.example/debian"
+    one_line = (
+        "deb http://security.example/debian-security bookworm-security main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] https://mirror.example/debian/ bookworm main\n"
+    )
+    assert mirror({"sources.list": one_line}) == "https://mirror.example/debian/"
+    assert mirror({"sources.list": "deb cdrom:[Debian]/ bookworm main\n"}) == ""
