@@ -60,23 +60,24 @@ class Journal:
 
 
 def read(layout: Layout) -> tuple[list[dict], int]:
-    """All records still on disk, oldest first, and the number of lines that were not JSON."""
+    """All records still on disk, oldest first, and the number of lines that were not records.
+
+    A writer that died mid-record (a short write on a full disk, a kill between two writes of
+    a future writer) leaves a line without its newline; the next record is then appended to
+    it. That merged line still ends in a whole record, which `_records` recovers: a torn line
+    costs itself, never the record after it.
+    """
     records, bad = [], 0
     for path in (layout.journal + ".1", layout.journal):
         for line in _lines(path):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad += 1
+            found, torn = _records(line)
+            records.extend(found)
+            bad += torn
     return records, bad
 
 
 def _lines(path: str) -> Iterator[bytes]:
+    """Whole lines of one journal file; a missing file has none, an unreadable one raises."""
     try:
         with open(path, "rb") as f:
             for line in f:
@@ -87,19 +88,55 @@ def _lines(path: str) -> Iterator[bytes]:
         return
 
 
+def _records(line: bytes) -> tuple[list[dict], int]:
+    """The record in one line, and 1 if (part of) the line was not one.
+
+    Records are JSON objects of scalars written with sort_keys, so a record starts with `{"`.
+    When the line does not parse, the longest suffix starting at a `{"` that parses as an
+    object is the whole record a torn line was merged with (json has no resynchronising
+    reader, hence by hand). Only damaged lines pay for the search; journal lines are short.
+    """
+    line = line.strip()
+    if not line:
+        return [], 0
+    try:
+        rec = json.loads(line)
+        if isinstance(rec, dict):
+            return [rec], 0
+    except ValueError:
+        pass
+    start = line.find(b'{"', 1)
+    while start > 0:
+        try:
+            rec = json.loads(line[start:])
+            if isinstance(rec, dict):
+                return [rec], 1
+        except ValueError:
+            pass
+        start = line.find(b'{"', start + 1)
+    return [], 1
+
+
 class Tail:
     """Reads the records appended since the last call, across rotations.
 
-    Starts at the end: a reader that starts later has no business with older events.
+    Starts at the end: a reader that starts later has no business with older events. `bad`
+    counts lines that were not whole records (see `read`), for the reader's error counter.
     """
 
     def __init__(self, layout: Layout) -> None:
         self.path = layout.journal
+        self.bad = 0
         self._file = None
         self._partial = b""
+        self._mid_line = False
         try:
             self._file = open(self.path, "rb")
-            self._file.seek(0, os.SEEK_END)
+            end = self._file.seek(0, os.SEEK_END)
+            if end > 0:
+                # Started inside a line: its rest is not a record to count as damaged.
+                self._file.seek(end - 1)
+                self._mid_line = self._file.read(1) != b"\n"
         except OSError:  # not there yet, or not ours to read: nothing to follow
             pass
 
@@ -113,10 +150,13 @@ class Tail:
                         return records
                 except FileNotFoundError:
                     return records
-                # Rotated: what we had open is now events.jsonl.1 and fully read. Go on with
-                # the new file from its start.
+                # Rotated: what we had open is now events.jsonl.1. A writer may have appended
+                # to it between our read and the rotation: read it to its end, then go on with
+                # the new file from its start. A torn line left at its end never completes.
+                records.extend(self._parse(self._file.read()))
                 self._file.close()
                 self._partial = b""
+                self._mid_line = False
             try:
                 self._file = open(self.path, "rb")
             except OSError:
@@ -129,10 +169,12 @@ class Tail:
         self._partial = lines.pop()
         out = []
         for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
+            found, torn = _records(line)
+            out.extend(found)
+            if self._mid_line:
+                # The rest of the line we started inside: not damage (and if the writer of
+                # that line died, a whole record appended after it is still recovered).
+                self._mid_line = False
+            else:
+                self.bad += torn
         return out

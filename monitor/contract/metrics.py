@@ -1,12 +1,18 @@
 """Names, help texts and labels of every lifecycle metric: the contract with dashboards and alerts.
 
 The hooks write these into the shared directory and the exporter serves them; both read the
-definitions from here, so a name or a help text can only ever be spelled once.
+definitions from here, so a name or a help text can only ever be spelled once. So are the
+values each label may take (LABEL_VALUES): the exporter serves no other, whatever a file says.
+
+Buckets are few on purpose: each histogram costs its buckets + 2 series per cause that has
+happened, in every pod. Each bucket answers one question, written beside it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from monitor.contract import captures, causes
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,23 @@ WORKER_LIFETIME = Spec(
     "histogram",
     "Age of workers when they exited, by cause.",
     ("cause",),
-    # From a crash loop (sub-second) to a worker that lives for a week.
-    (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0),
+    (
+        10.0,  # a crash loop? died within seconds of its fork, before it served much
+        60.0,  # an early death? its first minute: warm-up, the first requests
+        3600.0,  # churn? recycled or killed within the hour (max_requests too low, a leak)
+        86400.0,  # lived less than a day? an older worker outlived a daily deploy cadence
+    ),
+)
+WORKER_EXIT_MEMORY = Spec(
+    "gunicorn_worker_exit_memory_bytes",
+    "histogram",
+    "Resident memory of workers at their last sample before they exited, by cause.",
+    ("cause",),
+    (
+        256.0 * 2**20,  # died small? about a fresh Python web worker: memory was not why
+        2.0**30,  # died above the GunicornWorkerMemoryHigh threshold (1 GiB, rules.yml)?
+        4.0 * 2**30,  # died huge? a leak or a runaway request; OOM-kill territory
+    ),
 )
 
 # Gauges the exporter derives from the recorded master state, not from counters.
@@ -96,3 +117,60 @@ WORKERS_STUCK_BOOTING = Spec(
     "Workers of the live masters still booting after `timeout` seconds (Gunicorn never times "
     "out a worker before its first heartbeat).",
 )
+
+# -- the values each label may take ------------------------------------------------------------
+
+# Every name causes.signal_name() can give (the kernel has signals 1..64), and `none`.
+SIGNALS = frozenset({causes.NO_SIGNAL} | {causes.signal_name(n) for n in range(1, 65)})
+
+# What the hooks may count a contained failure under: Gunicorn's server hooks, the arbiter
+# methods the recorder wraps, and the monitor's own steps. tests/test_truth.py checks that every
+# name the hooks pass to contain/guard is here.
+HOOK_NAMES = frozenset(
+    {
+        # Gunicorn's server hooks
+        "on_starting",
+        "on_reload",
+        "when_ready",
+        "pre_fork",
+        "post_fork",
+        "post_worker_init",
+        "worker_int",
+        "worker_abort",
+        "pre_exec",
+        "pre_request",
+        "post_request",
+        "child_exit",
+        "worker_exit",
+        "nworkers_changed",
+        "on_exit",
+        # arbiter methods the recorder wraps
+        "kill_worker",
+        "reload",
+        "reexec",
+        "stop",
+        "spawn_worker",
+        "manage_workers",
+        "waitpid",
+        "upgrade",
+        # the monitor's own steps
+        "init_signals",
+        "signal_note",
+        "max_requests_note",
+        "retire_app_files",
+        # why a worker hung (hooks/capture.py, hooks/watch.py)
+        "capture_arm",
+        "capture_ready",
+        "watch",
+        "capture",
+        "boot_watch",
+    }
+)
+
+# label name -> every value the exporter may serve for it; anything else is rejected and counted.
+LABEL_VALUES: dict[str, frozenset[str]] = {
+    "cause": frozenset(causes.CAUSES),
+    "signal": SIGNALS,
+    "hook": HOOK_NAMES,
+    "phase": frozenset(captures.PHASES),
+}

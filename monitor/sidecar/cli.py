@@ -1,6 +1,7 @@
 """`gunicorn-monitor`: the sidecar exporter and the small tools around it.
 
     gunicorn-monitor serve [--dir DIR] [--listen HOST:PORT] [--web.config.file FILE]
+                           [--[no-]collector.NAME ...]
     gunicorn-monitor mark-deploy [--dir DIR]
     gunicorn-monitor events [--dir DIR] [--last N] [--stacks]
     gunicorn-monitor status [--dir DIR] [--watch SECONDS] [--json]
@@ -20,12 +21,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
 from monitor.contract import appfiles, directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
 from monitor.sidecar import doctor, stacks, status, webconfig
+from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from monitor.sidecar.collectors.scrape import ScrapeCollector
@@ -49,6 +52,34 @@ def _fold_switch(text: str) -> bool:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not true or false (the flag, or env {appfiles.FOLD_ENV})"
         ) from None
+
+
+# Optional collectors, node_exporter style: --collector.NAME / --no-collector.NAME, each with an
+# environment twin GUNICORN_MONITOR_COLLECTOR_<NAME> (true/false). All on by default: what they
+# cost is in the README's "Series per pod".
+COLLECTORS = {
+    "smaps": "pss, uss and swap of each worker and the master (smaps_rollup, once a minute)",
+    "lifetime": "the worker lifetime histogram, by cause",
+    "exit_memory": "the memory-at-exit histogram, by cause",
+    "app": "the app's own prometheus_client multiprocess metrics in the shared directory",
+}
+_ON, _OFF = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _switch(env: str) -> Callable[[str], bool]:
+    """The parser of a collector's environment twin (flags themselves take no value)."""
+
+    def parse(text: str) -> bool:
+        if text.strip().lower() in _ON | _OFF:
+            return text.strip().lower() in _ON
+        raise argparse.ArgumentTypeError(f"env {env}={text!r}: expected true or false")
+
+    return parse
+
+
+def collectors(args: argparse.Namespace) -> dict[str, bool]:
+    """{collector name: on} from parsed `serve` arguments."""
+    return {name: getattr(args, f"collector_{name}") for name in COLLECTORS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         "workers, but a stock collector in the app then sees dips; set the same in Gunicorn's "
         f"environment (env {appfiles.FOLD_ENV}; default false)",
     )
+    for name, what in COLLECTORS.items():
+        env = f"GUNICORN_MONITOR_COLLECTOR_{name.upper()}"
+        action = serve.add_argument(
+            f"--collector.{name}",
+            dest=f"collector_{name}",
+            action=argparse.BooleanOptionalAction,
+            default=os.environ.get(env, "true"),  # a string default goes through .type
+            help=f"{what} (env {env})",
+        )
+        action.type = _switch(env)  # set after: BooleanOptionalAction(type=) is deprecated
 
     deploy = sub.add_parser("mark-deploy", help="record a deploy now (for CI/CD pipelines)")
     with_dir(deploy)
@@ -141,18 +182,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_registry(
-    layout: directory.Layout, fold: bool = False
+    layout: directory.Layout, fold: bool = False, enabled: dict[str, bool] | None = None
 ) -> tuple[CollectorRegistry, WorkerSampler]:
-    """flags -> collectors -> registry: every source of facts, behind one single-flight scrape."""
-    sampler = WorkerSampler(layout)
+    """flags -> collectors -> registry: every source of facts, behind one single-flight scrape.
+
+    `enabled` switches the optional collectors (COLLECTORS; missing means on).
+    """
+    on = {name: True for name in COLLECTORS} | (enabled or {})
+    sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"])
     sampler.start()
     sources = {
-        "lifecycle": LifecycleCollector(layout),
+        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"]),
         "workers": WorkersCollector(sampler),
-        "app": AppMetricsCollector(layout.root, compact=fold),
     }
+    if on["app"]:
+        sources["app"] = AppMetricsCollector(layout.root, compact=fold)
+    # Only an app collector that folds can fail to: no series for what cannot happen.
+    kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScrapeCollector(sources, sampler))
+    registry.register(ScrapeCollector(sources, kinds))
     return registry, sampler
 
 
@@ -167,8 +215,9 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
     web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
+    # Missing is fine (Gunicorn may start later); there but unusable or unsafe is exit 2.
     layout = directory.open_for_reading(args.dir)
-    registry, _ = build_registry(layout, args.app_metrics_fold)
+    registry, _ = build_registry(layout, args.app_metrics_fold, collectors(args))
 
     def ready() -> tuple[bool, str]:
         if not os.access(layout.root, os.R_OK | os.X_OK):
@@ -206,9 +255,17 @@ def _events(args: argparse.Namespace) -> int:
         text, _ = stacks.render(layout, args.last)
         sys.stdout.write(text)
         return 0
-    records, _ = journal.read(layout)
-    for rec in records[-args.last :] if args.last > 0 else records:
-        sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+    try:
+        records, _ = journal.read(layout)
+    except OSError as e:
+        sys.stderr.write(f"gunicorn-monitor: cannot read the journal: {e.filename}: {e.strerror}\n")
+        return 2
+    try:
+        for rec in records[-args.last :] if args.last > 0 else records:
+            sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `events | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -3,6 +3,9 @@
 Overlapping scrapes never do the work twice: a scrape that arrives while another is running
 waits for it and serves its result (single flight). A source that fails is counted and left
 out of this scrape; the others are still served.
+
+Errors are counted by why, from a fixed set (KINDS), every kind from the first scrape at 0 so
+that `increase()` sees the first one. Where it happened is in the log line that goes with it.
 """
 
 from __future__ import annotations
@@ -17,17 +20,50 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 log = logging.getLogger("gunicorn_monitor")
 
+KINDS = (
+    "unreadable",  # a file or directory the sidecar may not read: its series are left out
+    "malformed",  # a file or journal line that is not what the contract says: skipped
+    "rejected",  # a value outside its known set (label value, slot, a pid not the master's)
+    "collect",  # a source or the sampler failed as a whole; its series are left out
+    "compaction",  # folding dead workers' app files failed or could not take the lock
+)
+
+# The app collector's finer kinds (monitor/sidecar/collectors/appmetrics.py, compaction.py).
+_APP_KINDS = {
+    "io": "unreadable",
+    "vanished": "unreadable",
+    "empty": "malformed",
+    "truncated": "malformed",
+    "corrupt": "malformed",
+    "encoding": "malformed",
+    "key": "malformed",
+    "name": "malformed",
+    "lock": "compaction",
+    "compaction": "compaction",
+    "recovery": "compaction",
+}
+
+
+def kind_of(kind: str) -> str:
+    """The served kind for a source's own kind; one we do not know is a failed collection."""
+    if kind in KINDS:
+        return kind
+    if kind.startswith("aggregate-"):
+        return "compaction"
+    return _APP_KINDS.get(kind, "collect")
+
 
 class ScrapeCollector:
-    def __init__(self, sources: dict[str, Any], sampler: Any = None) -> None:
+    def __init__(self, sources: dict[str, Any], kinds: tuple[str, ...] = KINDS) -> None:
+        """`kinds`: the error kinds served, every one from the first scrape (all of KINDS
+        that the enabled sources can meet; others are still counted, under "collect")."""
         self.sources = sources
-        self.sampler = sampler
+        self.kinds = kinds
         self._lock = threading.Lock()
         self._generation = 0
         self._result: list[Metric] = []
         self.duration = 0.0
-        self.errors = {f"collect_{name}": 0 for name in sources}
-        self._files_read_before = 0
+        self.failed = 0  # sources that raised
 
     def collect(self) -> Iterable[Metric]:
         seen = self._generation
@@ -45,31 +81,22 @@ class ScrapeCollector:
             try:
                 families.extend(source.collect())
             except Exception as e:
-                self.errors[f"collect_{name}"] += 1
+                self.failed += 1
                 log.error("event=collect_failed collector=%s error=%r", name, e)
         yield from families
-        # Each source's stats() are cumulative: files_read, files_skipped, files_quarantined
-        # and errors by kind.
+        # Each source's stats() are cumulative: files_skipped, files_quarantined, errors by kind.
         stats = [s.stats() for s in self.sources.values() if hasattr(s, "stats")]
-        files_read_total = sum(st.files_read for st in stats)
-        files_read = files_read_total - self._files_read_before
-        self._files_read_before = files_read_total
-        errors = dict(self.errors)
+        errors = dict.fromkeys(self.kinds, 0)
+        errors["collect"] += self.failed
         for st in stats:
             for kind, n in st.errors.items():
-                errors[kind] = errors.get(kind, 0) + n
-        if self.sampler is not None:
-            errors["sample"] = self.sampler.errors
+                kind = kind_of(kind)
+                errors[kind if kind in errors else "collect"] += n
         self.duration = time.perf_counter() - start
         yield GaugeMetricFamily(
             "gunicorn_exporter_scrape_duration_seconds",
             "How long collecting this scrape took.",
             value=self.duration,
-        )
-        yield GaugeMetricFamily(
-            "gunicorn_exporter_files_read",
-            "Files read from the shared directory in this scrape.",
-            value=files_read,
         )
         yield CounterMetricFamily(
             "gunicorn_exporter_files_skipped",
@@ -82,8 +109,11 @@ class ScrapeCollector:
             value=sum(getattr(st, "files_quarantined", 0) for st in stats),
         )
         family = CounterMetricFamily(
-            "gunicorn_exporter_errors", "Errors while collecting, by kind.", labels=["kind"]
+            "gunicorn_exporter_errors",
+            "Errors while collecting, by kind: unreadable, malformed, rejected, collect, "
+            "compaction.",
+            labels=["kind"],
         )
-        for kind in sorted(errors):
+        for kind in self.kinds:
             family.add_metric([kind], errors[kind])
         yield family

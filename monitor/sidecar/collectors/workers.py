@@ -1,41 +1,51 @@
 """Per-worker process facts (memory, CPU, start time), sampled by the sidecar with psutil.
 
 The workers are found through what the hooks recorded (master-<pid>.json), never by process
-name. Series are keyed by the worker's stable slot, never its pid: a replacement takes over its
+name, and what a state file says is checked before a pid is measured: the master must be live
+and started when the file says, and each worker a live child of it (contract/state.py). Series
+are keyed by the worker's stable slot, never its pid: a replacement takes over its
 predecessor's slot, so cardinality stays bounded however many workers come and go.
 
 Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
 a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
 the last sample before a worker dies is at most one interval (2 s) old. That sample is what the
 memory-at-exit histogram records, when the journal reports the exit and its cause.
+
+The histogram is kept in memory and served as a plain metric family: a prometheus_client
+Histogram would, with PROMETHEUS_MULTIPROC_DIR set, write histogram_<our pid>.db into the
+very directory the app collector serves, and every scrape would carry it twice.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psutil
-from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
-from monitor.contract import causes, journal, state
+from monitor.contract import causes, journal, metrics, state
 from monitor.contract.directory import Layout
 
 log = logging.getLogger("gunicorn_monitor")
 
 TYPES = ("rss", "pss", "uss", "swap")
+SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
 # Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which costs about ten
 # times what stat and statm do, and moves slowly) every FULL_EVERY samples: once a minute.
 # Measured with 64 workers scraped every second (benchmarks/exporter_cost.py), this keeps the
 # sidecar just under 1 % of a core.
 INTERVAL = 2.0
 FULL_EVERY = 30
-
-EXIT_MEMORY = "gunicorn_worker_exit_memory_bytes"
-EXIT_MEMORY_BUCKETS = tuple(float(2**i * 1024 * 1024) for i in range(4, 14))  # 16 MiB .. 8 GiB
 
 
 @dataclass
@@ -55,30 +65,66 @@ class Snapshot:
     readable: dict[str, bool] = field(default_factory=dict)
 
 
+class ExitMemory:
+    """The memory-at-exit histogram, by cause, in memory: only causes that happened have series."""
+
+    SPEC = metrics.WORKER_EXIT_MEMORY
+
+    def __init__(self) -> None:
+        self._bounds = list(self.SPEC.buckets)
+        self._counts: dict[str, list[int]] = {}  # cause -> per bucket, +Inf last
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()  # observed by the sampler thread, served by scrapes
+
+    def observe(self, cause: str, value: float) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(cause, [0] * (len(self._bounds) + 1))
+            counts[bisect.bisect_left(self._bounds, value)] += 1
+            self._sums[cause] = self._sums.get(cause, 0.0) + value
+
+    def family(self) -> HistogramMetricFamily:
+        spec = self.SPEC
+        family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+        les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        with self._lock:
+            for cause in sorted(self._counts):
+                cumulative, buckets = 0, []
+                for le, n in zip(les, self._counts[cause], strict=True):
+                    cumulative += n
+                    buckets.append((le, float(cumulative)))
+                family.add_metric([cause], buckets, self._sums[cause])
+        return family
+
+
 class WorkerSampler:
-    def __init__(self, layout: Layout, interval: float = INTERVAL) -> None:
+    """Samples the recorded workers every `interval`; `smaps` adds pss/uss/swap, and
+    `exit_memory` follows the journal to record each exiting worker's last sample."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        interval: float = INTERVAL,
+        *,
+        smaps: bool = True,
+        exit_memory: bool = True,
+    ) -> None:
         self.layout = layout
         self.interval = interval
+        self.smaps = smaps
         self.snapshot = Snapshot()
-        self.errors = 0
+        self.errors: dict[str, int] = {}  # by kind, see collectors/scrape.py
+        self.exit_memory = ExitMemory() if exit_memory else None
         self._by_pid: dict[int, Sample] = {}
         self._full: dict[int, dict[str, float]] = {}
         self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
+        self._children = state.Children()
         self._tick = 0
         self._seen_change = 0.0
         self._warned: set[str] = set()
-        self._tail = journal.Tail(layout)
+        self._tail = journal.Tail(layout) if exit_memory else None
+        self._tail_bad = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.exit_memory = Histogram(
-            EXIT_MEMORY,
-            "Resident memory of workers at their last sample before they exited, by cause.",
-            ["cause"],
-            buckets=EXIT_MEMORY_BUCKETS,
-            registry=None,
-        )
-        for cause in causes.CAUSES:
-            self.exit_memory.labels(cause)
 
     def start(self) -> None:
         self.sample()
@@ -87,12 +133,16 @@ class WorkerSampler:
     def stop(self) -> None:
         self._stop.set()
 
+    def _error(self, kind: str, n: int = 1) -> None:
+        if n:
+            self.errors[kind] = self.errors.get(kind, 0) + n
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
             except Exception as e:  # a sampler that dies silently would freeze every series
-                self.errors += 1
+                self._error("collect")
                 log.error("event=sample_failed error=%r", e)
 
     def sample(self) -> None:
@@ -117,33 +167,34 @@ class WorkerSampler:
     def _sample(self) -> None:
         self._seen_change = state.last_change(self.layout)
         self._tick += 1
-        full = self._tick % FULL_EVERY == 1
-        masters = [m for m in state.read(self.layout)[0] if m.alive]
-        masters.sort(key=lambda m: m.state.get("start_time") or 0)
+        full = self.smaps and self._tick % FULL_EVERY == 1
+        # Malformed files and rejected pids are counted by the lifecycle collector, which
+        # reads the same files on every scrape; here they are only left out.
+        masters = sorted(
+            (m for m in state.read(self.layout)[0] if m.alive), key=lambda m: m.start_time
+        )
+        live = self._children.live(masters)
         snap = Snapshot(readable=dict(self.snapshot.readable))
         by_pid: dict[int, Sample] = {}
         for m in masters:
-            key = (m.pid, m.state.get("start_time"))
+            key = (m.pid, m.start_time)
             snap.master = self._measure(key, -1, full, snap) or snap.master
-            snap.build = {
-                "version": str(m.state.get("version", "")),
-                "worker_class": str(m.state.get("worker_class", "")),
-            }
+            snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
-            workers = sorted(
-                m.state.get("workers", {}).items(), key=lambda kv: kv[1].get("spawned") or 0
-            )
-            for pid, info in workers:
-                key = (int(pid), info.get("spawned"))
-                s = self._measure(key, int(info.get("slot", 0)), full, snap)
+            for w in sorted(live.get(m.pid, ()), key=lambda w: w.spawned or 0):
+                s = self._measure((w.pid, w.spawned), w.slot, full, snap)
                 if s is not None:
                     by_pid[s.pid] = s
                     snap.workers[s.slot] = s
         self._record_exits()
         self._by_pid = by_pid
-        self._full = {pid: mem for pid, mem in self._full.items() if pid in by_pid}
         master_pids = {m.pid for m in masters}
+        # The masters' too: dropping them read the master's smaps on every sample, not once a
+        # minute, and its pss, always moving a little, made every sample a change.
+        self._full = {
+            pid: mem for pid, mem in self._full.items() if pid in by_pid or pid in master_pids
+        }
         self._procs = {
             k: v for k, v in self._procs.items() if k[0] in by_pid or k[0] in master_pids
         }
@@ -165,9 +216,9 @@ class WorkerSampler:
         except psutil.AccessDenied:
             self._warn("access", f"event=worker_unreadable pid={pid} reason=access_denied")
             return None
-        if full or pid not in self._full:
+        if self.smaps and (full or pid not in self._full):
             self._full[pid] = self._full_memory(proc, snap)
-        sample.memory.update(self._full[pid])
+        sample.memory.update(self._full.get(pid, {}))
         return sample
 
     def _full_memory(self, proc: psutil.Process, snap: Snapshot) -> dict[str, float]:
@@ -176,14 +227,13 @@ class WorkerSampler:
         except (psutil.AccessDenied, psutil.NoSuchProcess, OSError):
             info = None
         found = {}
-        for t in ("pss", "uss", "swap"):
+        for t in SMAPS_TYPES:
             value = getattr(info, t, None)
             snap.readable[t] = value is not None
             if value is None:
                 self._warn(t, f"event=memory_type_unavailable type={t}")
             else:
                 found[t] = float(value)
-        snap.readable["rss"] = True
         return found
 
     def _warn(self, key: str, line: str) -> None:
@@ -192,21 +242,39 @@ class WorkerSampler:
             log.warning(line)
 
     def _record_exits(self) -> None:
+        if self._tail is None or self.exit_memory is None:
+            return
         for rec in self._tail.read_new():
             if rec.get("event") != "exit":
                 continue
-            last = self._by_pid.get(rec.get("pid"))
+            cause, pid = rec.get("cause"), rec.get("pid")
+            if cause not in causes.CAUSES or not isinstance(pid, int):
+                self._error("rejected")
+                continue
+            last = self._by_pid.get(pid)
             if last is not None and "rss" in last.memory:
-                cause = str(rec.get("cause", causes.UNKNOWN))
-                self.exit_memory.labels(cause).observe(last.memory["rss"])
+                self.exit_memory.observe(cause, last.memory["rss"])
+        self._error("malformed", self._tail.bad - self._tail_bad)
+        self._tail_bad = self._tail.bad
+
+
+@dataclass
+class WorkerStats:
+    files_read: int = 0
+    files_skipped: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 class WorkersCollector:
     def __init__(self, sampler: WorkerSampler) -> None:
         self.sampler = sampler
 
+    def stats(self) -> WorkerStats:
+        return WorkerStats(errors=dict(self.sampler.errors))
+
     def collect(self) -> Iterator[Metric]:
         snap = self.sampler.current()
+        types = TYPES if self.sampler.smaps else ("rss",)
         memory = GaugeMetricFamily(
             "gunicorn_worker_memory_bytes",
             "Worker memory by type (rss, pss, uss, swap), by stable worker slot.",
@@ -223,7 +291,7 @@ class WorkersCollector:
             labels=["worker"],
         )
         for slot, s in sorted(snap.workers.items()):
-            for t in TYPES:
+            for t in types:
                 if t in s.memory:
                     memory.add_metric([str(slot), t], s.memory[t])
             started.add_metric([str(slot)], s.started)
@@ -233,7 +301,7 @@ class WorkersCollector:
             master_memory = GaugeMetricFamily(
                 "gunicorn_master_memory_bytes", "Master memory by type.", labels=["type"]
             )
-            for t in TYPES:
+            for t in types:
                 if t in snap.master.memory:
                     master_memory.add_metric([t], snap.master.memory[t])
             yield master_memory
@@ -250,12 +318,17 @@ class WorkersCollector:
             )
             build.add_metric([snap.build[k] for k in sorted(snap.build)], 1)
             yield build
-        readable = GaugeMetricFamily(
-            "gunicorn_exporter_memory_type_readable",
-            "1 if this memory type could be read for the workers (pss/uss/swap need smaps).",
-            labels=["type"],
-        )
-        for t in TYPES:
-            readable.add_metric([t], 1 if snap.readable.get(t, t == "rss") else 0)
-        yield readable
-        yield from self.sampler.exit_memory.collect()
+        if self.sampler.smaps:
+            # rss has no series here: a worker whose rss cannot be read is not served at all.
+            readable = GaugeMetricFamily(
+                "gunicorn_exporter_memory_type_readable",
+                "1 if this memory type could be read for the workers (smaps_rollup).",
+                labels=["type"],
+            )
+            for t in SMAPS_TYPES:
+                readable.add_metric([t], 1 if snap.readable.get(t) else 0)
+            yield readable
+        if self.sampler.exit_memory is not None:
+            family = self.sampler.exit_memory.family()
+            if family.samples:
+                yield family

@@ -1,0 +1,317 @@
+"""The sidecar serves only the truth: what it cannot read is a gap, never a zero, and what the
+directory says is checked before it is served.
+
+Each scenario is what breaks in production: a file the sidecar may not read (permissions after
+a restore, a volume mounted with another owner), a state file that lies or is half written,
+a journal line a dying writer tore, a directory someone wrote invented values into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from monitor.contract import causes, journal, metrics
+from monitor.contract.directory import Layout
+from tests.harness import BIN, ROOT, exits, parse, value, wait_for
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def _families(samples: dict, prefix: str) -> set[str]:
+    return {name for name, _ in samples if name.startswith(prefix)}
+
+
+def _labels(samples: dict, label: str) -> set[str]:
+    return {dict(labels)[label] for _, labels in samples if label in dict(labels)}
+
+
+@pytest.fixture
+def nobody_dir():
+    """A shared directory owned by the unprivileged user both Gunicorn and the sidecar run as:
+    as root, no permission would ever stop the sidecar from reading."""
+    # Under /tmp itself: pytest's own temporary tree is closed to other users.
+    d = Path(tempfile.mkdtemp(prefix="gm-truth-"))
+    shared = d / "multiproc"
+    shared.mkdir(mode=0o700)
+    for p in (d, shared):
+        os.chown(p, 65534, 65534)
+    d.chmod(0o755)
+    yield shared
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
+    nobody_dir, make_master, make_exporter, tmp_path
+):
+    m = make_master(
+        shared_dir=nobody_dir, workers=2, prefix=NOBODY, log_path=tmp_path / "g.log"
+    ).start()
+    e = make_exporter(shared_dir=nobody_dir, prefix=NOBODY)
+    pid = m.worker_pids()[0]
+    os.kill(pid, signal.SIGKILL)
+    m.wait_workers(2, exclude={pid})
+    wait_for(lambda: value(e.scrape(), "gunicorn_worker_spawns_total") == 3, 10, "3 spawns")
+    own = nobody_dir / "gunicorn-monitor"
+    counter = own / f"counter_{m.pid}.db"
+
+    def changed(n: int) -> None:
+        """Any change to the directory makes the sidecar collect anew (cache.py); a chmod
+        alone changes no byte it keeps watching through its open descriptors."""
+        (own / "poke").write_text(str(n))
+
+    counter.chmod(0o000)  # the sidecar may no longer read the master's counts
+    changed(1)
+    gap = e.scrape()
+    counts = {"gunicorn_worker_spawns_total", "gunicorn_worker_exits_total"}
+    assert not _families(gap, "gunicorn_worker_spawns") | _families(gap, "gunicorn_worker_exits")
+    assert not counts & {name for name, _ in gap}  # no zero, and no known-exit defaults
+    assert value(gap, "gunicorn_exporter_errors_total", kind="unreadable") >= 1
+    assert value(gap, "gunicorn_up") == 1  # what could be read is still served
+    assert value(gap, "gunicorn_workers") == 2
+
+    counter.chmod(0o600)  # readable again: the counts are back, where they were
+    changed(2)
+    back = e.scrape()
+    assert value(back, "gunicorn_worker_spawns_total") == 3
+    assert exits(back) == {("killed", "SIGKILL"): 1.0}
+
+    own.chmod(0o000)  # nothing recorded can be read
+    try:
+        blind = e.scrape()
+    finally:
+        own.chmod(0o700)
+    assert not _families(blind, "gunicorn_worker_spawns") | _families(
+        blind, "gunicorn_worker_exits"
+    )
+    changed(3)
+    assert value(e.scrape(), "gunicorn_worker_spawns_total") == 3
+
+
+def _forge_state(m, **changes) -> None:
+    """Rewrite the live master's state file (the master rewrites it only when it changes)."""
+    path = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
+    forged = {**json.loads(path.read_text()), **changes}
+    tmp = path.with_suffix(".forged")
+    tmp.write_text(json.dumps(forged))
+    os.replace(tmp, path)
+
+
+def test_a_state_file_that_lies_serves_no_stranger_as_a_worker(make_master, make_exporter):
+    m = make_master(workers=2).start()
+    e = make_exporter()
+    wait_for(lambda: value(e.scrape(), "gunicorn_workers") == 2, 10, "2 workers")
+    real = m.state()["workers"]
+    stranger = subprocess.Popen(["sleep", "60"])  # alive, and no child of the master
+    try:
+        # pid 1 (init) and the stranger run, but are not the master's children.
+        _forge_state(
+            m,
+            workers={
+                **real,
+                "1": {"slot": 9, "spawned": time.time()},
+                str(stranger.pid): {"slot": 5, "spawned": time.time()},
+            },
+        )
+        samples = e.scrape()
+        assert value(samples, "gunicorn_workers") == 2
+        assert _labels(samples, "worker") == {"0", "1"}
+        assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 2
+
+        # A real worker in slot 9999: past any bound, so left out (and counted).
+        first = next(iter(real))
+        _forge_state(m, workers={**real, first: {**real[first], "slot": 9999}})
+        samples = e.scrape()
+        others = {str(w["slot"]) for p, w in real.items() if p != first}
+        assert _labels(samples, "worker") == others
+        assert value(samples, "gunicorn_workers") == 1
+        assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 3
+    finally:
+        _forge_state(m, workers=real)  # the harness kills the pids it finds in there
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_malformed_state_file_is_skipped_and_counted_and_drops_nothing_else(
+    make_master, make_exporter
+):
+    m = make_master(workers=1).start()
+    own = m.dir / "gunicorn-monitor"
+    me = psutil.Process()
+    # A live process, started when the file says: a reader that trusts it takes it for a live
+    # master, and then fails on the worker pid or the desired count that are not numbers.
+    forged = {"pid": me.pid, "start_time": me.create_time(), "workers": {"abc": 1}}
+    (own / f"master-{me.pid}.json").write_text(json.dumps({**forged, "workers_desired": "many"}))
+    (own / "master-12.json").write_text('{"pid": 12, "start_time": "yesterday"}')
+    e = make_exporter()
+    samples = e.scrape()
+    for family in ("gunicorn_worker_exits_total", "gunicorn_worker_spawns_total", "gunicorn_up"):
+        assert family in {name for name, _ in samples}, family
+    assert value(samples, "gunicorn_worker_spawns_total") == 1
+    assert value(samples, "gunicorn_up") == 1
+    assert value(samples, "gunicorn_workers") == 1
+    assert value(samples, "gunicorn_workers_desired") == 1
+    assert value(samples, "gunicorn_exporter_errors_total", kind="malformed") >= 2
+    assert value(samples, "gunicorn_exporter_errors_total", kind="collect") == 0
+    assert value(samples, "gunicorn_exporter_files_skipped_total") >= 2
+
+
+def _forged_counts(path: Path) -> None:
+    """Another writer's counter and histogram files, in the contract's format, full of values
+    outside the contract: 50 invented causes, a signal that does not exist, an unknown hook,
+    a family nobody defined, and a lifetime bucket from other buckets."""
+    counter = MmapedDict(str(path / "counter_999999.db"))
+    histogram = MmapedDict(str(path / "histogram_999999.db"))
+    try:
+        exits_spec = metrics.WORKER_EXITS
+        for i in range(50):
+            key = mmap_key(
+                exits_spec.name,
+                exits_spec.name + "_total",
+                ["cause", "signal"],
+                [f"invented{i}", "SIGTERM"],
+                exits_spec.help,
+            )
+            counter.write_value(key, 1.0, 0.0)
+        odd = [
+            (exits_spec, ["cause", "signal"], ["killed", "SIGNOPE"]),
+            (metrics.HOOK_ERRORS, ["hook"], ["'; DROP TABLE"]),
+            (metrics.WORKER_SPAWNS, ["extra"], ["label"]),
+        ]
+        for spec, names, values in odd:
+            key = mmap_key(spec.name, spec.name + "_total", names, values, spec.help)
+            counter.write_value(key, 1.0, 0.0)
+        counter.write_value(mmap_key("made_up_total", "made_up_total", [], [], "x"), 7.0, 0.0)
+        counter.write_value(  # a real series, well formed: it is served
+            mmap_key(
+                exits_spec.name,
+                exits_spec.name + "_total",
+                ["cause", "signal"],
+                ["crash", "none"],
+                exits_spec.help,
+            ),
+            1.0,
+            0.0,
+        )
+        life = metrics.WORKER_LIFETIME
+        for le in ("+Inf", "123.0"):  # 123.0 is no bucket of ours: the crash series goes
+            key = mmap_key(
+                life.name, life.name + "_bucket", ["cause", "le"], ["crash", le], life.help
+            )
+            histogram.write_value(key, 1.0, 0.0)
+        key = mmap_key(life.name, life.name + "_sum", ["cause"], ["crash"], life.help)
+        histogram.write_value(key, 0.5, 0.0)
+    finally:
+        counter.close()
+        histogram.close()
+
+
+def test_values_outside_the_contract_are_rejected_and_counted(make_master, make_exporter):
+    m = make_master(workers=2).start()
+    own = m.dir / "gunicorn-monitor"
+    _forged_counts(own)
+    e = make_exporter()
+    wait_for(lambda: len(_labels(e.scrape(), "worker")) == 2, 10, "2 slots sampled")
+    # The journal says live workers exited 50 times, of causes nobody defined; then once of a
+    # real one, which tells when the sampler has read them all.
+    pids = m.worker_pids()
+    with open(own / "events.jsonl", "a") as f:
+        for i, pid in enumerate(pids * 25):
+            f.write(json.dumps({"event": "exit", "pid": pid, "cause": f"made_up_{i}"}) + "\n")
+        f.write(json.dumps({"event": "exit", "pid": pids[0], "cause": "signal"}) + "\n")
+    seen = "gunicorn_worker_exit_memory_bytes_count"
+    wait_for(lambda: value(e.scrape(), seen, cause="signal") == 1, 10, "the journal read")
+    samples = e.scrape()
+    assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 50 + 55
+    assert _labels(samples, "cause") <= set(causes.CAUSES)
+    assert _labels(samples, "signal") <= metrics.SIGNALS
+    assert _labels(samples, "hook") <= metrics.HOOK_NAMES
+    assert "made_up_total" not in {name for name, _ in samples}
+    assert exits(samples) == {("crash", "none"): 1.0}
+    assert value(samples, "gunicorn_worker_spawns_total") == 2
+    assert not _families(samples, "gunicorn_worker_lifetime_seconds")
+    status, body = e.get("/metrics")
+    assert status == 200 and len(body) < 20_000, len(body)
+
+
+def test_a_torn_journal_line_costs_itself_never_the_next_record(tmp_path):
+    layout = Layout(str(tmp_path))
+    os.makedirs(layout.own)
+    tail = journal.Tail(layout)  # follows from here, as the sampler does
+    with open(layout.journal, "ab") as f:
+        f.write(b'{"event":"spawn","pid":10}\n')
+        f.write(b'{"event":"exit","pid":10,"ca')  # its writer died mid-record
+    assert [r["pid"] for r in tail.read_new()] == [10]
+    with open(layout.journal, "ab") as f:
+        f.write(b'{"event":"exit","pid":11,"cause":"crash"}\n')
+        f.write(b'{"event":"spawn","pid":12}\n')
+    assert [r["pid"] for r in tail.read_new()] == [11, 12]
+    assert tail.bad == 1
+
+    records, bad = journal.read(layout)
+    assert [r["pid"] for r in records] == [10, 11, 12] and bad == 1
+    result = subprocess.run(
+        [str(BIN / "gunicorn-monitor"), "events", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["pid"] for line in result.stdout.splitlines()] == [10, 11, 12]
+
+
+def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
+    make_master, make_exporter, shared_dir, tmp_path
+):
+    """With PROMETHEUS_MULTIPROC_DIR set in the sidecar's own environment too, as users do."""
+    m = make_master(workers=2).start()
+    e = make_exporter(prefix=("env", f"PROMETHEUS_MULTIPROC_DIR={shared_dir}"))
+    pid = m.worker_pids()[0]
+    wait_for(lambda: len(_labels(e.scrape(), "worker")) == 2, 10, "2 slots sampled")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: value(e.scrape(), "gunicorn_worker_exit_memory_bytes_count", cause="killed") == 1,
+        10,
+        "the exit's memory",
+    )
+    status, body = e.get("/metrics")
+    text = body.decode()
+    assert text.count("# TYPE gunicorn_worker_exit_memory_bytes histogram") == 1
+    theirs = re.compile(rf"(?<![0-9]){e.proc.pid}(?![0-9])")
+    written = [str(p) for p in shared_dir.rglob("*") if theirs.search(p.name)]
+    assert written == []
+    promtool = shutil.which("promtool") or str(
+        ROOT / ".tools" / "root" / "usr" / "bin" / "promtool"
+    )
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert parse(text)  # and it still parses
+
+
+def test_every_hook_name_the_hooks_count_is_in_the_contract():
+    """A name outside metrics.HOOK_NAMES would be rejected by the sidecar: add it there."""
+    names = set()
+    for path in (ROOT / "monitor" / "hooks").glob("*.py"):
+        names |= set(re.findall(r"\b(?:guard|contain)\(\s*\"([a-z_]+)\"", path.read_text()))
+    assert names and names <= metrics.HOOK_NAMES, names - metrics.HOOK_NAMES
+
+
+def test_every_label_of_the_contract_has_a_fixed_set_of_values():
+    for spec in vars(metrics).values():
+        if isinstance(spec, metrics.Spec):
+            for label in spec.labels:
+                assert label in metrics.LABEL_VALUES, (spec.name, label)
+    assert {causes.NO_SIGNAL, "SIGTERM", "SIGKILL", "SIG35"} <= metrics.SIGNALS
