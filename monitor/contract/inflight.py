@@ -12,9 +12,11 @@ Safety:
   creation (the worker then simply has no table) instead of raising SIGBUS on a later store.
 - Only the worker writes it; the master only reads it (pread, never a mapping) and removes it
   once the worker is reaped.
-- A slot is written under a sequence number (odd while it changes). A reader that sees an odd
-  or changed number reads again, a few times, then reports the slot as unreadable: a gap, not a
-  guess.
+- A slot is busy while its start time is not 0. The worker writes the method and path of a
+  request first and its start time last (one aligned 8-byte store), and frees the slot by
+  zeroing the start time: a reader never pairs a start time with another request's path. A
+  reader reads each slot twice; a slot that changed in between is read again, a few times,
+  then reported as unreadable: a gap, not a guess.
 
 Layout: a 64-byte header, then `capacity` slots of 256 bytes.
 """
@@ -42,13 +44,14 @@ _HEADER = struct.Struct("<8sIIBBBxddQQ")
 _SERVED = struct.Struct("<Q")
 _SERVED_AT = _HEADER.size - _SERVED.size
 _HEADER_SIZE = 64
-_SEQ = struct.Struct("<Q")
-_BODY = struct.Struct("<d16sH222s")  # started (monotonic), method, path length, path
-_SLOT_SIZE = _SEQ.size + _BODY.size
+# A slot: 8 reserved bytes, started (monotonic; 0.0 when free), method, path length, path.
+_STARTED = struct.Struct("<d")
+_REQUEST = struct.Struct("<16sH222s")
+_SLOT = struct.Struct("<8xd16sH222s")
+_SLOT_SIZE = _SLOT.size
 assert _SLOT_SIZE == 256
 
 BOOTING, READY = 0, 1
-_IDLE_BODY = _BODY.pack(0.0, b"", 0, b"")
 
 
 def live_dir(layout: Layout) -> str:
@@ -85,7 +88,7 @@ class Table:
         self._overflow = 0
         self._served = 0
         self._free = list(range(capacity - 1, -1, -1))
-        self._seq = [0] * capacity
+        self._offsets = [_HEADER_SIZE + i * _SLOT_SIZE for i in range(capacity)]
         self._header(BOOTING)
 
     @classmethod
@@ -125,6 +128,7 @@ class Table:
         self._ready = time.monotonic()
         self._header(READY)
 
+    # acquire/release run on every request: a few stores into the mapping, nothing else.
     def acquire(self, method: str, path: str) -> int:
         try:
             i = self._free.pop()
@@ -132,29 +136,19 @@ class Table:
             self._overflow += 1  # more requests than slots: counted, said in the capture
             self._header(READY)
             return -1
-        raw = path.encode("utf-8", "replace")[:222]
-        off = _HEADER_SIZE + i * _SLOT_SIZE
-        seq = self._seq[i] + 1
-        _SEQ.pack_into(self._mm, off, seq)
-        _BODY.pack_into(
-            self._mm, off + 8, time.monotonic(), method.encode("ascii", "replace"), len(raw), raw
-        )
-        self._seq[i] = seq + 1
-        _SEQ.pack_into(self._mm, off, seq + 1)
+        raw = path.encode("utf-8", "replace")
+        off = self._offsets[i]
+        # The request first, its start time last: the slot turns busy only once it is whole.
+        _REQUEST.pack_into(self._mm, off + 16, method.encode(), min(len(raw), 222), raw)
+        _STARTED.pack_into(self._mm, off + 8, time.monotonic())
         return i
 
     def release(self, i: int) -> None:
         self._served += 1  # gthread's threads may race here: a count off by one, never a hang
         _SERVED.pack_into(self._mm, _SERVED_AT, self._served)
-        if i < 0:
-            return
-        off = _HEADER_SIZE + i * _SLOT_SIZE
-        seq = self._seq[i] + 1
-        _SEQ.pack_into(self._mm, off, seq)
-        self._mm[off + 8 : off + _SLOT_SIZE] = _IDLE_BODY
-        self._seq[i] = seq + 1
-        _SEQ.pack_into(self._mm, off, seq + 1)
-        self._free.append(i)
+        if i >= 0:
+            _STARTED.pack_into(self._mm, self._offsets[i] + 8, 0.0)
+            self._free.append(i)
 
 
 @dataclass(frozen=True)
@@ -220,9 +214,9 @@ def _read_slot(fd: int, off: int) -> Request | None:
     for _ in range(3):
         first = os.pread(fd, _SLOT_SIZE, off)
         second = os.pread(fd, _SLOT_SIZE, off)
-        if len(first) < _SLOT_SIZE or first != second or _SEQ.unpack_from(first)[0] % 2:
+        if len(first) < _SLOT_SIZE or first != second:
             continue
-        started, method, n, path = _BODY.unpack_from(first, 8)
+        started, method, n, path = _SLOT.unpack(first)
         return Request(
             method.rstrip(b"\0").decode("ascii", "replace"),
             path[: min(n, 222)].decode("utf-8", "replace"),

@@ -17,6 +17,7 @@ UvicornWorkers) get a table with no slots, and their requests read as `unknown`.
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 from typing import Any
 
@@ -26,6 +27,7 @@ from monitor.contract import directory, inflight
 _TRACKING = ("gunicorn.workers.sync", "gunicorn.workers.gthread")
 
 _table: inflight.Table | None = None
+_debug = False  # Gunicorn's loglevel is debug: its default pre_request logs each request
 
 
 def booting(worker: Any) -> None:
@@ -50,11 +52,17 @@ def booting(worker: Any) -> None:
 
 def ready(worker: Any) -> None:
     """post_worker_init: the boot is over."""
+    global _debug
     if _table is not None:
         _table.ready()
+    error_log = getattr(worker.log, "error_log", None)  # a custom logger_class may have none
+    _debug = error_log is None or error_log.isEnabledFor(logging.DEBUG)
 
 
-def request_started(req: Any) -> None:
+def request_started(worker: Any, req: Any) -> None:
+    # What Gunicorn's default pre_request does, which this hook replaces.
+    if _debug:
+        worker.log.debug("%s %s", req.method, req.path)
     if _table is not None:
         req._gunicorn_monitor_slot = _table.acquire(req.method, req.path)
 

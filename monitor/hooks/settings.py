@@ -94,7 +94,12 @@ SETTINGS = (
 FOLD_APP_METRICS = Setting(
     "fold_app_metrics", appfiles.FOLD_ENV, False, appfiles.parse_switch, "true or false"
 )
-MONITOR_SETTINGS = (FOLD_APP_METRICS,)
+# A worker still booting after this many seconds is aborted as Gunicorn aborts a timed-out one
+# (Gunicorn never times out a worker before its first heartbeat). 0: off.
+BOOT_TIMEOUT = Setting(
+    "boot_timeout", "GUNICORN_BOOT_TIMEOUT", 0, _non_negative_int, "whole seconds >= 0"
+)
+MONITOR_SETTINGS = (FOLD_APP_METRICS, BOOT_TIMEOUT)
 
 
 class SettingsError(ValueError):

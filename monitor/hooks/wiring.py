@@ -11,10 +11,12 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from monitor.contract import directory
+from monitor.hooks import capture, settings
 from monitor.hooks import contain as contain_module
 from monitor.hooks import worker as worker_side
 from monitor.hooks.contain import contain, guard
 from monitor.hooks.recorder import Monitor
+from monitor.hooks.watch import Watch
 
 _monitor: Monitor | None = None
 
@@ -28,6 +30,15 @@ def on_starting(server: Any) -> None:
         _monitor.started_master()
     except Exception as e:
         contain("on_starting", e)
+    if _monitor is not None:
+        guard("watch", _start_watch, server, _monitor)
+
+
+def _start_watch(server: Any, monitor: Monitor) -> None:
+    """Stacks and phase of hung workers (watch.py), told to the recorder's exit records."""
+    watch = Watch(server, monitor, settings.monitor_setting(settings.BOOT_TIMEOUT))
+    monitor.exit_fields = watch.exit_fields
+    monitor.state_fields = watch.state_fields
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -35,6 +46,7 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
+    guard("capture_arm", capture.booting, worker)
     guard("post_fork", worker_side.booting, server, worker)
 
 
@@ -44,7 +56,23 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
 
 
 def post_worker_init(worker: Any) -> None:
+    guard("capture_ready", capture.ready, worker)
     guard("post_worker_init", worker_side.instrument, worker)
+
+
+# The two hooks that run on every request: guard's work written out, to save a call.
+def pre_request(worker: Any, req: Any) -> None:
+    try:
+        capture.request_started(worker, req)
+    except Exception as e:
+        contain("pre_request", e)
+
+
+def post_request(worker: Any, req: Any, *_: Any) -> None:  # arity 2: Gunicorn adapts the call
+    try:
+        capture.request_finished(req)
+    except Exception as e:
+        contain("post_request", e)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -67,6 +95,8 @@ HOOKS = {
     "pre_fork": pre_fork,
     "post_fork": post_fork,
     "post_worker_init": post_worker_init,
+    "pre_request": pre_request,
+    "post_request": post_request,
     "worker_exit": worker_exit,
     "child_exit": child_exit,
     "on_exit": on_exit,
