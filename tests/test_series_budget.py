@@ -29,6 +29,7 @@ from tests.harness import BIN, ROOT, exits, http_get, parse, value, wait_for
 AT_REST_4_WORKERS = 80
 PER_WORKER = 7
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+STABLE = 2.5  # seconds
 
 
 def monitor_series(samples: dict) -> set:
@@ -41,23 +42,23 @@ def slots(samples: dict) -> set[str]:
 
 
 def settled(e, workers: int) -> set:
-    """The monitor's series once `workers` workers are up, sampled, and their boots recorded."""
-    last: list = [None]
+    """The monitor's series once `workers` workers are up and sampled and nothing has changed
+    for STABLE seconds (the master records a boot on its next loop turn, a second apart)."""
+    last: dict = {"series": None, "since": 0.0}
 
-    def same_twice() -> set | None:
+    def stable() -> set | None:
+        time.sleep(0.25)
         samples = e.scrape()
         if value(samples, "gunicorn_workers") != workers or len(slots(samples)) != workers:
+            last["series"] = None
             return None
         series = monitor_series(samples)
-        stable = series == last[0]
-        last[0] = series
-        return series if stable else None
+        if series != last["series"]:
+            last.update(series=series, since=time.monotonic())
+            return None
+        return series if time.monotonic() - last["since"] >= STABLE else None
 
-    def poll() -> set | None:
-        time.sleep(0.2)  # two scrapes apart in time, so that "stable" means something
-        return same_twice()
-
-    return wait_for(poll, 20, f"{workers} workers settled")
+    return wait_for(stable, 30, f"{workers} workers settled")
 
 
 @pytest.fixture(scope="module")

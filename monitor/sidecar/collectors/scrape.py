@@ -103,11 +103,13 @@ class ScrapeCollector:
             "Files left out of a scrape because they could not be read or parsed.",
             value=sum(st.files_skipped for st in stats),
         )
-        yield CounterMetricFamily(
-            "gunicorn_exporter_files_quarantined",
-            "Unreadable files moved to quarantine/ in the shared directory.",
-            value=sum(getattr(st, "files_quarantined", 0) for st in stats),
-        )
+        quarantining = [st for st in stats if hasattr(st, "files_quarantined")]
+        if quarantining:  # only the app collector moves files aside
+            yield CounterMetricFamily(
+                "gunicorn_exporter_files_quarantined",
+                "Unreadable files moved to quarantine/ in the shared directory.",
+                value=sum(st.files_quarantined for st in quarantining),
+            )
         family = CounterMetricFamily(
             "gunicorn_exporter_errors",
             "Errors while collecting, by kind: unreadable, malformed, rejected, collect, "
