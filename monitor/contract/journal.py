@@ -3,60 +3,97 @@
 Written by hand because no library does what is needed: several processes (an old and a new
 master during a USR2 upgrade) append to one file, and rotation must not lose a line. Each
 record is a single O_APPEND write, which the kernel keeps whole; rotation happens under an
-flock, and a writer that finds the file rotated under it reopens before its next write.
+flock that no writer ever waits for, and each record opens the file anew by name, so a rotated
+file is never written to again.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Iterator
 
-from monitor.contract.directory import Layout
+from monitor.contract.directory import Layout, open_private
 
 MAX_BYTES = 4 * 1024 * 1024  # per file; one rotated file is kept, so at most 8 MiB in all
 
 
 class Journal:
+    """The writer. Holds no fd between records: each append opens the file relative to a
+    checked directory fd (O_NOFOLLOW), writes one record and closes, so there is no fd of ours
+    to go stale, to be closed twice after the directory vanished, or to pin a mount writable.
+    """
+
     def __init__(self, layout: Layout, max_bytes: int = MAX_BYTES) -> None:
+        self.layout = layout
         self.path = layout.journal
+        self.name = os.path.basename(layout.journal)
         self.max_bytes = max_bytes
-        self._fd = -1
 
-    def _open(self) -> int:
-        if self._fd >= 0:
-            try:
-                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
-                    return self._fd
-            except FileNotFoundError:
-                pass
-            os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return self._fd
+    def append(self, record: dict, dir_fd: int | None = None) -> None:
+        """One record, one write; OSError when it cannot be written (nothing half-written).
 
-    def append(self, record: dict) -> None:
+        `dir_fd` is the open `gunicorn-monitor/` (the master's recorder keeps one checked);
+        without it the directory is opened and checked for this one record.
+        """
         line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
-        fd = self._open()
-        os.write(fd, line)
-        if os.fstat(fd).st_size >= self.max_bytes:
-            self._rotate(fd)
-
-    def _rotate(self, fd: int) -> None:
-        with open(self.path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        if dir_fd is None:
+            own = open_private(self.layout, create=True)
             try:
-                # Someone else may have rotated while we waited for the lock.
-                if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                self._append(line, own)
+            finally:
+                os.close(own)
+        else:
+            self._append(line, dir_fd)
+
+    def _append(self, line: bytes, dir_fd: int) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            # A symlink where our journal goes: removed (unlink never follows), never written
+            # through. Only our own user or root can have put it in our private directory.
+            os.unlink(self.name, dir_fd=dir_fd)
+            fd = os.open(self.name, flags, 0o600, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size >= self.max_bytes:
+            self._rotate(dir_fd, st.st_ino)
+
+    def _rotate(self, dir_fd: int, ino: int) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        lock = os.open(self.name + ".lock", flags, 0o600, dir_fd=dir_fd)
+        try:
+            try:
+                # Never wait: another writer holding the lock is rotating (or is stopped while
+                # it does: a SIGSTOPped mark-deploy must not hang the master). Next record.
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            try:
+                # Someone else may have rotated before we took the lock.
+                if os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False).st_ino != ino:
                     return
             except FileNotFoundError:
                 return
-            os.replace(self.path, self.path + ".1")
+            os.rename(self.name, self.name + ".1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            os.close(lock)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Nothing to close: no fd is held between records (kept for callers of the old API)."""
 
 
 def read(layout: Layout) -> tuple[list[dict], int]:

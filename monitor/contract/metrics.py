@@ -52,6 +52,23 @@ HOOK_ERRORS = Spec(
     "Failures inside the monitoring hooks; each was contained and logged once.",
     ("hook",),
 )
+# What went wrong with the shared directory, as the master's recorder saw it (hooks/disk.py).
+DIRECTORY_FAULT_KINDS = (
+    "missing",  # removed or replaced by another directory, or no longer a directory
+    "unsafe",  # a symlink, another user's, or writable by others: refused
+    "read_only",
+    "no_space",
+    "no_inodes",
+    "permission",
+    "replaced",  # a file of the master's was removed or replaced; rewritten from its counts
+    "io",  # any other I/O error
+)
+DIRECTORY_FAULTS = Spec(
+    "gunicorn_monitor_directory_faults",
+    "counter",
+    "Faults of the shared directory the hooks met (each logged once, recording resumed after).",
+    ("fault",),
+)
 LAST_DEPLOY = Spec(
     "gunicorn_last_deploy_timestamp_seconds",
     "gauge",
@@ -173,4 +190,5 @@ LABEL_VALUES: dict[str, frozenset[str]] = {
     "signal": SIGNALS,
     "hook": HOOK_NAMES,
     "phase": frozenset(captures.PHASES),
+    "fault": frozenset(DIRECTORY_FAULT_KINDS),
 }

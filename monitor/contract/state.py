@@ -7,6 +7,7 @@ a stale file whose pid was reused by an unrelated process reads as dead.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -15,15 +16,46 @@ from dataclasses import dataclass
 
 import psutil
 
-from monitor.contract.directory import Layout
+from monitor.contract.directory import Layout, open_private
 
 
-def write(layout: Layout, pid: int, state: dict) -> None:
-    path = layout.master_state(pid)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, separators=(",", ":"))
-    os.replace(tmp, path)
+def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> tuple[int, int]:
+    """Replace the state file atomically; returns its (st_dev, st_ino), for the writer to notice
+    when it is later removed or replaced.
+
+    Written relative to the checked `dir_fd` of `gunicorn-monitor/` (opened here when not
+    given), never following a symlink: a temporary file created O_EXCL, then renamed.
+    """
+    if dir_fd is None:
+        own = open_private(layout, create=True)
+        try:
+            return write(layout, pid, state, own)
+        finally:
+            os.close(own)
+    name = os.path.basename(layout.master_state(pid))
+    tmp = f"{name}.{os.getpid()}.tmp"
+    data = json.dumps(state, separators=(",", ":")).encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)  # left by a crash
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    return st.st_dev, st.st_ino
 
 
 def process_start_time(pid: int) -> float | None:

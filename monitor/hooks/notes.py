@@ -5,50 +5,86 @@ indistinguishable from a max_requests recycle by its status alone. The worker kn
 leaves a one-word note (`SIGTERM`, `max_requests`) that the master reads in child_exit. The
 first note wins: a worker recycling after max_requests that then gets SIGTERM left because of
 max_requests.
+
+A note only refines a cause, so a worker that cannot leave one (the directory is gone, full,
+read-only, or not safe to write) says nothing: the master watches the same directory and
+reports its faults, once. Notes are written under `notes/` opened level by level without
+following symlinks, and created O_EXCL: a worker never writes through a symlink.
 """
 
 from __future__ import annotations
 
 import os
 
+from monitor.contract import directory
 from monitor.contract.directory import Layout
+
+_MAX = 64  # bytes of a note worth reading
 
 
 def leave(layout: Layout, pid: int, text: str) -> None:
     try:
-        fd = os.open(layout.note(pid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        own = directory.open_private(layout, create=False)
+    except OSError:
         return
     try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def take(layout: Layout, pid: int) -> str | None:
-    path = layout.note(pid)
+        notes = directory.open_notes(own, layout)
+    except OSError:
+        os.close(own)
+        return
+    os.close(own)
     try:
-        with open(path) as f:
-            text = f.read(64).strip()
-    except FileNotFoundError:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(str(pid), flags, 0o600, dir_fd=notes)
+        try:
+            os.write(fd, text.encode()[:_MAX])
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # FileExistsError: the first note wins; anything else: see the module docstring
+    finally:
+        os.close(notes)
+
+
+def take(own_fd: int, layout: Layout, pid: int) -> str | None:
+    """The note of a reaped worker, removed; None when it left none (or it is unreadable)."""
+    try:
+        notes = directory.open_notes(own_fd, layout, create=True)
+    except OSError:
         return None
-    os.unlink(path)
-    return text or None
+    try:
+        try:
+            fd = os.open(str(pid), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=notes)
+        except OSError:
+            return None
+        try:
+            text = os.read(fd, _MAX).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        os.unlink(str(pid), dir_fd=notes)
+        return text or None
+    except OSError:
+        return None
+    finally:
+        os.close(notes)
 
 
-def discard_stale(layout: Layout) -> None:
+def discard_stale(own_fd: int, layout: Layout) -> None:
     """Notes of pids that no longer run are from workers of an earlier master."""
     try:
-        names = os.listdir(layout.notes)
-    except FileNotFoundError:
+        notes = directory.open_notes(own_fd, layout, create=True)
+    except OSError:
         return
-    for name in names:
-        try:
-            os.kill(int(name), 0)
-        except (ValueError, ProcessLookupError):
+    try:
+        for name in os.listdir(notes):
             try:
-                os.unlink(os.path.join(layout.notes, name))
-            except OSError:
+                os.kill(int(name), 0)
+            except (ValueError, ProcessLookupError):
+                try:
+                    os.unlink(name, dir_fd=notes)
+                except OSError:
+                    pass
+            except PermissionError:
                 pass
-        except PermissionError:
-            pass
+    finally:
+        os.close(notes)

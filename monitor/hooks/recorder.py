@@ -13,10 +13,17 @@ evidence itself, and decides in child_exit:
 - a note the worker leaves when it catches a signal or reaches max_requests.
 
 Every call into it from Gunicorn goes through monitor/hooks/contain.py (see the package's rules).
+
+Its counts live in memory (contract/store.py) and are written through one checked directory fd
+(hooks/disk.py) after every event and once per turn of the master's loop: a directory that is
+removed, full, read-only, unsafe or tampered with costs recording, never a request, and
+recording resumes by itself with every count intact. Only the master writes: a forked worker
+drops the recorder (os.register_at_fork), so nothing it inherited can reach the master's files.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -33,12 +40,15 @@ from prometheus_client import multiprocess
 from monitor.contract import appfiles, causes, directory, journal, metrics, state
 from monitor.contract.store import Store
 from monitor.hooks import classify, notes, oom, settings
+from monitor.hooks import contain as contain_module
 from monitor.hooks.contain import contain, guard
+from monitor.hooks.disk import Disk
 
 log = logging.getLogger("gunicorn.error")
 
 _RETIRING = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 _TERMINATING = _RETIRING + (signal.SIGKILL, signal.SIGABRT)
+_PENDING_RECORDS = 1000  # journal records kept while the directory is unwritable (oldest go)
 
 
 class _Waitpid:
@@ -64,9 +74,15 @@ class Monitor:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.pid = os.getpid()
-        self.layout = directory.create()
-        self.store = Store(self.layout, str(self.pid))
+        self.layout = directory.Layout(directory.resolve())
+        self.store = Store(str(self.pid))
+        self._declare()
+        self.disk = Disk(self.layout, self._count_fault)
         self.journal = journal.Journal(self.layout)
+        self.pending: collections.deque[dict] = collections.deque(maxlen=_PENDING_RECORDS)
+        self.generation = 0  # the disk's, when the counts were last written whole
+        self.adopted = False
+        self.state_id: tuple[int, int] | None = None
         self.lock = threading.RLock()  # nworkers_changed may run in the control-socket thread
         self.oom_paths = oom.counter_paths()
         self.oom_seen = oom.read_oom_kills(self.oom_paths)
@@ -85,8 +101,32 @@ class Monitor:
         # Set by the watch (watch.py): the capture and phase of an exit, the stuck-booting gauge.
         self.exit_fields: Callable[[int, str], dict] = lambda pid, cause: {}
         self.state_fields: Callable[[], dict] = dict
-        notes.discard_stale(self.layout)
+        os.register_at_fork(after_in_child=self._forked)
         self._wrap_arbiter()
+        self.disk.session(self._write_counts)  # adopt what an earlier master of our pid left
+
+    def _declare(self) -> None:
+        """The usual series exist from the start at 0: recording one is then an in-place write,
+        which a full disk cannot fail (store.py)."""
+        for spec in (
+            metrics.WORKER_SPAWNS,
+            metrics.WORKER_RESTARTS,
+            metrics.WORKER_ABORTS,
+            metrics.MASTER_RELOADS,
+        ):
+            self.store.declare(spec)
+        for cause, sig in causes.KNOWN_EXITS:
+            self.store.declare(metrics.WORKER_EXITS, cause=cause, signal=sig)
+        for fault in metrics.DIRECTORY_FAULT_KINDS:
+            self.store.declare(metrics.DIRECTORY_FAULTS, fault=fault)
+
+    def _forked(self) -> None:
+        """In every child the master forks (workers, the USR2 child): the recorder is not the
+        child's. Its copy of the directory fd is closed, and contained failures are no longer
+        counted into the master's files."""
+        self.disk.forked()
+        if contain_module.counter == self.count_failure:
+            contain_module.counter = None
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -148,7 +188,47 @@ class Monitor:
     # -- events ---------------------------------------------------------------------------
 
     def _event(self, event: str, **fields: Any) -> None:
-        self.journal.append({"time": time.time(), "event": event, "master_pid": self.pid, **fields})
+        """Journal an event, and write it with every count changed before it."""
+        self.pending.append({"time": time.time(), "event": event, "master_pid": self.pid, **fields})
+        self.disk.session(self._write_counts, self._write_journal)
+
+    # -- the disk -------------------------------------------------------------------------------
+
+    def _write_counts(self, fd: int, verify: bool = False) -> None:
+        if self.disk.generation != self.generation:
+            # A directory we have not written into yet: at start, or recreated after a fault.
+            if not self.adopted:
+                for name in self.store.load(fd):
+                    self.disk.fault(OSError(f"{name} is not a prometheus_client file"), "replaced")
+                self.adopted = True
+                notes.discard_stale(fd, self.layout)
+            self.store.forget_files()
+            self.state_id = None
+            self.generation = self.disk.generation
+        for name in self.store.write(fd, verify):
+            self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
+
+    def _write_journal(self, fd: int) -> None:
+        while self.pending:
+            self.journal.append(self.pending[0], fd)
+            self.pending.popleft()
+
+    def _write_state(self, fd: int) -> None:
+        if not self.dirty and self.state_id is not None:
+            name = os.path.basename(self.layout.master_state(self.pid))
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                same = (st.st_dev, st.st_ino) == self.state_id
+            except FileNotFoundError:
+                same = False
+            if same:
+                return
+            self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
+        self.state_id = state.write(self.layout, self.pid, self._state(), fd)
+        self.dirty = False
+
+    def _count_fault(self, fault: str) -> None:
+        self.store.inc(metrics.DIRECTORY_FAULTS, fault=fault)
 
     def _deploy(self, kind: str) -> None:
         with self.lock:
@@ -200,6 +280,8 @@ class Monitor:
     def reaped(self, pid: int, status: int) -> None:
         """Called for every reaped child, before Gunicorn looks at it."""
         try:
+            if os.getpid() != self.pid:
+                return
             if pid not in self.server.WORKERS:
                 return
             self.statuses[pid] = status
@@ -219,7 +301,7 @@ class Monitor:
                 master_signals=frozenset(self.sent.pop(pid, ())),
                 master_phase=self.phase.pop(pid, None),
                 aborted=bool(getattr(worker, "aborted", False)),
-                note=notes.take(self.layout, pid),
+                note=self._take_note(pid),
                 oom_kills=self._new_oom_kills(),
             )
             cause, sig = classify.classify(evidence)
@@ -262,7 +344,17 @@ class Monitor:
             self._save()
         _retire_app_files(pid, self.layout.root)
 
+    def _take_note(self, pid: int) -> str | None:
+        try:
+            fd = self.disk.fd()
+        except OSError:
+            return None  # said by the session that writes this exit
+        return notes.take(fd, self.layout, pid)
+
     def count_failure(self, hook: str) -> None:
+        """Counted in memory; written with the next event or loop turn."""
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             self.store.inc(metrics.HOOK_ERRORS, hook=hook)
 
@@ -303,29 +395,34 @@ class Monitor:
         return result
 
     def flush(self) -> None:
+        """Once per turn of the master's loop: the state if it changed, and a check that every
+        file is still ours and where it belongs (rewritten whole when not)."""
         with self.lock:
-            if not self.dirty:
-                return
-            self.dirty = False
-            cfg = self.server.cfg
-            state.write(
-                self.layout,
-                self.pid,
-                {
-                    "pid": self.pid,
-                    "start_time": self.started,
-                    "stopped": self.stopped_at is not None,
-                    "version": gunicorn.__version__,
-                    "worker_class": cfg.worker_class_str,
-                    "workers_desired": self.desired,
-                    "workers": {
-                        str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
-                        for pid, slot in self.slots.items()
-                    },
-                    "updated": time.time(),
-                    **self.state_fields(),
-                },
+            if self.disk.faults:
+                self.dirty = True  # a whole file written is what tells the fault is over
+            self.disk.session(
+                functools.partial(self._write_counts, verify=True),
+                self._write_journal,
+                self._write_state,
+                settle=True,
             )
+
+    def _state(self) -> dict:
+        cfg = self.server.cfg
+        return {
+            "pid": self.pid,
+            "start_time": self.started,
+            "stopped": self.stopped_at is not None,
+            "version": gunicorn.__version__,
+            "worker_class": cfg.worker_class_str,
+            "workers_desired": self.desired,
+            "workers": {
+                str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
+                for pid, slot in self.slots.items()
+            },
+            "updated": time.time(),
+            **self.state_fields(),
+        }
 
 
 @functools.cache
