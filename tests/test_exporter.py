@@ -152,9 +152,10 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_bad_flags_and_directories_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "not-a-dir").write_text("")  # a missing one is waited for (test_start_order)
     cases = [
         ("serve", "--bogus"),
-        ("serve", "--dir", str(tmp_path / "missing")),
+        ("serve", "--dir", str(tmp_path / "not-a-dir")),
         ("serve", "--dir", str(tmp_path), "--listen", "nonsense"),
         ("events", "--dir", str(tmp_path / "missing")),
     ]

@@ -23,11 +23,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from monitor.contract import appfiles, directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import doctor, stacks, status, webconfig
+from monitor.sidecar import cache, doctor, readiness, stacks, status, webconfig
 from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
@@ -216,18 +216,25 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
     # Missing is fine (Gunicorn may start later); there but unusable or unsafe is exit 2.
-    layout = directory.open_for_reading(args.dir)
-    registry, _ = build_registry(layout, args.app_metrics_fold, collectors(args))
+    layout = directory.open_for_reading(args.dir, missing_ok=True)
+    gate = readiness.DirectoryGate(layout)
+    gate.problem()  # says at start if the directory is not there yet
+    registry, sampler = build_registry(layout, args.app_metrics_fold, collectors(args))
+    served = CollectorRegistry(auto_describe=False)
+    served.register(readiness.GatedCollector(registry, gate))
 
     def ready() -> tuple[bool, str]:
-        if not os.access(layout.root, os.R_OK | os.X_OK):
-            return False, f"{layout.root} is not readable"
+        problem = gate.problem()
+        if problem is not None:
+            return False, problem
         if not any(m.alive for m in state.read(layout)[0]):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
+    rendered = cache.RenderedMetrics(served, cache.DirectoryInputs(layout, sampler, gate))
+    app = make_app(rendered, ready, make_wsgi_app(served))
     try:
-        server = make_http_server(args.listen, make_app(registry, ready), web_config)
+        server = make_http_server(args.listen, app, web_config)
     except OSError as e:
         sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
         return 2

@@ -1,30 +1,44 @@
 """The HTTP side of the sidecar: /metrics, health endpoints and an index page.
 
 Collectors know nothing of HTTP and this module knows nothing of Gunicorn: it serves whatever
-registry it is given. prometheus_client's WSGI app does the exposition (text or OpenMetrics by
-Accept header, gzip); this module only routes around it, and applies a web config's basic auth
-(every path) and TLS (handshake on the connection's own thread, never in accept).
+it is given. /metrics comes from a `metrics` callable (monitor/sidecar/cache.py: rendered bytes,
+kept between scrapes); anything prometheus_client's own WSGI app does that the cache does not
+(`?name[]=` filters, OPTIONS, 405s) is left to that app. HEAD is answered as GET without a
+body, on every path. A web config adds basic auth (every path) and TLS.
+
+The server holds up under load: a fixed pool of threads handles requests, a connection costs
+no thread until its first bytes arrive, the number of open connections is bounded, and every
+connection must deliver its whole request (TLS handshake included) within REQUEST_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import selectors
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer, make_server
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.exposition import _SilentHandler, gzip_accepted
 
 if TYPE_CHECKING:
     from monitor.sidecar.webconfig import WebConfig
 
 log = logging.getLogger("gunicorn_monitor")
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete TLS before its connection is dropped
+WORKERS = 8  # threads handling requests; a scrape costs about a millisecond of one
+MAX_CONNECTIONS = 512  # open at once; past it the longest-idle connection is dropped
+REQUEST_TIMEOUT = 10.0  # seconds from accept to a whole request, TLS handshake included
+WRITE_TIMEOUT = 10.0  # seconds any one send of a response may block on a client not reading
+LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
+
 REALM = 'Basic realm="gunicorn-monitor"'
 INDEX = """<html><head><title>gunicorn-monitor</title></head><body>
 <h1>gunicorn-monitor</h1>
@@ -32,14 +46,34 @@ INDEX = """<html><head><title>gunicorn-monitor</title></head><body>
 <li><a href="-/ready">ready</a></li></ul></body></html>
 """
 
+# (Accept header, gzip wanted) -> (Content-Type, body): the exposition, from cache.py
+Metrics = Callable[[str | None, bool], tuple[str, bytes]]
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) -> Callable:
-    metrics_app = make_wsgi_app(registry)
+
+def make_app(
+    metrics: Metrics,
+    ready: Callable[[], tuple[bool, str]],
+    fallback: Callable | None = None,
+) -> Callable:
+    """Route /metrics to `metrics(accept, gzip)`, the health endpoints, the index.
+
+    `fallback` (prometheus_client's make_wsgi_app) answers the /metrics requests the cache
+    does not: other methods than GET, and `?name[]=` filters.
+    """
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            wanted = "name[]" in parse_qs(environ.get("QUERY_STRING", ""))
+            if fallback is not None and (environ["REQUEST_METHOD"] != "GET" or wanted):
+                return fallback(environ, start_response)
+            gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
+            content_type, body = metrics(environ.get("HTTP_ACCEPT"), gz)
+            headers = [("Content-Type", content_type)]
+            if gz:
+                headers.append(("Content-Encoding", "gzip"))
+            start_response("200 OK", headers)
+            return [body]
         if path == "/-/healthy":
             return _text(start_response, "200 OK", "Healthy.\n")
         if path == "/-/ready":
@@ -58,6 +92,27 @@ def _text(start_response: Callable, status: str, body: str, ctype: str = "text/p
     return [data]
 
 
+def head_as_get(app: Callable) -> Callable:
+    """HEAD answered as GET would be, headers only (Content-Length that of the GET body)."""
+
+    def wrapped(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        seen: list = []
+        result = app({**environ, "REQUEST_METHOD": "GET"}, lambda *args: seen.append(args))
+        try:
+            length = sum(len(chunk) for chunk in result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        status, headers = seen[0][:2]
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(length))])
+        return []
+
+    return wrapped
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT`, `:PORT` or `[V6]:PORT`; ValueError with a readable message otherwise."""
     host, sep, port = listen.rpartition(":")
@@ -66,20 +121,19 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def make_http_server(listen: str, app: Callable, web_config: WebConfig | None = None) -> WSGIServer:
-    """A threading server for `app` on `listen`, with the web config's TLS and basic auth."""
+def make_http_server(
+    listen: str, app: Callable, web_config: WebConfig | None = None
+) -> PooledWSGIServer:
+    """A pooled server for `app` on `listen`, with the web config's TLS and basic auth."""
     host, port = parse_listen(listen)
     context = web_config.ssl_context() if web_config is not None else None
     if web_config is not None and web_config.users:
         app = basic_auth(app, web_config.check)
         if context is None:
             log.warning("basic auth over plain HTTP: passwords cross the network in clear")
-
-    class Server(ThreadingWSGIServer):
-        address_family = _family(host)
-
-    server_class = Server if context is None else _tls_server(Server, context)
-    return make_server(host, port, app, server_class, handler_class=_SilentHandler)
+    server = PooledWSGIServer((host, port), _Handler, context)
+    server.set_app(head_as_get(app))
+    return server
 
 
 def basic_auth(app: Callable, check: Callable[[str | None], bool]) -> Callable:
@@ -102,36 +156,184 @@ def basic_auth(app: Callable, check: Callable[[str | None], bool]) -> Callable:
     return guarded
 
 
-def _tls_server(base: type, context: ssl.SSLContext) -> type:
-    """`base` serving TLS: accept only wraps the socket; each thread does its own handshake.
+class _Handler(_SilentHandler):
+    """wsgiref's handler (one request per connection), telling the server when the request
+    line and headers are in: from then on the request deadline no longer applies."""
 
-    A client that connects and never completes the handshake (or speaks plain HTTP) holds only
-    its own thread, for at most HANDSHAKE_TIMEOUT, and is dropped without a traceback.
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.request_read(self.connection)
+        return ok
+
+
+class PooledWSGIServer(WSGIServer):
+    """wsgiref's WSGI server with a bounded thread pool and request deadlines.
+
+    Hand-written because none of the servers at hand bounds anything: prometheus_client's and
+    wsgiref's give each connection its own thread for as long as the client likes (300 idle
+    connections held 300 threads, and scrapes under them took over a second), and the WSGI
+    servers that pool (waitress) have no TLS. The accept loop keeps each new connection in a
+    selector, where it costs one file descriptor, until its first bytes arrive; only then does
+    a pool thread take it, do the TLS handshake and read the request. The loop also enforces
+    the deadlines: a connection silent for REQUEST_TIMEOUT is closed, and one whose request is
+    still incomplete then (a slow or stalled client on a pool thread) is shut down under its
+    thread, which frees it. Past MAX_CONNECTIONS the longest-idle connection is dropped for the
+    new one, so a flood of idle connections never locks a scraper out.
     """
 
-    class TLSServer(base):
-        def get_request(self) -> tuple[socket.socket, object]:
-            sock, addr = self.socket.accept()
-            return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+    request_queue_size = LISTEN_BACKLOG
+    allow_reuse_address = True
 
-        def finish_request(self, request: ssl.SSLSocket, client_address: object) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type,
+        context: ssl.SSLContext | None = None,
+        workers: int = WORKERS,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self.address_family = _family(address[0])
+        self._threads: list[threading.Thread] = []
+        super().__init__(address, handler)  # binds: an OSError here is the caller's to report
+        self.context = context
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (sock, addr, deadline) or None
+        self._idle: dict[socket.socket, tuple[object, float]] = {}  # in the selector; by age
+        self._reading: dict[socket.socket, float] = {}  # on a pool thread, request incomplete
+        self._lock = threading.Lock()  # guards _reading and the shutdown of its sockets
+        self._open = 0  # connections accepted and not yet closed
+        self._stopping = False
+        for i in range(workers):
+            self._threads.append(threading.Thread(target=self._work, name=f"http-{i}", daemon=True))
+            self._threads[-1].start()
+
+    # The accept loop (the main thread).
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.socket.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.socket, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in sel.select(timeout=poll_interval):
+                    if key.fileobj is self.socket:
+                        self._accept(sel)
+                    else:
+                        sock = key.fileobj
+                        sel.unregister(sock)
+                        addr, deadline = self._idle.pop(sock)
+                        self._ready.put((sock, addr, deadline))
+                self._expire(sel, time.monotonic())
+            for sock in list(self._idle):
+                sel.unregister(sock)
+                self._drop(sock)
+            self._idle.clear()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        while True:
             try:
-                request.settimeout(HANDSHAKE_TIMEOUT)
-                request.do_handshake()
-                request.settimeout(None)
-            except (ssl.SSLError, OSError) as e:
-                log.debug("TLS handshake with %s failed: %s", client_address, e)
+                sock, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            super().finish_request(request, client_address)
+            except OSError as e:  # EMFILE and the like: the connection waits in the backlog
+                log.warning("event=accept_failed error=%s", e.strerror)
+                return
+            if self._open >= self.max_connections and not self._evict_idle(sel):
+                sock.close()  # all busy: this one gets a reset, the ones being served go on
+                continue
+            sock.settimeout(WRITE_TIMEOUT)
+            with self._lock:
+                self._open += 1
+            self._idle[sock] = (addr, time.monotonic() + self.request_timeout)
+            sel.register(sock, selectors.EVENT_READ)
 
-    return TLSServer
+    def _evict_idle(self, sel: selectors.BaseSelector) -> bool:
+        oldest = next(iter(self._idle), None)
+        if oldest is None:
+            return False
+        del self._idle[oldest]
+        sel.unregister(oldest)
+        self._drop(oldest)
+        return True
+
+    def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
+        for sock, (_, deadline) in list(self._idle.items()):
+            if deadline > now:
+                break  # in accept order, so in deadline order
+            del self._idle[sock]
+            sel.unregister(sock)
+            self._drop(sock)
+        with self._lock:
+            for sock, deadline in list(self._reading.items()):
+                if deadline <= now:
+                    del self._reading[sock]
+                    # Unblocks the pool thread's read; that thread closes the socket.
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def _drop(self, sock: socket.socket) -> None:
+        sock.close()
+        with self._lock:
+            self._open -= 1
+
+    # The pool threads.
+
+    def _work(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            sock, addr, deadline = item
+            conn = sock
+            try:
+                if self.context is not None:
+                    conn = self.context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                with self._lock:
+                    self._reading[conn] = deadline
+                if self.context is not None:
+                    conn.settimeout(max(0.001, deadline - time.monotonic()))
+                    conn.do_handshake()
+                    conn.settimeout(WRITE_TIMEOUT)
+                self.finish_request(conn, addr)
+            except (OSError, ValueError) as e:  # resets, timeouts, failed handshakes
+                log.debug("event=connection_dropped client=%s error=%r", addr, e)
+            except Exception:
+                log.exception("event=request_failed client=%s", addr)
+            finally:
+                with self._lock:
+                    self._reading.pop(conn, None)
+                self.shutdown_request(conn)
+                with self._lock:
+                    self._open -= 1
+
+    def request_read(self, conn: socket.socket) -> None:
+        """The request is in (called by the handler): its deadline no longer applies."""
+        with self._lock:
+            self._reading.pop(conn, None)
+
+    def server_close(self) -> None:
+        self._stopping = True
+        for _ in self._threads:
+            self._ready.put(None)
+        super().server_close()
+
+    def threads(self) -> int:
+        return len(self._threads)
 
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def serve_forever(server: WSGIServer) -> None:
+def serve_forever(server: PooledWSGIServer) -> None:
     log.info(
         "gunicorn-monitor exporter listening on %s:%s (pid %s)",
         *server.server_address[:2],

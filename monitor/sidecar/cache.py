@@ -1,0 +1,221 @@
+"""/metrics bodies kept between scrapes, until something they were made from changes.
+
+Why: a scrape used to collect every source, render some hundreds of series and gzip them
+every time, though between two scrapes of a quiet app nothing had changed; the sidecar cost
+several times the stock exporter's CPU. Now a scrape first takes the *inputs* of a collection,
+cheaply (no parsing, merging or rendering), and when they equal the last scrape's it serves the
+bytes rendered then. The inputs, compared by value on every scrape (`DirectoryInputs`):
+
+- every file at the top of the directory and in `gunicorn-monitor/`: a `*.db` file by its used
+  bytes (prometheus_client and the hooks write those through mmap, which does not move mtime),
+  any other file by inode, size and mtime (master-*.json is replaced whole, the journal grows);
+- which processes they name are alive: the pid of each top-level `*.db` file (a dead worker's
+  live* gauges go), each recorded master (alive and started when recorded) and its workers;
+- the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
+  gone or the masters recorded a change), and its error count;
+- whether the directory may be read at all (readiness.DirectoryGate).
+
+The inputs are taken before the collection, so a body is never older than the inputs it is
+kept for: a change to any of them shows at the very next scrape. Inputs that cannot be taken
+(an error) match nothing, and the scrape collects. What a body kept this way repeats is its
+collection's own self-metrics (`gunicorn_exporter_scrape_duration_seconds` is how long the
+collection of the served samples took).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+
+from monitor.contract import state
+from monitor.contract.appfiles import parse_name
+from monitor.contract.directory import Layout
+
+HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
+MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
+_unpack_int = struct.Struct("i").unpack_from
+
+
+class _Families:
+    """A collector of families already collected, so every format renders one collection."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+class RenderedMetrics:
+    """`(accept, gzip) -> (content type, body)` for /metrics, exactly as prometheus_client's
+    own app renders `collector`, kept until `inputs()` returns something else.
+
+    Single flight: one scrape checks (and renders) at a time, and a scrape that waited reuses
+    the check of a scrape that started after it arrived, so a burst costs one check.
+    """
+
+    def __init__(self, collector: Any, inputs: Callable[[], object]) -> None:
+        self.collector = collector
+        self.inputs = inputs
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._checks = 0
+        self._token: object = object()
+        self._families: _Families | None = None
+        self._bodies: dict[tuple[str, bool], bytes] = {}
+
+    def __call__(self, accept: str | None, gz: bool) -> tuple[str, bytes]:
+        encoder, content_type = choose_encoder(accept or "")
+        arrived = self._checks
+        with self._lock:
+            if self._checks == arrived:  # no check has started since this scrape arrived
+                self._checks += 1
+                try:
+                    token = self.inputs()
+                except Exception:  # unknown inputs match nothing: collect
+                    token = object()
+                if token != self._token:
+                    self._token, self._families, self._bodies = token, None, {}
+            body = self._bodies.get((content_type, gz))
+            if body is not None:
+                self.hits += 1
+                return content_type, body
+            self.misses += 1
+            if self._families is None:
+                self._families = _Families(list(self.collector.collect()))
+            body = encoder(self._families)
+            if gz:
+                body = gzip.compress(body)
+            self._bodies[(content_type, gz)] = body
+            return content_type, body
+
+
+class DirectoryInputs:
+    """The inputs of a collection over `layout` (see the module docstring), as one value."""
+
+    def __init__(self, layout: Layout, sampler: Any = None, gate: Any = None) -> None:
+        self.layout = layout
+        self.sampler = sampler
+        self.gate = gate
+        self._files = _UsedBytes()
+        self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
+        self._states: tuple = ()  # the master-*.json stats the parse below is of
+        self._masters: list[tuple[int, float, bool, tuple[int, ...]]] = []
+
+    def __call__(self) -> object:
+        if self.gate is not None:
+            problem = self.gate.problem()
+            if problem is not None:
+                return ("refused", problem)
+        files: dict[str, object] = {}
+        pids: dict[str, int | None] = {}
+        for d in (self.layout.root, self.layout.own):
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                files[d] = None
+                continue
+            for e in entries:
+                if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
+                    files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
+                    if d == self.layout.root:
+                        pids[e.name] = self._pid(e.name)
+                else:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:  # gone since the listing
+                        continue
+                    files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._files.keep_only(files)
+        self._pids = pids
+        known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
+        exists = functools.partial(_exists, known)
+        alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
+        sampled = None
+        if self.sampler is not None:
+            errors = self.sampler.errors  # a copy: the sampler counts on in the same dict
+            sampled = (self.sampler.current(), dict(errors) if isinstance(errors, dict) else errors)
+        return (files, alive, self._live_masters(files, exists), sampled)
+
+    def _pid(self, name: str) -> int | None:
+        if name in self._pids:
+            return self._pids[name]
+        db = parse_name(name)
+        return db.pid if db is not None else None
+
+    def _live_masters(self, files: dict[str, object], exists: Callable[[int], bool]) -> list:
+        """Each recorded master, alive or not, and which of its workers exist. The state files
+        are parsed again only when one of them changed (they are replaced whole)."""
+        prefix = os.path.join(self.layout.own, "master-")
+        states = tuple(sorted((p, v) for p, v in files.items() if p.startswith(prefix)))
+        if states != self._states:
+            self._masters = [
+                (m.pid, m.start_time, m.alive, tuple(w.pid for w in m.workers))
+                for m in state.read(self.layout)[0]
+            ]
+            self._states = states
+        # A master recorded dead stays dead (stopped, or its process gone); a live one is
+        # checked again, as state.read would.
+        return [
+            (pid, alive and state.is_running(pid, started), tuple(map(exists, workers)))
+            for pid, started, alive, workers in self._masters
+        ]
+
+
+def _exists(known: dict[int, bool], pid: int) -> bool:
+    found = known.get(pid)
+    if found is None:
+        found = known[pid] = state.pid_exists(pid)
+    return found
+
+
+class _UsedBytes:
+    """The used bytes of prometheus_client files (the count in their first 4 bytes), read by
+    pread on descriptors kept open between scrapes: one system call a file, not three."""
+
+    def __init__(self, max_open: int = MAX_OPEN) -> None:
+        self.max_open = max_open
+        self._open: dict[str, tuple[int, int]] = {}  # path -> (inode, fd); closed only here
+
+    def read(self, path: str, inode: int) -> bytes | None:
+        kept = self._open.get(path)
+        if kept is not None and kept[0] != inode:  # replaced (compaction renames over)
+            del self._open[path]
+            os.close(kept[1])
+            kept = None
+        if kept is not None:
+            fd = kept[1]
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return None
+        try:
+            data = os.pread(fd, HEADER, 0)
+            used = _unpack_int(data)[0] if len(data) >= 4 else 0
+            if used > len(data):  # never more than the file holds, whatever its header says
+                used = min(used, os.fstat(fd).st_size)
+                data += os.pread(fd, max(0, used - len(data)), len(data))
+            return data[: max(used, 0)]
+        except OSError:
+            return None
+        finally:
+            if kept is None:
+                if len(self._open) < self.max_open:
+                    self._open[path] = (inode, fd)
+                else:
+                    os.close(fd)
+
+    def keep_only(self, seen: dict[str, object]) -> None:
+        """Close the descriptors of files that are gone since the last scan."""
+        for path in [p for p in self._open if p not in seen]:
+            os.close(self._open.pop(path)[1])

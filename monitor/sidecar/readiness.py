@@ -1,0 +1,74 @@
+"""Whether the shared directory may be read now, for a sidecar that starts in any order.
+
+The sidecar may start before Gunicorn has created the directory (a pod's containers start in
+no fixed order), so a missing directory is a state to wait out, not an error: /-/ready says so,
+/metrics serves `gunicorn_up 0`, and the first scrape after the directory appears serves
+everything in it. A directory that appears unsafe (a symlink, another user's, writable by
+others: monitor/contract/directory.py's rules) is the same, except that it says why: nothing
+is read from it, so nothing from it is served, until it is fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from monitor.contract import directory, metrics
+from monitor.contract.directory import Layout
+
+log = logging.getLogger("gunicorn_monitor")
+
+
+class DirectoryGate:
+    """The directory's state, checked on every call (two lstat calls and an access check),
+    and logged once per change of state."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._said: str | None = ""  # the last state logged; "" before the first
+        self._lock = threading.Lock()
+
+    def problem(self) -> str | None:
+        """None if the directory may be read, else why not, in one line."""
+        try:
+            directory.open_for_reading(self.layout.root)
+            why = None
+        except directory.DirectoryError as e:
+            why = str(e)
+            if e.errno == errno.ENOENT:
+                why = f"{self.layout.root} does not exist yet (Gunicorn has not started)"
+        if why != self._said:
+            self._log(why)
+        return why
+
+    def _log(self, why: str | None) -> None:
+        with self._lock:
+            if why == self._said:
+                return
+            first, self._said = self._said == "", why
+        if why is None:
+            if not first:
+                log.info("event=directory_usable dir=%s", self.layout.root)
+        elif "does not exist" in why:
+            log.info("event=directory_missing dir=%s", self.layout.root)
+        else:
+            log.warning("event=directory_refused dir=%s reason=%r", self.layout.root, why)
+
+
+class GatedCollector:
+    """`inner` while the gate allows reading the directory; `gunicorn_up 0` alone otherwise,
+    so that no collector ever touches (or, compacting, creates) a directory it should not."""
+
+    def __init__(self, inner: object, gate: DirectoryGate) -> None:
+        self.inner = inner
+        self.gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        if self.gate.problem() is None:
+            yield from self.inner.collect()  # type: ignore[attr-defined]
+        else:
+            yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=0)
