@@ -87,6 +87,16 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     assert value(back, "gunicorn_worker_spawns_total") == 3
     assert exits(back) == {("killed", "SIGKILL"): 1.0}
 
+    master_state = own / f"master-{m.pid}.json"
+    master_state.chmod(0o000)  # whether the master is up can no longer be read
+    changed(3)
+    unsure = e.scrape()
+    assert not _families(unsure, "gunicorn_up") | _families(unsure, "gunicorn_workers")
+    assert value(unsure, "gunicorn_worker_spawns_total") == 3  # the counts still can
+    master_state.chmod(0o600)
+    changed(4)
+    assert value(e.scrape(), "gunicorn_up") == 1
+
     own.chmod(0o000)  # nothing recorded can be read
     try:
         blind = e.scrape()
@@ -95,7 +105,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     assert not _families(blind, "gunicorn_worker_spawns") | _families(
         blind, "gunicorn_worker_exits"
     )
-    changed(3)
+    changed(5)
     assert value(e.scrape(), "gunicorn_worker_spawns_total") == 3
 
 

@@ -142,25 +142,41 @@ class Master:
 
 
 def read(layout: Layout) -> tuple[list[Master], int]:
-    """Every recorded master whose file is well formed, and the number of files that were not.
+    """Every recorded master whose file is well formed, and the number of files that were not
+    (unreadable or malformed); see `read_all`."""
+    masters, malformed, unreadable = read_all(layout)
+    return masters, malformed + unreadable
 
-    A file that cannot be read or parsed, or says anything outside the contract, is skipped
-    whole: it says nothing about the other masters.
+
+def read_all(layout: Layout) -> tuple[list[Master], int, int]:
+    """Every recorded master whose file is well formed; how many files were malformed; how
+    many could not be read at all.
+
+    A malformed file (or one saying anything outside the contract) is skipped whole: it says
+    nothing about the other masters. A file that cannot be read may be a live master's, so a
+    reader that would count masters or workers must not answer (a gap, not a zero).
     """
-    masters, bad = [], 0
+    masters, malformed, unreadable = [], 0, 0
     for path in sorted(glob.glob(os.path.join(layout.own, "master-*.json"))):
         name = _NAME.fullmatch(os.path.basename(path))
         try:
             if name is None:
                 raise Malformed("not master-<pid>.json")
             with open(path, "rb") as f:
-                raw = json.loads(f.read(1 << 20))
-            masters.append(parse(raw, int(name.group(1))))
+                data = f.read(1 << 20)
         except FileNotFoundError:
             continue  # the master removed it, or replaced it between glob and open
-        except (OSError, ValueError):  # Malformed and JSONDecodeError are ValueErrors
-            bad += 1
-    return masters, bad
+        except Malformed:
+            malformed += 1
+            continue
+        except OSError:
+            unreadable += 1
+            continue
+        try:
+            masters.append(parse(json.loads(data), int(name.group(1))))
+        except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
+            malformed += 1
+    return masters, malformed, unreadable
 
 
 def _number(value: object, what: str) -> float:

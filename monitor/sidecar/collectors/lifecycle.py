@@ -155,9 +155,12 @@ class LifecycleCollector:
     # -- the masters -----------------------------------------------------------------------
 
     def _masters(self) -> Iterator[Metric]:
-        masters, bad = state.read(self.layout)
-        self._stats.files_skipped += bad
-        self._error("malformed", bad)
+        masters, malformed, unreadable = state.read_all(self.layout)
+        self._stats.files_skipped += malformed + unreadable
+        self._error("malformed", malformed)
+        if unreadable:  # a master we cannot see may be up: say nothing rather than a wrong 0
+            self._error("unreadable", unreadable)
+            return
         self._error("rejected", sum(m.rejected for m in masters))
         live = [m for m in masters if m.alive]
         workers = self._children.live(live)
