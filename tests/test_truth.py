@@ -9,6 +9,7 @@ a journal line a dying writer tore, a directory someone wrote invented values in
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.utils import floatToGoString
 
 from monitor.contract import causes, journal, metrics
 from monitor.contract.directory import Layout
@@ -35,6 +37,16 @@ def _families(samples: dict, prefix: str) -> set[str]:
 
 def _labels(samples: dict, label: str) -> set[str]:
     return {dict(labels)[label] for _, labels in samples if label in dict(labels)}
+
+
+@pytest.fixture(scope="module")
+def promtool_path() -> str:
+    found = shutil.which("promtool") or shutil.which(
+        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
+    )
+    if not found:
+        pytest.fail("promtool not found on PATH: run `source scripts/prometheus.sh` first")
+    return found
 
 
 @pytest.fixture
@@ -282,7 +294,7 @@ def test_a_torn_journal_line_costs_itself_never_the_next_record(tmp_path):
 
 
 def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
-    make_master, make_exporter, shared_dir, tmp_path
+    promtool_path, make_master, make_exporter, shared_dir
 ):
     """With PROMETHEUS_MULTIPROC_DIR set in the sidecar's own environment too, as users do."""
     m = make_master(workers=2).start()
@@ -301,11 +313,8 @@ def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
     theirs = re.compile(rf"(?<![0-9]){e.proc.pid}(?![0-9])")
     written = [str(p) for p in shared_dir.rglob("*") if theirs.search(p.name)]
     assert written == []
-    promtool = shutil.which("promtool") or str(
-        ROOT / ".tools" / "root" / "usr" / "bin" / "promtool"
-    )
     check = subprocess.run(
-        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
+        [promtool_path, "check", "metrics"], input=body, capture_output=True, timeout=60
     )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert parse(text)  # and it still parses
@@ -325,3 +334,81 @@ def test_every_label_of_the_contract_has_a_fixed_set_of_values():
             for label in spec.labels:
                 assert label in metrics.LABEL_VALUES, (spec.name, label)
     assert {causes.NO_SIGNAL, "SIGTERM", "SIGKILL", "SIG35"} <= metrics.SIGNALS
+
+
+def _write(path: Path, entries: list[tuple[metrics.Spec, str, dict, float]]) -> None:
+    """A file in prometheus_client's multiprocess format, as another writer left it."""
+    f = MmapedDict(str(path))
+    try:
+        for spec, sample, labels, v in entries:
+            key = mmap_key(spec.name, sample, list(labels), list(labels.values()), spec.help)
+            f.write_value(key, v, 0.0)
+    finally:
+        f.close()
+
+
+def test_lifetimes_an_earlier_version_recorded_fold_into_todays_buckets_exactly(
+    shared_dir, make_exporter
+):
+    """The hooks of an earlier version wrote ten lifetime buckets; their files stay (a dead
+    master's counts are part of the totals). Today's bounds are all among theirs, so each old
+    bucket lies inside one of ours and the counts are exact."""
+    own = shared_dir / "gunicorn-monitor"
+    own.mkdir(mode=0o700)
+    life = metrics.WORKER_LIFETIME
+    old = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0, math.inf)
+    ages = {"crash": [0.5, 45.0, 2000.0], "reload": [100000.0, 700000.0]}
+    entries = []
+    for cause, seen in ages.items():
+        entries.append((life, life.name + "_sum", {"cause": cause}, sum(seen)))
+        for bound in old:
+            n = sum(1 for a in seen if a <= bound and not any(a <= b for b in old if b < bound))
+            le = "+Inf" if bound == math.inf else floatToGoString(bound)
+            entries.append((life, life.name + "_bucket", {"cause": cause, "le": le}, float(n)))
+    _write(own / "histogram_999997.db", entries)
+    samples = make_exporter().scrape()
+    buckets = {
+        (d["cause"], d["le"]): v
+        for (name, labels), v in samples.items()
+        if name == life.name + "_bucket" and (d := dict(labels))
+    }
+    assert buckets == {
+        ("crash", "60.0"): 2.0,
+        ("crash", "3600.0"): 3.0,
+        ("crash", "86400.0"): 3.0,
+        ("crash", "+Inf"): 3.0,
+        ("reload", "60.0"): 0.0,
+        ("reload", "3600.0"): 0.0,
+        ("reload", "86400.0"): 0.0,
+        ("reload", "+Inf"): 2.0,
+    }
+    assert value(samples, life.name + "_count", cause="reload") == 2
+    assert value(samples, life.name + "_sum", cause="crash") == 2045.5
+
+
+def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
+    promtool_path, make_master, make_exporter, shared_dir
+):
+    """Earlier sidecars wrote histogram_<their pid>.db into the app's directory (the
+    prometheus_client Histogram of their own process); it stays there after an upgrade."""
+    spec = metrics.WORKER_EXIT_MEMORY
+    _write(
+        shared_dir / "histogram_999996.db",
+        [
+            (spec, spec.name + "_sum", {"cause": "unknown"}, 0.0),
+            (spec, spec.name + "_bucket", {"cause": "unknown", "le": "+Inf"}, 0.0),
+        ],
+    )
+    m = make_master(workers=1).start()
+    e = make_exporter()
+    wait_for(lambda: len(_labels(e.scrape(), "worker")) == 1, 10, "the worker sampled")
+    os.kill(m.worker_pids()[0], signal.SIGKILL)
+    count = spec.name + "_count"
+    wait_for(lambda: value(e.scrape(), count, cause="killed") == 1, 10, "the exit's memory")
+    status, body = e.get("/metrics")
+    samples = parse(body.decode())
+    assert body.decode().count(f"# TYPE {spec.name} histogram") == 1
+    assert (count, (("cause", "unknown"),)) not in samples  # the stale file's series
+    check = subprocess.run([promtool_path, "check", "metrics"], input=body, capture_output=True)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 1

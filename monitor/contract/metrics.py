@@ -79,9 +79,10 @@ WORKER_LIFETIME = Spec(
     "histogram",
     "Age of workers when they exited, by cause.",
     ("cause",),
+    # Each bound is one of the buckets earlier versions wrote (1, 5, 30, 60, 300, 900, 3600,
+    # 14400, 86400, 604800 s), so their files fold into these exactly (collectors/lifecycle.py).
     (
-        10.0,  # a crash loop? died within seconds of its fork, before it served much
-        60.0,  # an early death? its first minute: warm-up, the first requests
+        60.0,  # a crash loop or an early death? died in its first minute: at boot, first requests
         3600.0,  # churn? recycled or killed within the hour (max_requests too low, a leak)
         86400.0,  # lived less than a day? an older worker outlived a daily deploy cadence
     ),

@@ -109,8 +109,11 @@ class LifecycleCollector:
                 broken.add(db.typ)
                 continue
             self._stats.files_read += 1
+            foreign: list[tuple[metrics.Spec, compaction.Entry]] = []
             for entry in entries:
-                self._add(found, tainted, db, entry)
+                self._add(found, tainted, db, entry, foreign)
+            if foreign:
+                self._rebucket(found, tainted, entries, foreign)
         _complete_histograms(found)
         merged = {m.name: m for m in MultiProcessCollector._accumulate_metrics(found, True)}
         for spec in SPECS.values():
@@ -131,11 +134,15 @@ class LifecycleCollector:
                 family.documentation = spec.help
                 yield family
 
-    def _add(self, found: dict[str, Metric], tainted: set, db, entry: compaction.Entry) -> None:
-        """One entry into `found`, as MultiProcessCollector._read_metrics adds it, if valid."""
+    def _add(self, found: dict, tainted: set, db, entry: compaction.Entry, foreign: list) -> None:
+        """One entry into `found`, as MultiProcessCollector._read_metrics adds it, if valid;
+        a bucket of other bounds into `foreign`, for `_rebucket`."""
         spec = SPECS.get(entry.metric_name)
         labels = dict(entry.labels)
         why = _invalid(spec, db.typ, entry.name, labels, entry.value)
+        if why == "foreign":
+            foreign.append((spec, entry))
+            return
         if why:
             self._error(why)
             if spec is not None and spec.kind == "histogram":
@@ -151,6 +158,30 @@ class LifecycleCollector:
             metric.add_sample(entry.name, entry.labels + (("pid", db.ident),), entry.value)
         else:
             metric.add_sample(entry.name, entry.labels, entry.value)
+
+    def _rebucket(self, found: dict, tainted: set, entries: list, foreign: list) -> None:
+        """A file written with other buckets (by an earlier version of the hooks): its buckets
+        fold exactly into ours when each of our bounds is one of its bounds, because then no
+        bucket of its straddles one of ours. Otherwise its label sets are left out."""
+        written: dict[str, set[float]] = {}
+        for e in entries:
+            le = dict(e.labels).get("le")
+            if le is not None and e.name.endswith("_bucket"):
+                written.setdefault(e.metric_name, set()).add(_float(le))
+        for spec, entry in foreign:
+            bounds = sorted(spec.buckets) + [math.inf]
+            labels = dict(entry.labels)
+            le = _float(labels.pop("le"))
+            if not set(bounds) <= written[spec.name]:
+                self._error("rejected")
+                tainted.add((spec.name, tuple(sorted(labels.items()))))
+                continue
+            ours = next(b for b in bounds if b >= le)
+            labels["le"] = "+Inf" if ours == math.inf else floatToGoString(ours)
+            metric = found.get(spec.name)
+            if metric is None:
+                metric = found[spec.name] = Metric(spec.name, spec.help, spec.kind)
+            metric.add_sample(entry.name, tuple(sorted(labels.items())), entry.value)
 
     # -- the masters -----------------------------------------------------------------------
 
@@ -176,12 +207,13 @@ class LifecycleCollector:
 
 
 def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict, value: float) -> str:
-    """Why an entry may not be served ("rejected" or "malformed"), or "" if it may."""
+    """Why an entry may not be served ("rejected" or "malformed"), or "" if it may; "foreign"
+    for a well-formed bucket whose bound is not one of ours."""
     if spec is None or _KIND.get(typ) != spec.kind:
         return "rejected"  # not a family of the contract, or in the wrong type of file
     if not math.isfinite(value) or (spec.kind != "gauge" and value < 0):
         return "malformed"  # counts are finite and never negative
-    names = set(spec.labels)
+    names, foreign = set(spec.labels), False
     if spec.kind == "counter":
         ok_name = name == spec.name + "_total"
     elif spec.kind == "histogram":
@@ -189,7 +221,9 @@ def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict, value
         if name == spec.name + "_bucket":
             names.add("le")
             if labels.get("le") not in _bounds(spec):
-                return "rejected"
+                if _float(labels.get("le")) is None:
+                    return "rejected"
+                foreign = True
     else:
         ok_name = name == spec.name
     if not ok_name or set(labels) != names:
@@ -197,7 +231,16 @@ def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict, value
     for label in spec.labels:
         if labels[label] not in metrics.LABEL_VALUES.get(label, ()):
             return "rejected"
-    return ""
+    return "foreign" if foreign else ""
+
+
+def _float(le: object) -> float | None:
+    """A bucket bound as written by prometheus_client (floatToGoString), or None."""
+    try:
+        bound = float(le)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return bound if bound == bound and bound > -math.inf else None
 
 
 def _bounds(spec: metrics.Spec) -> frozenset[str]:

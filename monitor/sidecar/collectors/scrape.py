@@ -18,7 +18,12 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from monitor.contract import metrics
+
 log = logging.getLogger("gunicorn_monitor")
+
+# Every family name of the contract: the app's own metrics may not use one.
+CONTRACT = frozenset(s.name for s in vars(metrics).values() if isinstance(s, metrics.Spec))
 
 KINDS = (
     "unreadable",  # a file or directory the sidecar may not read: its series are left out
@@ -64,6 +69,8 @@ class ScrapeCollector:
         self._result: list[Metric] = []
         self.duration = 0.0
         self.failed = 0  # sources that raised
+        self.duplicates = 0  # families left out because another source served the name
+        self._said: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
         seen = self._generation
@@ -74,20 +81,38 @@ class ScrapeCollector:
             self._generation += 1
             return self._result
 
+    def _add(self, families: dict[str, Metric], source: str, family: Metric) -> None:
+        """A family, unless its name is served already or is the monitor's own and `source`
+        is the app's: one name, one family, or the exposition is invalid. (A sidecar of an
+        earlier version left its own histogram file in the app's directory.)"""
+        if family.name in families or (source == "app" and family.name in CONTRACT):
+            self.duplicates += 1
+            if family.name not in self._said:
+                self._said.add(family.name)
+                log.warning(
+                    "event=family_left_out name=%s source=%s reason=duplicate", family.name, source
+                )
+            return
+        families[family.name] = family
+
     def _scrape(self) -> Iterator[Metric]:
         start = time.perf_counter()
-        families: list[Metric] = []
+        families: dict[str, Metric] = {}
         for name, source in self.sources.items():
             try:
-                families.extend(source.collect())
+                found = list(source.collect())
             except Exception as e:
                 self.failed += 1
                 log.error("event=collect_failed collector=%s error=%r", name, e)
-        yield from families
+                continue
+            for family in found:
+                self._add(families, name, family)
+        yield from families.values()
         # Each source's stats() are cumulative: files_skipped, files_quarantined, errors by kind.
         stats = [s.stats() for s in self.sources.values() if hasattr(s, "stats")]
         errors = dict.fromkeys(self.kinds, 0)
         errors["collect"] += self.failed
+        errors["rejected"] += self.duplicates
         for st in stats:
             for kind, n in st.errors.items():
                 kind = kind_of(kind)
