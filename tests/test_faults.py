@@ -307,7 +307,7 @@ def test_garbage_in_place_of_a_count_file_is_never_adopted(make_master, make_exp
 
 
 @root_only
-def test_a_symlink_in_place_of_a_file_is_never_written_through(make_master, make_exporter):
+def test_a_symlink_or_fifo_in_place_of_a_file_is_never_written_through(make_master, make_exporter):
     m = make_master(workers=2, args=RECYCLE_EVERY_REQUEST).start()
     victim = m.dir.parent / "victim"
     victim.write_bytes(b"precious\n")
@@ -317,8 +317,12 @@ def test_a_symlink_in_place_of_a_file_is_never_written_through(make_master, make
     for path in (counter, journal):
         path.unlink()
         path.symlink_to(victim)
+    deploy = own(m) / f"gauge_max_{m.pid}.db"
+    deploy.unlink()
+    os.mkfifo(deploy)  # opening a FIFO nobody reads would hang: never opened that way
     assert answered(m, 10) == 10
     wait_for(lambda: not counter.is_symlink() and _readable(counter), 10, "the file rewritten")
+    wait_for(lambda: deploy.is_file() and _readable(deploy), 10, "the FIFO replaced")
     assert victim.read_bytes() == b"precious\n"
     assert not journal.is_symlink()
     e = make_exporter()

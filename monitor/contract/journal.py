@@ -50,31 +50,52 @@ class Journal:
             self._append(line, dir_fd)
 
     def _append(self, line: bytes, dir_fd: int) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self.name, flags, 0o600, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            # A symlink where our journal goes: removed (unlink never follows), never written
-            # through. Only our own user or root can have put it in our private directory.
-            os.unlink(self.name, dir_fd=dir_fd)
-            fd = os.open(self.name, flags, 0o600, dir_fd=dir_fd)
+        fd = self._open(dir_fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+                # A FIFO or a device where our journal goes: removed, and a file made.
+                os.close(fd)
+                fd = -1
+                os.unlink(self.name, dir_fd=dir_fd)
+                fd = self._open(dir_fd)
+                st = os.fstat(fd)
             if os.write(fd, line) != len(line):
                 raise OSError(errno.ENOSPC, "short write")
             size = os.fstat(fd).st_size
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         if size >= self.max_bytes:
-            self._rotate(dir_fd, st.st_ino)
+            try:
+                self._rotate(dir_fd, st.st_ino)
+            except OSError:
+                pass  # the record is written (a caller must not write it again); next record
+
+    def _open(self, dir_fd: int) -> int:
+        # O_NONBLOCK: a FIFO put in the journal's place must not hang the master in open().
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_NONBLOCK
+        try:
+            return os.open(self.name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO):
+                raise
+            # A symlink (or a FIFO nobody reads) where our journal goes: removed (unlink never
+            # follows), never written through. Only our own user or root can have put it in
+            # our private directory.
+            os.unlink(self.name, dir_fd=dir_fd)
+            return os.open(self.name, flags, 0o600, dir_fd=dir_fd)
 
     def _rotate(self, dir_fd: int, ino: int) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        lock = os.open(self.name + ".lock", flags, 0o600, dir_fd=dir_fd)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            lock = os.open(self.name + ".lock", flags, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            os.unlink(self.name + ".lock", dir_fd=dir_fd)  # a symlink: removed, never followed
+            lock = os.open(self.name + ".lock", flags, 0o600, dir_fd=dir_fd)
         try:
             try:
                 # Never wait: another writer holding the lock is rotating (or is stopped while

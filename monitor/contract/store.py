@@ -39,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
@@ -53,7 +54,8 @@ from monitor.contract.metrics import Spec
 KINDS = ("counter", "histogram", "gauge_max")
 _HEADER = struct.Struct("ii")  # used, padding
 _SLOT = struct.Struct("dd")  # value, timestamp
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO put in a file's place must not hang the master in open().
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # Test hook: called with the name of each crash-relevant step; tests kill the process there.
 _crash_hook: Callable[[str], None] | None = None
@@ -198,14 +200,18 @@ class Store:
             except FileNotFoundError:
                 continue
             except OSError as e:
-                if e.errno != errno.ELOOP:
+                if e.errno not in (errno.ELOOP, errno.ENXIO):
                     raise
                 refused.append(name)
                 continue
             try:
-                data = os.read(fd, 1 << 24)
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                data = os.read(fd, 1 << 24) if regular else b""
             finally:
                 os.close(fd)
+            if not regular:
+                refused.append(name)
+                continue
             try:
                 found = decode(data)
             except ValueError:
@@ -248,7 +254,7 @@ class Store:
         try:
             fd = os.open(self.name(kind), os.O_WRONLY | _NOFOLLOW, dir_fd=dir_fd)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ELOOP):
+            if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
                 return False
             raise
         try:

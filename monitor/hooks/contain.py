@@ -16,7 +16,9 @@ log = logging.getLogger("gunicorn.error")
 
 _failed_once: set[str] = set()
 
-# Set by the master's recorder once it runs: counts a contained failure.
+# Set by the master's recorder once it runs: counts a contained failure (in memory; written
+# with the recorder's next write). Cleared in every process the master forks, so a failure in
+# a worker is said in the worker's log and never counted into the master's files.
 counter: Callable[[str], None] | None = None
 
 

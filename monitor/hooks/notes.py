@@ -54,7 +54,8 @@ def take(own_fd: int, layout: Layout, pid: int) -> str | None:
         return None
     try:
         try:
-            fd = os.open(str(pid), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=notes)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # never a FIFO hang
+            fd = os.open(str(pid), flags, dir_fd=notes)
         except OSError:
             return None
         try:
