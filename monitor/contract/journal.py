@@ -55,8 +55,8 @@ class Journal:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 # A FIFO or a device where our journal goes: removed, and a file made.
-                os.close(fd)
-                fd = -1
+                fd, replaced = -1, fd  # forgotten before it is closed: closed once
+                os.close(replaced)
                 os.unlink(self.name, dir_fd=dir_fd)
                 fd = self._open(dir_fd)
                 st = os.fstat(fd)
