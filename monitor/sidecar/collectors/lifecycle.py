@@ -11,6 +11,11 @@ reset. So a file that cannot be read leaves out every family of its type (counte
 or gauges): a gap, with `gunicorn_exporter_errors_total{kind}` saying why. Known series start
 at 0 (every known (cause, signal) pair of exits, unlabelled counters) only when the files
 behind them were all read. A directory that cannot be listed leaves out everything here.
+
+The masters' gauges (up, workers, desired) come from the state files, read by
+contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
+master's, so it leaves the gauges out; a worker counts only while it is a live child of its
+live master.
 """
 
 from __future__ import annotations
