@@ -112,20 +112,14 @@ def mount():
 
 def fill(directory: Path) -> None:
     """Every byte of the filesystem taken, by one file (what `dd if=/dev/zero` does)."""
-    with open(directory / "fill", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-    # Whatever a page's worth of slack flush() left: bytes, one at a time.
-    fd = os.open(directory / "fill", os.O_WRONLY | os.O_APPEND)
+    fd = os.open(directory / "fill", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        while True:
-            os.write(fd, b"\0" * 512)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
+        for chunk in (65536, 512):  # then whatever a partial page left
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
     finally:
         os.close(fd)
 
@@ -445,6 +439,33 @@ def test_a_stopped_sidecar_changes_nothing_for_gunicorn(make_master, make_export
     assert_unharmed(m)
     wait_for(lambda: value(e.scrape(), "gunicorn_master_reloads_total") == 1, 15, "all recorded")
     wait_for(lambda: all_counted(e, m, 25), 15, "every spawn and exit counted")
+
+
+@root_only
+def test_on_a_full_disk_the_series_a_file_has_stay_current(tmp_path, mount):
+    from monitor.contract import directory, metrics, store
+
+    mount(tmp_path / "d", "size=64k,mode=0700")
+    layout = directory.create(str(tmp_path / "d"))
+    fd = directory.open_private(layout)
+    try:
+        s = store.Store("1")
+        s.declare(metrics.WORKER_SPAWNS)
+        s.write(fd)
+        fill(Path(layout.own))
+        s.inc(metrics.WORKER_SPAWNS, 3)
+        s.inc(metrics.HOOK_ERRORS, hook="child_exit")  # a new series: the file must grow
+        with pytest.raises(OSError) as raised:
+            s.write(fd)
+        assert raised.value.errno == errno.ENOSPC
+        counter = Path(layout.own) / "counter_1.db"
+        assert _spawns(counter) == 3  # written in place, where no new space is needed
+        os.unlink(Path(layout.own) / "fill")
+        s.write(fd)
+        names = {e.name for e in read_entries(str(counter))}
+        assert _spawns(counter) == 3 and "gunicorn_monitor_hook_errors_total" in names
+    finally:
+        os.close(fd)
 
 
 # -- crashes at any instruction ----------------------------------------------------------------

@@ -232,25 +232,53 @@ class Store:
         """Bring every file up to date; returns the names found removed or replaced (rewritten).
 
         `verify` also checks the files nothing changed in (once per turn of the master's loop).
+        Every file is attempted; the first OSError is raised after the last one.
         """
-        replaced = []
+        replaced: list[str] = []
+        failed: OSError | None = None
         for kind in list(self._values):
-            name = self.name(kind)
-            known = self._disk.get(kind)
-            dirty = self._dirty.get(kind)
-            if kind in self._whole or known is None:
-                self._write_whole(dir_fd, kind)
-            elif dirty:
-                if not self._write_in_place(dir_fd, kind, known, dirty):
-                    replaced.append(name)
-                    self._write_whole(dir_fd, kind)
-            elif verify and not _still_ours(dir_fd, name, known):
-                replaced.append(name)
-                self._write_whole(dir_fd, kind)
+            try:
+                self._write_kind(dir_fd, kind, verify, replaced)
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            failed.replaced = replaced  # type: ignore[attr-defined]
+            raise failed
         return replaced
 
-    def _write_in_place(self, dir_fd: int, kind: str, known: _OnDisk, dirty: set[str]) -> bool:
-        """False if the file is no longer the one we wrote (it is then left alone)."""
+    def _write_kind(self, dir_fd: int, kind: str, verify: bool, replaced: list[str]) -> None:
+        name = self.name(kind)
+        known = self._disk.get(kind)
+        dirty = self._dirty.get(kind, set())
+        if kind not in self._whole and known is not None:
+            if dirty:
+                if self._write_in_place(dir_fd, kind, known, dirty):
+                    return
+            elif not verify or _still_ours(dir_fd, name, known):
+                return
+            replaced.append(name)  # no longer the file we wrote: never written into again
+            del self._disk[kind]
+            known = None
+        try:
+            self._write_whole(dir_fd, kind)
+        except OSError:
+            # The whole file cannot be written (a full disk, a new series): the series it
+            # already has are still kept current, in place, which needs no new space.
+            keys = dirty & known.positions.keys() if known is not None else set()
+            if keys:
+                try:
+                    self._write_in_place(dir_fd, kind, known, keys, partial=True)
+                except OSError:
+                    pass
+            raise
+
+    def _write_in_place(
+        self, dir_fd: int, kind: str, known: _OnDisk, keys: set[str], partial: bool = False
+    ) -> bool:
+        """False if the file is no longer the one we wrote (it is then left alone).
+
+        Not `partial`: `keys` are all the changes, and the file is current once they are in.
+        """
         try:
             fd = os.open(self.name(kind), os.O_WRONLY | _NOFOLLOW, dir_fd=dir_fd)
         except OSError as e:
@@ -263,12 +291,17 @@ class Store:
                 return False
             values = self._values[kind]
             self._whole.add(kind)  # until every slot is written: a failure repairs it whole
-            for key in sorted(dirty):
+            for key in sorted(keys):
                 if os.pwrite(fd, _SLOT.pack(values[key], 0.0), known.positions[key]) != 16:
                     raise OSError(errno.ENOSPC, "short write")
                 _checkpoint("slot")
-            self._whole.discard(kind)
-            self._dirty.pop(kind, None)
+            dirty = self._dirty.get(kind, set()) - keys
+            if dirty:
+                self._dirty[kind] = dirty
+            else:
+                self._dirty.pop(kind, None)
+            if not partial:
+                self._whole.discard(kind)
             return True
         finally:
             os.close(fd)

@@ -205,8 +205,15 @@ class Monitor:
             self.store.forget_files()
             self.state_id = None
             self.generation = self.disk.generation
-        for name in self.store.write(fd, verify):
-            self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
+        replaced: list[str] = []
+        try:
+            replaced = self.store.write(fd, verify)
+        except OSError as e:
+            replaced = getattr(e, "replaced", [])
+            raise
+        finally:
+            for name in replaced:
+                self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
 
     def _write_journal(self, fd: int) -> None:
         while self.pending:
