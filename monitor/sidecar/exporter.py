@@ -204,6 +204,7 @@ class PooledWSGIServer(WSGIServer):
         self._reading: dict[socket.socket, float] = {}  # on a pool thread, request incomplete
         self._lock = threading.Lock()  # guards _reading and the shutdown of its sockets
         self._open = 0  # connections accepted and not yet closed
+        self._accept_failed: int | None = None  # errno of the failure last logged
         self._stopping = False
         for i in range(workers):
             self._threads.append(threading.Thread(target=self._work, name=f"http-{i}", daemon=True))
@@ -211,12 +212,17 @@ class PooledWSGIServer(WSGIServer):
 
     # The accept loop (the main thread).
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(self, poll_interval: float = 1.0) -> None:
+        """Until shutdown(); deadlines are enforced within `poll_interval` of passing."""
         self.socket.setblocking(False)
         with selectors.DefaultSelector() as sel:
             sel.register(self.socket, selectors.EVENT_READ)
             while not self._stopping:
-                for key, _ in sel.select(timeout=poll_interval):
+                timeout = poll_interval
+                if self._idle:  # the oldest idle connection's deadline comes first
+                    first = next(iter(self._idle.values()))[1]
+                    timeout = min(timeout, max(0.0, first - time.monotonic()))
+                for key, _ in sel.select(timeout=timeout):
                     if key.fileobj is self.socket:
                         self._accept(sel)
                     else:
@@ -239,17 +245,36 @@ class PooledWSGIServer(WSGIServer):
                 sock, addr = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: the connection waits in the backlog
-                log.warning("event=accept_failed error=%s", e.strerror)
+            except OSError as e:  # out of file descriptors: make room, or wait a moment
+                if e.errno != self._accept_failed:
+                    log.warning("event=accept_failed error=%s", e.strerror)
+                    self._accept_failed = e.errno
+                if not self._evict_idle(sel):
+                    time.sleep(0.1)  # the connection waits in the backlog; no busy loop
                 return
+            self._accept_failed = None
             if self._open >= self.max_connections and not self._evict_idle(sel):
                 sock.close()  # all busy: this one gets a reset, the ones being served go on
                 continue
-            sock.settimeout(WRITE_TIMEOUT)
             with self._lock:
                 self._open += 1
-            self._idle[sock] = (addr, time.monotonic() + self.request_timeout)
-            sel.register(sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + self.request_timeout
+            try:  # a scraper sends its request at once: then no trip through the selector
+                sock.setblocking(False)
+                sent = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                sent = None
+            except OSError:
+                sent = b""
+            sock.settimeout(WRITE_TIMEOUT)
+            if sent is None:
+                self._idle[sock] = (addr, deadline)
+                sel.register(sock, selectors.EVENT_READ)
+                continue
+            if sent:
+                self._ready.put((sock, addr, deadline))
+            else:  # closed (or reset) before a byte: nothing to answer
+                self._drop(sock)
 
     def _evict_idle(self, sel: selectors.BaseSelector) -> bool:
         oldest = next(iter(self._idle), None)
