@@ -349,7 +349,8 @@ class Monitor:
                 **self.exit_fields(pid, cause),
             )
             self._save()
-        _retire_app_files(pid, self.layout.root)
+        if "unsafe" not in self.disk.faults:  # never act on paths in a directory we refused
+            _retire_app_files(pid, self.layout.root)
 
     def _take_note(self, pid: int) -> str | None:
         try:
