@@ -45,11 +45,12 @@ sys.path.insert(0, str(ROOT))
 from tests.harness import BIN, Master, free_port, http_get, kill_all, wait_for  # noqa: E402
 
 # Share of --exits per cause; timeouts take seconds each, so they are the smallest share.
+# A max_requests recycle is the dearest exit (a full interpreter teardown), os._exit the cheapest.
 SHARES = {
-    "max_requests": 0.35,
+    "max_requests": 0.25,
     "killed": 0.20,
     "signal": 0.10,
-    "crash": 0.15,
+    "crash": 0.25,
     "timeout": 0.05,
     "reload": 0.15,
 }
@@ -217,15 +218,18 @@ class Scraper(threading.Thread):
         super().__init__(daemon=True)
         self.sidecar = sidecar
         self.ok = self.failed = 0
+        self.durations: list[float] = []
         self.backwards: list[str] = []
         self.last: dict[tuple, float] = {}
         self.lock = threading.Lock()
         self.halt = threading.Event()
 
     def scrape(self) -> dict[tuple, float] | None:
+        began = time.monotonic()
         status, body = http_get(f"http://127.0.0.1:{self.sidecar.port}/metrics", 10)
         if status != 200:
             return None
+        self.durations.append(time.monotonic() - began)
         samples = {}
         for family in text_string_to_metric_families(body.decode()):
             if family.type not in ("counter", "histogram") or family.name.startswith(SIDECAR_LOCAL):
@@ -250,8 +254,11 @@ class Scraper(threading.Thread):
             return samples
 
     def run(self) -> None:
-        while not self.halt.wait(1.0):
+        # Once a second; a scrape slower than that is followed by the next at once.
+        next_at = time.monotonic()
+        while not self.halt.wait(max(0.0, next_at - time.monotonic())):
             self.once()
+            next_at = max(next_at + 1.0, time.monotonic())
 
 
 def by_cause(samples: dict[tuple, float]) -> tuple[Counter, Counter]:
@@ -387,7 +394,11 @@ def report(
     print("  " + ", ".join(f"{c} {t - start:.0f} s" for c, t in sorted(truth.last_at.items())))
     for at, down in restarts:
         print(f"sidecar SIGKILLed after {at} exits, serving again {down:.1f} s later")
-    print(f"scrapes: {scraper.ok} answered, {scraper.failed} failed (sidecar down)")
+    took = sorted(scraper.durations) or [0.0]
+    print(
+        f"scrapes: {scraper.ok} answered, {scraper.failed} failed (sidecar down); each took"
+        f" {took[len(took) // 2]:.2f} s median, {took[-1]:.2f} s at most"
+    )
     print(f"counters gone backwards: {len(scraper.backwards) or 'none'}")
     for line in scraper.backwards[:20]:
         print(f"  {line}")
