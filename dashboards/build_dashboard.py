@@ -360,8 +360,7 @@ def hangs(d: dashboard.Dashboard) -> dashboard.Dashboard:
             stacked_bars(
                 "Worker timeouts by phase",
                 q(
-                    "sum by (phase) "
-                    f"(increase({sel('gunicorn_worker_timeouts_total')}{RATE}))",
+                    f"sum by (phase) (increase({sel('gunicorn_worker_timeouts_total')}{RATE}))",
                     "{{phase}}",
                 ),
             ).description(
