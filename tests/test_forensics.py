@@ -212,6 +212,10 @@ def test_a_worker_hanging_while_importing_the_app_is_seen_and_left_running(
         timeout=30,
     )
     assert out.returncode == 0 and "phase boot" in out.stdout and "_slow_start" in out.stdout
+    # Gunicorn had twice its timeout to abort the worker, and did not: it never notified.
+    wait_for(lambda: time.monotonic() - started > 2 * 2 + 1, 10, "twice the timeout")
+    assert alive(pid) and exits(e.scrape()) == {}
+    assert "WORKER TIMEOUT" not in m.output()
 
 
 def test_the_opt_in_boot_timeout_aborts_a_hanging_boot_and_counts_it(make_master, make_exporter):

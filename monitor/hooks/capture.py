@@ -34,6 +34,8 @@ def booting(worker: Any) -> None:
     """post_fork, in the new worker: the table, then the stacks file and its signal."""
     global _table
     layout = directory.Layout(directory.resolve())
+    if not os.path.isdir(inflight.live_dir(layout)):
+        return  # the master's watch did not start (its failure was said once, there)
     pid = os.getpid()
     tracks = type(worker).__module__ in _TRACKING
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if tracks else 0
