@@ -57,26 +57,39 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _cpu_and_rss(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) and resident bytes, from one read of /proc/<pid>/stat.
+class _StatFiles:
+    """CPU seconds (user + system) and resident bytes of sampled processes, from their
+    /proc/<pid>/stat, each opened once and read again with one pread per sample.
 
     The same numbers psutil's cpu_times() and memory_info() give (utime + stime, and the
-    resident pages statm repeats), at a third of the cost: two files and psutil's wrappers
-    made the sampler, with 64 workers, the sidecar's largest cost (benchmarks/exporter_cost.py).
-    A zombie is gone: it is a worker that has exited, waiting for the master to reap it.
+    resident pages statm repeats): psutil opens two files a call, and with 64 workers that
+    made the sampler the sidecar's largest cost (benchmarks/exporter_cost.py). A kept file
+    answers for the process it was opened for only: once that one is gone the read fails
+    (ESRCH), even if its pid is reused. A zombie is gone too: a worker that has exited,
+    waiting for the master to reap it.
     """
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ProcessLookupError(pid) from None
-    try:
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    fields = data[data.rindex(b")") + 2 :].split()  # from field 3 (state) on; comm may hold ")"
-    if fields[0] == b"Z":
-        raise ProcessLookupError(pid)
-    return (int(fields[11]) + int(fields[12])) / _TICKS, float(int(fields[21]) * _PAGE)
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple, int] = {}  # by (pid, start); closed only in keep()
+
+    def read(self, key: tuple) -> tuple[float, float]:
+        fd = self._fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{key[0]}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ProcessLookupError(key[0]) from None
+            self._fds[key] = fd
+        data = os.pread(fd, 4096, 0)
+        fields = data[data.rindex(b")") + 2 :].split()  # from field 3 (state); comm may hold ")"
+        if fields[0] == b"Z":
+            raise ProcessLookupError(key[0])
+        return (int(fields[11]) + int(fields[12])) / _TICKS, float(int(fields[21]) * _PAGE)
+
+    def keep(self, keys: object) -> None:
+        """Close the files of processes no longer sampled (those not in `keys`)."""
+        for key in [k for k in self._fds if k not in keys]:  # type: ignore[operator]
+            os.close(self._fds.pop(key))
 
 
 @dataclass
@@ -149,6 +162,7 @@ class WorkerSampler:
         self._last_seen: dict[int, tuple[float, Sample]] = {}  # pid -> (when, last sample)
         self._full: dict[int, dict[str, float]] = {}
         self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
+        self._stat = _StatFiles()
         self._children = state.Children()
         self._tick = 0
         self._seen_change = 0.0
@@ -233,6 +247,7 @@ class WorkerSampler:
         self._procs = {
             k: v for k, v in self._procs.items() if k[0] in by_pid or k[0] in master_pids
         }
+        self._stat.keep(self._procs)
         self.snapshot = snap
 
     def _measure(self, key: tuple, slot: int, full: bool, snap: Snapshot) -> Sample | None:
@@ -242,7 +257,7 @@ class WorkerSampler:
             proc = self._procs.get(key)
             if proc is None:
                 proc = self._procs[key] = psutil.Process(pid)
-            cpu, rss = _cpu_and_rss(pid)
+            cpu, rss = self._stat.read(key)
             sample = Sample(pid, slot, proc.create_time(), cpu)
             sample.memory["rss"] = rss
         except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
