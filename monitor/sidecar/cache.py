@@ -110,6 +110,7 @@ class DirectoryInputs:
         self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, bytes | None, tuple[int, ...]]] = []
+        self._here: tuple | None = None  # the directory's inputs at the last call
 
     def __call__(self) -> object:
         if self.gate is not None:
@@ -140,11 +141,16 @@ class DirectoryInputs:
         known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
         exists = functools.partial(_exists, known)
         alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
+        here = (files, alive, self._live_masters(files, exists))
         sampled = None
         if self.sampler is not None:
+            # current() resamples when the masters' files changed or a sampled process is
+            # gone; when nothing above changed, neither did that: the last snapshot stands.
+            snap = self.sampler.snapshot if here == self._here else self.sampler.current()
             errors = self.sampler.errors  # a copy: the sampler counts on in the same dict
-            sampled = (self.sampler.current(), dict(errors) if isinstance(errors, dict) else errors)
-        return (files, alive, self._live_masters(files, exists), sampled)
+            sampled = (snap, dict(errors) if isinstance(errors, dict) else errors)
+        self._here = here
+        return (*here, sampled)
 
     def _pid(self, name: str) -> int | None:
         if name in self._pids:
