@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -484,6 +485,37 @@ def test_on_a_full_disk_the_series_a_file_has_stay_current(tmp_path, mount):
 
 
 # -- crashes at any instruction ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
+def test_a_master_killed_mid_recycling_leaves_whole_counts(make_master, delay):
+    import threading
+
+    m = make_master(workers=2, args=RECYCLE_EVERY_REQUEST).start()
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            http_get(m.url + "/", timeout=2)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        wait_for(lambda: m.output().count("event=worker_exit") >= 3, 10, "recycling")
+        time.sleep(delay)  # a moment in a storm of exits and spawns, not a condition
+        m.kill()  # SIGKILL: the master and its workers, wherever they are
+    finally:
+        stop.set()
+        t.join(10)
+    out = m.output()
+    entries = read_entries(str(own(m) / f"counter_{m.pid}.db"))  # whole, or BadFile
+    exited = sum(e.value for e in entries if e.name == "gunicorn_worker_exits_total")
+    spawned = sum(e.value for e in entries if e.name == SPAWNS)
+    # The log line of an exit comes just before its write: at most that one is missing.
+    assert out.count("event=worker_exit") - 1 <= exited <= out.count("event=worker_exit")
+    assert spawned <= out.count("Booting worker with pid") + 1
+    assert spawned >= exited + 2 - 1
+
 
 CRASHING_WRITER = """
 import os, signal, sys
