@@ -10,7 +10,10 @@ of one core, peak RSS, the body size, and the ratios.
 
 Targets: gunicorn-monitor at most 2x the baseline's CPU, and at most 40 MB RSS.
 
-    python benchmarks/exporter_cost.py [--workers 64] [--seconds 60]
+    python benchmarks/exporter_cost.py [--workers 64] [--seconds 120]
+
+Both use little CPU (the baseline about a tenth of a percent of a core) and /proc reports it in
+10 ms units: a window of two minutes keeps that rounding within a few percent.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class Exporter:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=120.0)
     args = ap.parse_args()
 
     shared = Path(tempfile.mkdtemp(prefix="gm-cost-")) / "multiproc"
