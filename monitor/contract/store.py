@@ -219,7 +219,11 @@ class Store:
                 found = {}
             values = self._values.setdefault(kind, {})
             for key, value in found.items():
-                values[key] = values.get(key, 0.0) + value
+                # Counted since we started, plus the history; a `max` gauge keeps the larger.
+                if kind == "gauge_max":
+                    values[key] = max(values.get(key, value), value)
+                else:
+                    values[key] = values.get(key, 0.0) + value
             self._whole.add(kind)
         return refused
 
