@@ -120,13 +120,13 @@ def test_head_is_get_without_a_body():
 # The exposition, kept between scrapes
 
 
-def _write_counter(directory: str, pid: int, amount: float) -> None:
+def _write_counter(directory: str, pid: int, amount: float, name: str = "app_jobs") -> None:
     """One app process's counter file, written by prometheus_client's own mmap path."""
     saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     values.ValueClass = values.MultiProcessValue(lambda: pid)
     try:
-        Counter("app_jobs", "Jobs.", ["kind"], registry=None).labels("a").inc(amount)
+        Counter(name, "Jobs.", ["kind"], registry=None).labels("a").inc(amount)
     finally:
         values.ValueClass = values.MutexValue
         if saved is None:
@@ -159,6 +159,20 @@ def test_kept_bodies_are_prometheus_clients_own_bytes(tmp_path, accept, gz):
             body, want = gzip.decompress(body), gzip.decompress(want)
         assert body == want
     assert rendered.hits == 1 and rendered.misses == 1
+
+
+@pytest.mark.parametrize("accept", ACCEPTS)
+def test_a_changed_family_alone_is_rendered_anew(tmp_path, accept):
+    """The families that did not change reuse their text; the body is still the library's."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    rendered = RenderedMetrics(registry, DirectoryInputs(Layout(str(tmp_path))))
+    _write_counter(str(tmp_path), os.getppid(), 7, name="app_still")
+    for _ in range(3):
+        _write_counter(str(tmp_path), os.getpid(), 1)
+        _, body = rendered(accept, False)
+        assert body == _bake_output(registry, accept, None, {}, False)[2]
+    assert rendered.misses == 3
 
 
 def test_an_mmap_write_shows_at_the_very_next_scrape(tmp_path):

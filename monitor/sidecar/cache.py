@@ -60,6 +60,11 @@ class RenderedMetrics:
 
     Single flight: one scrape checks (and renders) at a time, and a scrape that waited reuses
     the check of a scrape that started after it arrived, so a burst costs one check.
+
+    A new body is rendered family by family, and a family equal to the one rendered last time
+    (name, help, type, unit, samples) reuses its text: a moving app counter or a new worker
+    sample re-renders that family alone. Both exposition formats render each family on its
+    own, so the joined texts are the library's bytes (OpenMetrics' `# EOF` goes once, last).
     """
 
     def __init__(self, collector: Any, inputs: Callable[[], object]) -> None:
@@ -72,6 +77,7 @@ class RenderedMetrics:
         self._token: object = object()
         self._families: _Families | None = None
         self._bodies: dict[tuple[str, bool], bytes] = {}
+        self._texts: dict[str, dict[str, tuple[tuple, bytes]]] = {}  # by content type, name
 
     def __call__(self, accept: str | None, gz: bool) -> tuple[str, bytes]:
         encoder, content_type = choose_encoder(accept or "")
@@ -92,11 +98,29 @@ class RenderedMetrics:
             self.misses += 1
             if self._families is None:
                 self._families = _Families(list(self.collector.collect()))
-            body = encoder(self._families)
+            body = self._render(encoder, content_type, self._families.families)
             if gz:
                 body = gzip.compress(body)
             self._bodies[(content_type, gz)] = body
             return content_type, body
+
+    def _render(self, encoder: Callable, content_type: str, families: list[Metric]) -> bytes:
+        trailer = encoder(_Families([]))  # b"" for text, b"# EOF\n" for OpenMetrics
+        last = self._texts.get(content_type, {})
+        texts: dict[str, tuple[tuple, bytes]] = {}
+        parts = []
+        for f in families:
+            key = (f.name, f.documentation, f.type, f.unit, tuple(f.samples))  # a copy
+            kept = last.get(f.name)
+            if kept is not None and kept[0] == key:
+                text = kept[1]
+            else:
+                text = encoder(_Families([f]))
+                text = text[: len(text) - len(trailer)]
+            texts[f.name] = (key, text)
+            parts.append(text)
+        self._texts[content_type] = texts
+        return b"".join(parts) + trailer
 
 
 class DirectoryInputs:
