@@ -173,8 +173,9 @@ class PooledWSGIServer(WSGIServer):
     wsgiref's give each connection its own thread for as long as the client likes (300 idle
     connections held 300 threads, and scrapes under them took over a second), and the WSGI
     servers that pool (waitress) have no TLS. The accept loop keeps each new connection in a
-    selector, where it costs one file descriptor, until its first bytes arrive; only then does
-    a pool thread take it, do the TLS handshake and read the request. The loop also enforces
+    selector, where it costs one file descriptor, until its first bytes arrive (a scraper's
+    are usually there at accept already); only then does a pool thread take it, do the TLS
+    handshake and read the request. The loop also enforces
     the deadlines: a connection silent for REQUEST_TIMEOUT is closed, and one whose request is
     still incomplete then (a slow or stalled client on a pool thread) is shut down under its
     thread, which frees it. Past MAX_CONNECTIONS the longest-idle connection is dropped for the
@@ -286,7 +287,8 @@ class PooledWSGIServer(WSGIServer):
         return True
 
     def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
-        for sock, (_, deadline) in list(self._idle.items()):
+        while self._idle:
+            sock, (_, deadline) = next(iter(self._idle.items()))
             if deadline > now:
                 break  # in accept order, so in deadline order
             del self._idle[sock]
