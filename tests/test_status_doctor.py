@@ -38,7 +38,7 @@ def test_status_shows_each_slot_its_request_in_flight_and_the_last_hour(make_mas
 
     snap, master, [row] = wait_for(busy, 10, "a worker in a request")
     assert master["pid"] == m.pid and master["worker_class"] == "gthread"
-    assert master["version"] and master["uptime_seconds"] >= 0
+    assert master["version"] and master["uptime_seconds"] >= 0 and master["last_deploy"]
     assert {w["pid"] for w in master["workers"]} == set(pids)
     assert row["in_flight"][0]["path"] == "/sleep" and row["in_flight"][0]["method"] == "GET"
     assert sum(w["requests_served"] for w in master["workers"]) >= 4

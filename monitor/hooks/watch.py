@@ -187,7 +187,11 @@ class Watch:
         for pid in list(self.pending):
             p = self.pending[pid]
             if pid not in self.server.WORKERS:
-                continue  # finished when reaped
+                if now - p.asked > 60:
+                    self.finish(pid)  # gone without a child_exit (Gunicorn's ESRCH path)
+                    self.last_capture.pop(pid, None)
+                    self.timeout_phase.pop(pid, None)
+                continue  # otherwise finished when reaped
             if p.reason == captures.STUCK_BOOTING and now - p.asked >= SETTLE:
                 self.finish(pid)
         if self.stuck != stuck_before:

@@ -45,10 +45,8 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
     now_wall, now_mono = time.time(), time.monotonic()
     masters, bad = state.read(layout)
     records, _ = journal.read(layout)
-    last_deploy = max(
-        (r["time"] for r in records if r.get("event") in _DEPLOYS and _is_time(r.get("time"))),
-        default=None,
-    )
+    deploys = [r for r in records if r.get("event") in _DEPLOYS and _is_time(r.get("time"))]
+    last_deploy = max((r["time"] for r in deploys), default=None)
     hour = collections.Counter(
         str(r.get("cause"))
         for r in records
@@ -71,6 +69,11 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
                 "worker_class": m.worker_class,
                 "workers_desired": m.workers_desired,
                 "workers_stuck_booting": m.stuck_booting,
+                # Its own start, HUP or USR2; or a mark-deploy, which names no master.
+                "last_deploy": max(
+                    (r["time"] for r in deploys if r.get("master_pid") in (m.pid, None)),
+                    default=None,
+                ),
                 "workers": workers,
             }
         )
@@ -132,7 +135,8 @@ def render(snap: dict[str, Any]) -> str:
     for m in snap["masters"]:
         lines.append(
             f"master {m['pid']}  up {_span(m['uptime_seconds'])}  gunicorn {m['version']}  "
-            f"{m['worker_class']}  workers {len(m['workers'])}/{m['workers_desired']}"
+            f"{m['worker_class']}  workers {len(m['workers'])}/{m['workers_desired']}  "
+            f"deployed {_clock(m['last_deploy']) if m['last_deploy'] else '?'}"
             + (
                 f"  STUCK BOOTING {m['workers_stuck_booting']}"
                 if m["workers_stuck_booting"]
