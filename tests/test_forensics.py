@@ -255,3 +255,23 @@ def test_boot_time_is_observed_once_per_worker(make_master, make_exporter):
     )
     assert value(e.scrape(), "gunicorn_worker_boot_seconds_bucket", le="+Inf") == 2
     assert m.proc.poll() is None
+
+
+def test_a_capture_that_cannot_be_saved_costs_the_capture_only(make_master, make_exporter):
+    m = make_master(workers=1, env={"GUNICORN_TIMEOUT": "2"}).start()
+    e = make_exporter()
+    captures_dir = m.dir / "gunicorn-monitor" / "captures"
+    captures_dir.rmdir()
+    captures_dir.write_text("not a directory")  # every save fails from here on
+    for n in (1, 2):
+        _in_background(m.url + "/sleep?s=60")
+        wait_for(
+            lambda n=n: value(e.scrape(), "gunicorn_worker_timeouts_total", phase="request") == n,
+            20,
+            f"timeout {n} counted by phase",
+        )
+        m.wait_workers(1, timeout=20)
+    assert exits(e.scrape()) == {("timeout", "SIGABRT"): 2}
+    assert m.output().count("event=hook_failed hook=capture ") == 1  # said once
+    assert value(e.scrape(), "gunicorn_monitor_hook_errors_total", hook="capture") >= 2
+    assert m.proc.poll() is None and http_get(m.url + "/")[0] == 200
