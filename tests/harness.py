@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gunicorn
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +188,13 @@ class Master:
         if self.proc is None:
             return
         self.worker_pids()
-        kill_all([self.pid, *self.seen_pids])
+        # Every process the master started, recorded or not (a worker forked after the last
+        # state read, a USR2 master): by pid, taken before the master goes and they are orphans.
+        try:
+            spawned = [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.Error:
+            spawned = []
+        kill_all([self.pid, *self.seen_pids, *spawned])
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
