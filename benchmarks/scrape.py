@@ -30,6 +30,7 @@ import argparse
 import gzip
 import os
 import shutil
+import socket
 import statistics
 import struct
 import subprocess
@@ -44,7 +45,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.exporter_cost import BASELINE, HEADERS  # noqa: E402
+from benchmarks.exporter_cost import BASELINE  # noqa: E402
+from benchmarks.http_load import REQUEST  # noqa: E402
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector  # noqa: E402
 from tests.harness import free_port, http_get, wait_for  # noqa: E402
 
@@ -124,8 +126,15 @@ def server(cmd: list[str], port: int) -> subprocess.Popen:
 
 
 def http_scrape(port: int) -> bytes:
-    status, body = http_get(f"http://127.0.0.1:{port}/metrics", 120, HEADERS)
-    assert status == 200, "scrape failed"
+    """One scrape on a new connection, as http_load.py does it: a raw socket, so that the
+    measuring script's own HTTP client does not weigh on a sub-millisecond answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.sendall(REQUEST)
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200", "scrape failed"
     return gzip.decompress(body)
 
 
