@@ -5,12 +5,13 @@ itself; the master cannot tell these apart from a max_requests recycle by the wa
 the worker leaves a one-word note (monitor/hooks/notes.py) that the master reads when it reaps
 it. Nothing here writes anything but that note.
 
-A worker is told to leave at any moment of its life, booting included:
-- from the fork until Gunicorn's Worker.init_signals, the child still runs the master's handler,
-  which only queues the signal (in the child's copy of the arbiter's SIG_QUEUE): right after
-  init_signals, such a signal is sent again, to the worker's own handlers;
-- from init_signals on (the app is still importing), Gunicorn's own handlers act: they are
-  wrapped right after init_signals installs them, not only once the app has loaded.
+A worker is told to leave at any moment of its life, booting included. From the fork until
+Gunicorn's Worker.init_signals, the child runs the master's handler, which only queues the signal
+for a master loop that never runs there, and a signal that lands before the child has first run
+is dropped by CPython itself (it clears the flags of signals caught around a fork). So the
+leave signals are blocked from pre_fork on, in the master only until fork returns, in the child
+until init_signals has installed the worker's handlers (wrapped, to leave the note): a signal
+sent at any moment in between stays pending, then acts as on a booted worker.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ _CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)
 # Signals a booting worker must not lose: the ones that tell a worker to leave.
 _LEAVE = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
-# Where pre_fork leaves the length of the master's signal queue, on the worker object.
-_QUEUED = "_gunicorn_monitor_queued"
+# The signal mask before pre_fork blocked _LEAVE: restored in the master when fork returns,
+# and in the worker once its own handlers are in place.
+_mask_before: set[int] | None = None
+_at_fork_registered = False
 
 
 def _note(signum: int) -> None:
@@ -51,40 +54,38 @@ def _note_then(handler: Callable) -> Callable:
 
 
 def forking(server: Any, worker: Any) -> None:
-    """pre_fork, in the master: what the signal queue held before this worker existed."""
-    queued = server.SIG_QUEUE
-    # A list up to Gunicorn 26, a queue.SimpleQueue from 27 on.
-    setattr(worker, _QUEUED, queued.qsize() if hasattr(queued, "qsize") else len(queued))
+    """pre_fork, in the master: hold the leave signals until the worker can handle them."""
+    global _mask_before, _at_fork_registered
+    if not _at_fork_registered:
+        os.register_at_fork(after_in_parent=_release)  # also runs when fork fails
+        _at_fork_registered = True
+    if _mask_before is None:
+        _mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, _LEAVE)
+
+
+def _release() -> None:
+    global _mask_before
+    if _mask_before is not None:
+        before, _mask_before = _mask_before, None
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def booting(server: Any, worker: Any) -> None:
     """post_fork, in the new worker: no signal is lost or unexplained while it boots."""
-    original = worker.init_signals
+    try:
+        original = worker.init_signals
 
-    def init_signals() -> None:
-        original()
-        guard("init_signals", _wrap_handlers)
-        guard("init_signals", _redeliver, server, worker)
+        def init_signals() -> None:
+            try:
+                original()
+                guard("init_signals", _wrap_handlers)
+            finally:
+                _release()  # pending leave signals act now, on the worker's own handlers
 
-    worker.init_signals = init_signals
-
-
-def _redeliver(server: Any, worker: Any) -> None:
-    # Until init_signals, the child runs the master's handler, which queues a signal for a
-    # master loop that never runs here: Gunicorn forgets it and the worker lives on. Such a
-    # signal is sent again now, to the handlers the worker has from here on.
-    start = getattr(worker, _QUEUED, None)
-    if start is None:
-        return
-    queued = server.SIG_QUEUE
-    if hasattr(queued, "get_nowait"):  # this child's copy: nobody else reads it
-        items = []
-        while not queued.empty():
-            items.append(queued.get_nowait())
-    else:
-        items = list(queued)
-    for sig in {s for s in items[start:] if s in _LEAVE}:
-        os.kill(os.getpid(), sig)
+        worker.init_signals = init_signals
+    except BaseException:
+        _release()
+        raise
 
 
 def _wrap_handlers() -> None:
