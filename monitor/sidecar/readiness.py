@@ -2,10 +2,12 @@
 
 The sidecar may start before Gunicorn has created the directory (a pod's containers start in
 no fixed order), so a missing directory is a state to wait out, not an error: /-/ready says so,
-/metrics serves `gunicorn_up 0`, and the first scrape after the directory appears serves
-everything in it. A directory that appears unsafe (a symlink, another user's, writable by
-others: monitor/contract/directory.py's rules) is the same, except that it says why: nothing
-is read from it, so nothing from it is served, until it is fixed.
+/metrics serves `gunicorn_up 0` (no master has started yet), and the first scrape after the
+directory appears serves everything in it. A directory that exists but may not be read (a
+symlink, another user's, writable by others: monitor/contract/directory.py's rules; or not
+readable) is read from nowhere, and so says nothing about Gunicorn, not even `gunicorn_up 0`:
+a master may be running there. Its scrapes carry only `gunicorn_exporter_errors_total
+{kind="unreadable"}`, counting them, until it is fixed; /-/ready says why.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from monitor.contract import directory, metrics
 from monitor.contract.directory import Layout
@@ -30,6 +32,7 @@ class DirectoryGate:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._said: str | None = ""  # the last state logged; "" before the first
+        self.missing = False  # as of the last problem(): the directory does not exist
         self._lock = threading.Lock()
 
     def problem(self) -> str | None:
@@ -37,9 +40,11 @@ class DirectoryGate:
         try:
             directory.open_for_reading(self.layout.root)
             why = None
+            self.missing = False
         except directory.DirectoryError as e:
             why = str(e)
-            if e.errno == errno.ENOENT:
+            self.missing = e.errno == errno.ENOENT
+            if self.missing:
                 why = f"{self.layout.root} does not exist yet (Gunicorn has not started)"
         if why != self._said:
             self._log(why)
@@ -60,15 +65,27 @@ class DirectoryGate:
 
 
 class GatedCollector:
-    """`inner` while the gate allows reading the directory; `gunicorn_up 0` alone otherwise,
-    so that no collector ever touches (or, compacting, creates) a directory it should not."""
+    """`inner` while the gate allows reading the directory; otherwise `gunicorn_up 0` for a
+    directory not there yet, and only the count of refused scrapes for one that may not be
+    read, so that no collector ever touches (or, compacting, creates) a directory it should not."""
 
     def __init__(self, inner: object, gate: DirectoryGate) -> None:
         self.inner = inner
         self.gate = gate
+        self.refused = 0
 
     def collect(self) -> Iterator[Metric]:
         if self.gate.problem() is None:
             yield from self.inner.collect()  # type: ignore[attr-defined]
-        else:
+        elif self.gate.missing:
             yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=0)
+        else:
+            self.refused += 1
+            family = CounterMetricFamily(
+                "gunicorn_exporter_errors",
+                "Errors while collecting, by kind: unreadable, malformed, rejected, collect, "
+                "compaction.",
+                labels=["kind"],
+            )
+            family.add_metric(["unreadable"], self.refused)
+            yield family
