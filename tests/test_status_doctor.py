@@ -130,3 +130,32 @@ def test_doctor_sees_a_running_master_and_its_smaps(make_master):
     out = _doctor(CONFIG, m.dir)
     assert f"ok    processes: master(s) {m.pid} visible" in out.stdout, out.stdout
     assert "ok    smaps:" in out.stdout
+
+
+def test_status_shows_no_worker_a_state_file_merely_names(tmp_path):
+    """A forged state file: a live process as master, an unrelated live pid as its worker."""
+    import psutil
+
+    from monitor.contract import directory, state
+
+    layout = directory.create(str(tmp_path / "mp"))
+    master = subprocess.Popen(["sleep", "30"])
+    try:
+        state.write(
+            layout,
+            master.pid,
+            {
+                "pid": master.pid,
+                "start_time": psutil.Process(master.pid).create_time(),
+                "version": "27.0.1",
+                "worker_class": "sync",
+                "workers_desired": 1,
+                "workers": {str(os.getpid()): {"slot": 0, "spawned": 1.0}},
+            },
+        )
+        snap = json.loads(_run("status", "--json", "--dir", layout.root).stdout)
+        [shown] = snap["masters"]
+        assert shown["pid"] == master.pid and shown["workers"] == []
+    finally:
+        master.kill()
+        master.wait()

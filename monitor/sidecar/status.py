@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from monitor.contract import captures, inflight, journal, state
+from monitor.contract import captures, causes, inflight, journal, state
 from monitor.contract.directory import Layout
 
 _DEPLOYS = ("master_start", "reload", "upgrade", "mark_deploy")
@@ -48,19 +48,23 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
     deploys = [r for r in records if r.get("event") in _DEPLOYS and _is_time(r.get("time"))]
     last_deploy = max((r["time"] for r in deploys), default=None)
     hour = collections.Counter(
-        str(r.get("cause"))
+        r["cause"]
         for r in records
-        if r.get("event") == "exit" and _is_time(r.get("time")) and r["time"] > now_wall - 3600
+        if r.get("event") == "exit"
+        and r.get("cause") in causes.CAUSES  # the journal is data: only known causes are shown
+        and _is_time(r.get("time"))
+        and r["time"] > now_wall - 3600
     )
     out = []
+    # Only live children of a live master recorded there: a pid in a state file is data.
+    live = state.Children().live(masters)
     for m in sorted(masters, key=lambda m: m.pid):
         if not m.alive:
             continue
-        workers = []
-        for w in sorted(m.workers, key=lambda w: w.slot):
-            if not state.pid_exists(w.pid):
-                continue  # exited; its replacement is listed once recorded
-            workers.append(_worker(layout, w, now_wall, now_mono, cpu))
+        workers = [
+            _worker(layout, w, now_wall, now_mono, cpu)
+            for w in sorted(live.get(m.pid, []), key=lambda w: w.slot)
+        ]
         out.append(
             {
                 "pid": m.pid,
