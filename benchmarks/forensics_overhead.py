@@ -15,12 +15,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.harness import CONFIG, Master, http_get, wait_for  # noqa: E402
+from benchmarks.hook_overhead import timed  # noqa: E402
+from tests.harness import CONFIG, Master  # noqa: E402
 
 # Appended to a copy of gunicorn.conf.py: the monitor without the capture hooks and the watch.
 WITHOUT = """
@@ -38,16 +38,7 @@ def run(config: Path | None, recycle: bool, requests: int, tmp: Path) -> float:
     master = Master(shared, workers=2, env={"GUNICORN_MAX_REQUESTS": "1" if recycle else "0"})
     if config is not None:
         master.cmd[master.cmd.index("-c") + 1] = str(config)
-    master.start(wait=False)
-    try:
-        wait_for(lambda: http_get(master.url + "/", 2)[0] == 200, 20, "the app answers")
-        time.sleep(1)  # both workers booted: the only sleep, before anything is timed
-        start = time.perf_counter()
-        for _ in range(requests):
-            assert http_get(master.url + "/")[0] == 200
-        return (time.perf_counter() - start) / requests
-    finally:
-        master.kill()
+    return timed(master, requests)
 
 
 def main() -> None:

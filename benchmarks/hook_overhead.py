@@ -42,9 +42,14 @@ def run(monitored: bool, recycle: bool, requests: int, tmp: Path) -> float:
         plain = tmp / "plain.conf.py"
         plain.write_text(PLAIN)
         master.cmd[master.cmd.index("-c") + 1] = str(plain)
+    return timed(master, requests)
+
+
+def timed(master: Master, requests: int) -> float:
+    """Seconds per request, sequential, once both workers answer; the master is killed after."""
     master.start(wait=False)
     try:
-        # The plain config records no state: wait until both workers answer.
+        # A plain config records no state: wait until both workers answer.
         wait_for(lambda: http_get(master.url + "/", 2)[0] == 200, 20, "the app answers")
         time.sleep(1)  # both workers booted: the only sleep, before anything is timed
         start = time.perf_counter()
