@@ -1,6 +1,8 @@
+import shutil
+
 import pytest
 
-from tests.harness import Exporter, Master
+from tests.harness import ROOT, Exporter, Master
 
 
 @pytest.fixture
@@ -38,3 +40,14 @@ def make_exporter(shared_dir):
     yield make
     for e in started:
         e.kill()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's promtool: on PATH, or where scripts/prometheus.sh extracts it."""
+    found = shutil.which("promtool") or shutil.which(
+        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
+    )
+    if not found:
+        pytest.fail("promtool not found: run `source scripts/prometheus.sh` first", pytrace=False)
+    return found

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,16 +242,6 @@ def test_the_exits_panel_is_the_documented_query(dash):
 
 
 # -- (d) every expression parses --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    found = shutil.which("promtool") or shutil.which(
-        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
-    )
-    if not found:
-        pytest.fail("promtool not found on PATH: run `source scripts/prometheus.sh` first")
-    return found
 
 
 def check_rules(promtool: str, exprs: list[str], path: Path) -> subprocess.CompletedProcess:

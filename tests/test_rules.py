@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards"
@@ -22,14 +21,6 @@ RUNBOOK_URL = (
     "https://github.com/gunicorn-monitor/gunicorn-monitor/blob/main/dashboards/RUNBOOK.md#"
 )
 SEVERITIES = {"critical", "warning", "info"}
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not on PATH: run `source scripts/prometheus.sh`", pytrace=False)
-    return path
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 
@@ -59,16 +57,6 @@ def settled(e, workers: int) -> set:
         return series if time.monotonic() - last["since"] >= STABLE else None
 
     return wait_for(stable, 30, f"{workers} workers settled")
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    found = shutil.which("promtool") or shutil.which(
-        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
-    )
-    if not found:
-        pytest.fail("promtool not found on PATH: run `source scripts/prometheus.sh` first")
-    return found
 
 
 def test_series_at_rest_stay_within_the_budget_and_grow_by_at_most_7_a_worker(

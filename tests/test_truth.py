@@ -39,16 +39,6 @@ def _labels(samples: dict, label: str) -> set[str]:
     return {dict(labels)[label] for _, labels in samples if label in dict(labels)}
 
 
-@pytest.fixture(scope="module")
-def promtool_path() -> str:
-    found = shutil.which("promtool") or shutil.which(
-        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
-    )
-    if not found:
-        pytest.fail("promtool not found on PATH: run `source scripts/prometheus.sh` first")
-    return found
-
-
 @pytest.fixture
 def nobody_dir():
     """A shared directory owned by the unprivileged user both Gunicorn and the sidecar run as:
@@ -294,7 +284,7 @@ def test_a_torn_journal_line_costs_itself_never_the_next_record(tmp_path):
 
 
 def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
-    promtool_path, make_master, make_exporter, shared_dir
+    promtool, make_master, make_exporter, shared_dir
 ):
     """With PROMETHEUS_MULTIPROC_DIR set in the sidecar's own environment too, as users do."""
     m = make_master(workers=2).start()
@@ -314,7 +304,7 @@ def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
     written = [str(p) for p in shared_dir.rglob("*") if theirs.search(p.name)]
     assert written == []
     check = subprocess.run(
-        [promtool_path, "check", "metrics"], input=body, capture_output=True, timeout=60
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
     )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert parse(text)  # and it still parses
@@ -387,7 +377,7 @@ def test_lifetimes_an_earlier_version_recorded_fold_into_todays_buckets_exactly(
 
 
 def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
-    promtool_path, make_master, make_exporter, shared_dir
+    promtool, make_master, make_exporter, shared_dir
 ):
     """Earlier sidecars wrote histogram_<their pid>.db into the app's directory (the
     prometheus_client Histogram of their own process); it stays there after an upgrade."""
@@ -409,6 +399,6 @@ def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
     samples = parse(body.decode())
     assert body.decode().count(f"# TYPE {spec.name} histogram") == 1
     assert (count, (("cause", "unknown"),)) not in samples  # the stale file's series
-    check = subprocess.run([promtool_path, "check", "metrics"], input=body, capture_output=True)
+    check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 1
