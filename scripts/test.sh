@@ -15,10 +15,13 @@ ruff check .
 ruff format --check .
 pytest "$@"
 
-# The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill) and the
-# pure cause decision they rest on; and the exporter's TLS and basic auth, which are what
-# bcrypt and PyYAML are declared for.
-MATRIX_TESTS=(tests/test_lifecycle.py tests/test_oom.py tests/test_causes.py tests/test_webconfig.py)
+# The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
+# that land while a worker boots) and the pure cause decision they rest on; and the exporter's
+# TLS and basic auth, which are what bcrypt and PyYAML are declared for.
+MATRIX_TESTS=(
+    tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
+    tests/test_webconfig.py
+)
 if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then
     for end in oldest:3.10 newest:3.13; do
         name=${end%:*} version=${end#*:}
