@@ -375,10 +375,25 @@ def _numbers(result: list[dict]) -> list[float]:
 def test_the_exporter_and_prometheus_agree(storm_stack, storm):
     """What the sidecar serves is what Prometheus stored: no series lost between the two."""
     stack = storm_stack
-    scraped = stack.exporter.scrape()
-    for cause, sig in exits(scraped):
-        stored = stack.sample(
-            f'gunicorn_worker_exits_total{{cause="{cause}",signal="{sig}",job="{JOB}"}}'
-        )
-        want = value(scraped, "gunicorn_worker_exits_total", cause=cause, signal=sig)
-        assert stored == want, stack.why((cause, sig, stored, want))
+    last: list = []
+
+    def agree() -> bool:
+        # Prometheus scrapes once a second: the last events may not be stored yet.
+        scraped = stack.exporter.scrape()
+        last[:] = [
+            (
+                cause,
+                sig,
+                stack.sample(
+                    f'gunicorn_worker_exits_total{{cause="{cause}",signal="{sig}",job="{JOB}"}}'
+                ),
+                value(scraped, "gunicorn_worker_exits_total", cause=cause, signal=sig),
+            )
+            for cause, sig in exits(scraped)
+        ]
+        return bool(last) and all(stored == want for _, _, stored, want in last)
+
+    try:
+        wait_for(agree, 15, "Prometheus to store what the sidecar serves")
+    except AssertionError:
+        raise AssertionError(stack.why(last)) from None
