@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.exporter_cost import BASELINE  # noqa: E402
 from benchmarks.http_load import REQUEST  # noqa: E402
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector  # noqa: E402
-from tests.harness import free_port, http_get, wait_for  # noqa: E402
+from tests.harness import app_process, free_port, http_get, wait_for  # noqa: E402
 
 
 def write_worker(directory: Path, ident: int) -> None:
@@ -103,18 +103,9 @@ def build(directory: Path, size: int, real: int) -> int:
 def live_counter(directory: Path) -> Callable[[], None]:
     """A counter in `directory` owned by this (live) process, written by the library's own
     mmap path; returns its inc()."""
-    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue(os.getpid)
-    try:
+    with app_process(directory, os.getpid):
         child = Counter("app_live", "A live worker's requests.", registry=None)
         child.inc()
-    finally:
-        values.ValueClass = values.MutexValue
-        if saved is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
     return child.inc
 
 

@@ -6,6 +6,7 @@ test starts is killed by pid when the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gunicorn
@@ -39,6 +40,25 @@ WORKER_CLASSES = {
     # uvicorn's own, deprecated, still the most common in existing configs
     "uvicorn.workers": ("uvicorn.workers.UvicornWorker", "examples.app:asgi_app"),
 }
+
+
+@contextlib.contextmanager
+def app_process(directory: str | Path, pid: Callable[[], int]) -> Iterator[None]:
+    """prometheus_client, in this process, writing as the app process `pid()` into `directory`:
+    the library's own multiprocess file format and mmap path, as a worker would. Restored after."""
+    from prometheus_client import values
+
+    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue(pid)
+    try:
+        yield
+    finally:
+        values.ValueClass = values.MutexValue
+        if saved is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 
 import psutil
 import pytest
-from prometheus_client import CollectorRegistry, Counter, values
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import _bake_output
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from monitor.contract.directory import Layout
 from monitor.sidecar import exporter
 from monitor.sidecar.cache import DirectoryInputs, RenderedMetrics
-from tests.harness import http_get, parse, value, wait_for
+from tests.harness import app_process, http_get, parse, value, wait_for
 
 
 def _hello(environ, start_response):
@@ -122,17 +122,8 @@ def test_head_is_get_without_a_body():
 
 def _write_counter(directory: str, pid: int, amount: float, name: str = "app_jobs") -> None:
     """One app process's counter file, written by prometheus_client's own mmap path."""
-    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue(lambda: pid)
-    try:
+    with app_process(directory, lambda: pid):
         Counter(name, "Jobs.", ["kind"], registry=None).labels("a").inc(amount)
-    finally:
-        values.ValueClass = values.MutexValue
-        if saved is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
 
 
 ACCEPTS = [
