@@ -53,20 +53,19 @@ from tests.harness import app_process, free_port, http_get, wait_for  # noqa: E4
 
 def write_worker(directory: Path, ident: int) -> None:
     """One dead worker's file, written by the library exactly as a worker process would."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)  # where MmapedValue puts files
-    values.ValueClass = values.MultiProcessValue(lambda: ident)
-    requests = Counter("app_requests", "Requests.", ["method", "status"], registry=None)
-    events = Counter("app_lifecycle_events", "Lifecycle events.", ["event"], registry=None)
-    errors = Counter("app_errors", "Errors.", ["kind"], registry=None)
-    for i, (method, status) in enumerate(
-        [("GET", "200"), ("GET", "404"), ("POST", "200"), ("POST", "500"), ("PUT", "200")]
-    ):
-        requests.labels(method, status).inc(ident % 7 + i)
-    for i, event in enumerate(("boot", "reload", "exit")):
-        events.labels(event).inc(i + 1)
-    for kind in ("timeout", "crash"):
-        errors.labels(kind).inc(ident % 3)
-    values.close_all_multiprocess_files()
+    with app_process(directory, lambda: ident):
+        requests = Counter("app_requests", "Requests.", ["method", "status"], registry=None)
+        events = Counter("app_lifecycle_events", "Lifecycle events.", ["event"], registry=None)
+        errors = Counter("app_errors", "Errors.", ["kind"], registry=None)
+        for i, (method, status) in enumerate(
+            [("GET", "200"), ("GET", "404"), ("POST", "200"), ("POST", "500"), ("PUT", "200")]
+        ):
+            requests.labels(method, status).inc(ident % 7 + i)
+        for i, event in enumerate(("boot", "reload", "exit")):
+            events.labels(event).inc(i + 1)
+        for kind in ("timeout", "crash"):
+            errors.labels(kind).inc(ident % 3)
+        values.close_all_multiprocess_files()
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
@@ -84,16 +83,8 @@ def sparse_copy(src: Path, dst: Path) -> None:
 def build(directory: Path, size: int, real: int) -> int:
     """Write `size` dead workers' files; returns how many were cloned rather than written."""
     first_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
-    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    try:
-        for pid in range(first_pid, first_pid + min(size, real)):
-            write_worker(directory, pid)
-    finally:
-        values.ValueClass = values.MutexValue
-        if saved is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
+    for pid in range(first_pid, first_pid + min(size, real)):
+        write_worker(directory, pid)
     template = directory / f"counter_{first_pid}.db"
     for pid in range(first_pid + real, first_pid + size):
         sparse_copy(template, directory / f"counter_{pid}.db")

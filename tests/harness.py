@@ -61,6 +61,15 @@ def app_process(directory: str | Path, pid: Callable[[], int]) -> Iterator[None]
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
 
 
+# A worker hook that fails: the monitor's post_worker_init work raises in every worker.
+FAILING_WORKER_HOOK = (
+    "import monitor.hooks.worker\n"
+    "def _boom(worker):\n"
+    "    raise RuntimeError('injected fault')\n"
+    "monitor.hooks.worker.instrument = _boom\n"
+)
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
     deadline = time.monotonic() + timeout
     while True:
@@ -128,6 +137,7 @@ class Master:
         args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
         log_path: Path | None = None,
+        user_hooks: str = "",
     ) -> None:
         worker_class, default_app = WORKER_CLASSES[worker]
         self.dir = Path(shared_dir)
@@ -154,6 +164,12 @@ class Master:
             app or default_app,
         ]
         self.log_path = log_path or self.dir.parent / f"gunicorn-{self.port}.log"
+        if user_hooks:
+            # A user's own config: the project's, with their hooks above its wire(globals()).
+            config = self.dir.parent / f"gunicorn-{self.port}.conf.py"
+            text = CONFIG.read_text().replace("wire(globals())", user_hooks + "wire(globals())")
+            config.write_text(text)
+            self.cmd[self.cmd.index(str(CONFIG))] = str(config)
         self.proc: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
 

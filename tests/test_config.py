@@ -68,8 +68,6 @@ def test_environment_sets_workers_and_a_flag_overrides_it(make_master):
 
 def test_your_own_hooks_still_run_beside_the_monitor(tmp_path, make_master, make_exporter):
     marker = tmp_path / "user-hooks.log"
-    config = tmp_path / "gunicorn.conf.py"
-    ours = CONFIG.read_text()
     user_hooks = f"""
 def post_fork(server, worker):
     with open({str(marker)!r}, "a") as f:
@@ -81,10 +79,7 @@ def child_exit(server, worker):
         f.write("child_exit %s\\n" % worker.pid)
 
 """
-    config.write_text(ours.replace("wire(globals())", user_hooks + "wire(globals())"))
-    m = make_master(workers=1)
-    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
-    m.start()
+    m = make_master(workers=1, user_hooks=user_hooks).start()
     e = make_exporter()
     victim = m.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)

@@ -31,14 +31,8 @@ def post_fork(server, worker):
 
 
 @pytest.mark.parametrize("worker", CLASSES)
-def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(
-    worker, tmp_path, make_master, make_exporter
-):
-    config = tmp_path / "gunicorn.conf.py"
-    config.write_text(CONFIG.read_text().replace("wire(globals())", SELF_KILL + "wire(globals())"))
-    m = make_master(worker=worker, workers=2)
-    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
-    m.start()
+def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(worker, make_master, make_exporter):
+    m = make_master(worker=worker, workers=2, user_hooks=SELF_KILL).start()
     e = make_exporter()
     wait_for(lambda: exits(e.scrape()) == {("signal", "SIGTERM"): 2.0}, 20, "two stray SIGTERMs")
     assert m.proc.poll() is None

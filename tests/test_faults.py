@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from monitor.sidecar.compaction import read_entries
-from tests.harness import CONFIG, ROOT, exits, http_get, value, wait_for
+from tests.harness import FAILING_WORKER_HOOK, ROOT, exits, http_get, value, wait_for
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs and chowns: needs root")
 SPAWNS = "gunicorn_worker_spawns_total"
@@ -351,20 +351,14 @@ def _readable(path: Path) -> bool:
 # -- workers and the master's files --------------------------------------------------------
 
 
-def test_a_failing_worker_hook_never_writes_the_masters_files(tmp_path, make_master, make_exporter):
+def test_a_failing_worker_hook_never_writes_the_masters_files(make_master, make_exporter):
     # Workers inherit the master's recorder at fork; a contained failure in a worker used to
     # be counted through the inherited mmap, into the master's file ("bad len ... at 544").
-    config = tmp_path / "gunicorn.conf.py"
-    fault = (
-        "import monitor.hooks.worker\n"
-        "def _boom(worker):\n"
-        "    raise RuntimeError('injected fault')\n"
-        "monitor.hooks.worker.instrument = _boom\n"
-    )
-    config.write_text(CONFIG.read_text().replace("wire(globals())", fault + "wire(globals())"))
-    m = make_master(workers=2, args=("--max-requests", "2", "--max-requests-jitter", "0"))
-    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
-    m.start()
+    m = make_master(
+        workers=2,
+        args=("--max-requests", "2", "--max-requests-jitter", "0"),
+        user_hooks=FAILING_WORKER_HOOK,
+    ).start()
     assert answered(m, 20) == 20
     e = make_exporter()
     wait_for(lambda: value(e.scrape(), SPAWNS) >= 10, 15, "the recycles")

@@ -7,7 +7,7 @@ import signal
 
 import psutil
 
-from tests.harness import CONFIG, exits, http_get, value, wait_for
+from tests.harness import FAILING_WORKER_HOOK, exits, http_get, value, wait_for
 
 
 def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make_exporter):
@@ -35,18 +35,8 @@ def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make
     assert "Traceback" not in m.output()
 
 
-def test_a_failing_worker_hook_does_not_stop_the_worker(tmp_path, make_master, make_exporter):
-    config = tmp_path / "gunicorn.conf.py"
-    fault = (
-        "import monitor.hooks.worker\n"
-        "def _boom(worker):\n"
-        "    raise RuntimeError('injected fault')\n"
-        "monitor.hooks.worker.instrument = _boom\n"
-    )
-    config.write_text(CONFIG.read_text().replace("wire(globals())", fault + "wire(globals())"))
-    m = make_master(workers=2)
-    m.cmd[m.cmd.index(str(CONFIG))] = str(config)
-    m.start()
+def test_a_failing_worker_hook_does_not_stop_the_worker(make_master, make_exporter):
+    m = make_master(workers=2, user_hooks=FAILING_WORKER_HOOK).start()
     e = make_exporter()
     assert http_get(m.url + "/")[0] == 200
     assert exits(e.scrape()) == {}
