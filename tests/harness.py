@@ -203,6 +203,23 @@ class Master:
         self.seen_pids.update(pids)
         return [p for p in pids if alive(p)]
 
+    def live_children(self) -> list[int]:
+        """The master's children by the kernel, not by our state file (which a fault test may
+        have removed), without zombies: a killed worker stays a child until the master reaps it.
+        """
+        return [c.pid for c in psutil.Process(self.pid).children() if alive(c.pid)]
+
+    def kill_a_worker(self, n: int, timeout: float = 10) -> None:
+        """SIGKILL one worker and wait until the master has replaced it: n live workers again,
+        the killed one not among them."""
+        victim = wait_for(lambda: (kids := self.live_children()) and kids[0], timeout, "a worker")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: victim not in (kids := self.live_children()) and len(kids) == n,
+            timeout,
+            "a respawn",
+        )
+
     def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> list:
         def ready() -> list[int] | None:
             pids = [p for p in self.worker_pids() if p not in exclude]

@@ -152,9 +152,7 @@ def test_removing_the_directory_costs_no_request_and_recording_resumes(
         for _ in range(n // 5):
             ok += answered(m, 5)
             if uvicorn:
-                kids = psutil.Process(m.pid).children()
-                os.kill(kids[0].pid, signal.SIGKILL)
-                wait_for(lambda: len(psutil.Process(m.pid).children()) == workers, 10, "a respawn")
+                m.kill_a_worker(workers)
         return ok
 
     assert serve(20) == 20

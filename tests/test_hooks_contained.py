@@ -19,8 +19,8 @@ def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make
     (state / "blocker").mkdir(parents=True)
     for n in (1, 2, 3):
         # The harness cannot read the state file any more: ask the kernel for the workers.
-        kids = wait_for(lambda: len(c := psutil.Process(m.pid).children()) == 2 and c, 20)
-        os.kill(kids[0].pid, signal.SIGKILL)
+        kids = wait_for(lambda: len(c := m.live_children()) == 2 and c, 20)
+        os.kill(kids[0], signal.SIGKILL)
         wait_for(lambda n=n: exits(e.scrape()).get(("killed", "SIGKILL")) == n, 20, f"kill {n}")
     # The state is written once per turn of the master's loop, after it manages its workers:
     # a file of ours that cannot be replaced is a fault of the directory, said once, counted.
