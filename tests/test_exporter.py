@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+from prometheus_client.core import GaugeMetricFamily
 
 from monitor.sidecar.collectors.scrape import ScrapeCollector
 from tests.harness import BIN, exits, free_port, http_get, value, wait_for
@@ -139,6 +140,33 @@ def test_overlapping_scrapes_collect_once():
     for t in threads:
         t.join(10)
     assert Slow.calls <= 2  # one running, at most one more for those that came after it
+
+
+def test_a_source_is_collected_again_exactly_when_its_inputs_changed():
+    class Source:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def collect(self):
+            self.calls += 1
+            return [GaugeMetricFamily(f"g{id(self)}", "A gauge.", value=self.calls)]
+
+    app, lifecycle = Source(), Source()
+    parts: dict = {}
+    scrape = ScrapeCollector({"app": app, "lifecycle": lifecycle}, parts=lambda: dict(parts))
+    for app_inputs, own_inputs, want in [
+        (1, "a", (1, 1)),
+        (2, "a", (2, 1)),  # the app's files moved: the app alone is read again
+        (2, "a", (2, 1)),
+        (2, "b", (2, 2)),
+        (None, "b", (3, 2)),  # inputs unknown (a refused directory, no parts): collected
+        (3, None, (4, 3)),
+    ]:
+        parts.clear()
+        parts.update({k: v for k, v in [("app", app_inputs), ("lifecycle", own_inputs)] if v})
+        names = {f.name for f in scrape.collect()}
+        assert (app.calls, lifecycle.calls) == want
+        assert {f"g{id(app)}", f"g{id(lifecycle)}"} <= names  # reused families are served
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -27,7 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from monitor.contract.directory import Layout
 from monitor.sidecar import exporter
 from monitor.sidecar.cache import DirectoryInputs, RenderedMetrics
-from tests.harness import app_process, http_get, parse, value, wait_for
+from tests.harness import BIN, app_process, http_get, parse, value, wait_for
 
 
 def _hello(environ, start_response):
@@ -193,6 +194,20 @@ def test_the_served_body_follows_gunicorn_at_the_very_next_scrape(make_master, m
     os.kill(victim, 9)
     wait_for(lambda: str(victim) not in state.read_text(), 10, "the master recorded the exit")
     assert value(e.scrape(), "gunicorn_worker_exits_total", cause="killed", signal="SIGKILL") == 1
+    # Only the app's files move now: the lifecycle families are reused, and still right.
+    for n in range(7, 10):
+        assert http_get(m.url + "/")[0] == 200
+        samples = e.scrape()
+        assert value(samples, "demo_requests_total", endpoint="/") == n
+        assert value(samples, "gunicorn_worker_exits_total", cause="killed", signal="SIGKILL") == 1
+    # And only our own files move: the app's families are reused, and still right.
+    before = time.time()
+    subprocess.run(
+        [str(BIN / "gunicorn-monitor"), "mark-deploy", "--dir", str(m.dir)], check=True, timeout=30
+    )
+    samples = e.scrape()
+    assert value(samples, "gunicorn_last_deploy_timestamp_seconds") >= before
+    assert value(samples, "demo_requests_total", endpoint="/") == 9
 
 
 def test_a_flood_of_idle_connections_leaves_scrapes_fast_and_threads_bounded(make_exporter):

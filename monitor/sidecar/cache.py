@@ -16,7 +16,11 @@ bytes rendered then. The inputs, compared by value on every scrape (`DirectoryIn
 - whether the directory may be read at all (readiness.DirectoryGate).
 
 The inputs are taken before the collection, so a body is never older than the inputs it is
-kept for: a change to any of them shows at the very next scrape. Inputs that cannot be taken
+kept for: a change to any of them shows at the very next scrape. The same holds one level down:
+each source collector reads only part of the inputs (the app's files and whether their processes
+live; our own files and the masters; those plus the sampler's snapshot), and when its part is
+unchanged the collection reuses that source's families (collectors/scrape.py), so a moving app
+counter costs a read of the app's files, not of everything. Inputs that cannot be taken
 (an error) match nothing, and the scrape collects. What a body kept this way repeats is its
 collection's own self-metrics (`gunicorn_exporter_scrape_duration_seconds` is how long the
 collection of the served samples took).
@@ -134,16 +138,19 @@ class DirectoryInputs:
         self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, bytes | None, tuple[int, ...]]] = []
-        self._here: tuple | None = None  # the directory's inputs at the last call
+        self._here: tuple | None = None  # our own files and the masters at the last call
+        self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
+        self._parts_lock = threading.Lock()
 
     def __call__(self) -> object:
+        self.take_parts()  # whatever happens below, the last call's parts are stale now
         if self.gate is not None:
             problem = self.gate.problem()
             if problem is not None:
                 return ("refused", problem)
-        files: dict[str, object] = {}
+        by_dir: dict[str, dict[str, object]] = {self.layout.root: {}, self.layout.own: {}}
         pids: dict[str, int | None] = {}
-        for d in (self.layout.root, self.layout.own):
+        for d, files in by_dir.items():
             try:
                 entries = list(os.scandir(d))
             except FileNotFoundError:
@@ -160,21 +167,36 @@ class DirectoryInputs:
                     except OSError:  # gone since the listing
                         continue
                     files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self._files.keep_only(files)
+        app_files, own_files = by_dir.values()
+        self._files.keep_only({**app_files, **own_files})
         self._pids = pids
         known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
         exists = functools.partial(_exists, known)
         alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
-        here = (files, alive, self._live_masters(files, exists))
+        masters = self._live_masters(own_files, exists)
+        here = (own_files, masters)
         sampled = None
         if self.sampler is not None:
             # current() resamples when the masters' files changed or a sampled process is
-            # gone; when nothing above changed, neither did that: the last snapshot stands.
+            # gone; when neither changed, the last snapshot stands.
             snap = self.sampler.snapshot if here == self._here else self.sampler.current()
             errors = self.sampler.errors  # a copy: the sampler counts on in the same dict
             sampled = (snap, dict(errors) if isinstance(errors, dict) else errors)
         self._here = here
-        return (*here, sampled)
+        with self._parts_lock:
+            self._parts = {
+                "app": (app_files, alive),
+                "lifecycle": (own_files, masters),
+                "workers": (own_files, masters, sampled),
+            }
+        return (app_files, alive, *here, sampled)
+
+    def take_parts(self) -> dict[str, object]:
+        """Each source's inputs as of the last call, once: for the collection that follows
+        that call, so a source's kept families are never reused on inputs older than it."""
+        with self._parts_lock:
+            parts, self._parts = self._parts, {}
+        return parts
 
     def _pid(self, name: str) -> int | None:
         if name in self._pids:

@@ -182,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_registry(
-    layout: directory.Layout, fold: bool = False, enabled: dict[str, bool] | None = None
-) -> tuple[CollectorRegistry, WorkerSampler]:
-    """flags -> collectors -> registry: every source of facts, behind one single-flight scrape.
+    layout: directory.Layout,
+    gate: readiness.DirectoryGate,
+    fold: bool = False,
+    enabled: dict[str, bool] | None = None,
+) -> tuple[CollectorRegistry, cache.DirectoryInputs]:
+    """flags -> collectors -> registry: every source of facts, behind one single-flight scrape,
+    and the inputs of a collection, which say when a kept body or a source's families stand.
 
     `enabled` switches the optional collectors (COLLECTORS; missing means on).
     """
@@ -199,9 +203,10 @@ def build_registry(
         sources["app"] = AppMetricsCollector(layout.root, compact=fold)
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
+    inputs = cache.DirectoryInputs(layout, sampler, gate)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScrapeCollector(sources, kinds))
-    return registry, sampler
+    registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
+    return registry, inputs
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -219,7 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
     layout = directory.open_for_reading(args.dir, missing_ok=True)
     gate = readiness.DirectoryGate(layout)
     gate.problem()  # says at start if the directory is not there yet
-    registry, sampler = build_registry(layout, args.app_metrics_fold, collectors(args))
+    registry, inputs = build_registry(layout, gate, args.app_metrics_fold, collectors(args))
     served = CollectorRegistry(auto_describe=False)
     served.register(readiness.GatedCollector(registry, gate))
 
@@ -231,7 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
-    rendered = cache.RenderedMetrics(served, cache.DirectoryInputs(layout, sampler, gate))
+    rendered = cache.RenderedMetrics(served, inputs)
     app = make_app(rendered, ready, make_wsgi_app(served))
     try:
         server = make_http_server(args.listen, app, web_config)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitor.contract.appfiles import AGGREGATE_ID, STATE_DIR, DbName, parse_name
+from monitor.contract.appfiles import AGGREGATE_ID, FOLD, STATE_DIR, DbName, parse_name
 from monitor.sidecar import compaction
 from monitor.sidecar.compaction import BadFile, pid_alive
 
@@ -116,8 +116,19 @@ class AppMetricsCollector:
         self._error(kind)
 
     def _collect_locked(self) -> list[Metric]:
-        if not self._compact and not compaction.has_pending(self._path):
-            return self._read_unlocked()  # nothing to fold: read as the stock collector does
+        if not compaction.has_pending(self._path):
+            if not self._compact:
+                return self._read_unlocked()  # nothing to fold: read as the stock collector does
+            # Folding on, but nothing to fold: every file's process lives and nothing is staged
+            # (the usual scrape: workers die far less often than they are scraped). Read
+            # without the lock, which a compaction's three listings and flock would cost. A
+            # file a hook stages meanwhile vanishes from the read, and the locked path below,
+            # which folds it first, answers instead.
+            scan = _scan(self._path)
+            if not any(self._dead(e.name) for e in scan):
+                families = self._read(scan=scan)
+                if families is not None:
+                    return families
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(compaction.directory_lock(self._path))
@@ -154,9 +165,24 @@ class AppMetricsCollector:
         )
         return True
 
-    def _read(self, include_staged: bool = False, retry: bool = True) -> list[Metric] | None:
+    def _dead(self, name: str) -> bool:
+        """A file compaction would stage: a process's foldable file, the process gone."""
+        db = parse_name(name)
+        return (
+            db is not None
+            and db.pid is not None
+            and db.prefix in FOLD
+            and not (self._is_alive(db.pid))
+        )
+
+    def _read(
+        self,
+        include_staged: bool = False,
+        retry: bool = True,
+        scan: list[os.DirEntry[str]] | None = None,
+    ) -> list[Metric] | None:
         """Merge every readable file; None if a file vanished mid-read and `retry` allows it."""
-        files = [(e.name, e.path, True) for e in _scan(self._path)]
+        files = [(e.name, e.path, True) for e in (_scan(self._path) if scan is None else scan)]
         if include_staged and self._recovered():
             staged = os.path.join(self._path, STATE_DIR, "staged")
             for sname in _ls(staged):  # dead pids' files: their live* gauges are gone with them

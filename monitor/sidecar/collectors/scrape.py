@@ -4,6 +4,11 @@ Overlapping scrapes never do the work twice: a scrape that arrives while another
 waits for it and serves its result (single flight). A source that fails is counted and left
 out of this scrape; the others are still served.
 
+A source whose inputs are unchanged since its last collection is not collected again: its
+families from then are served (`parts`, from monitor/sidecar/cache.py's DirectoryInputs, says
+what each source reads). Its errors were counted when it was collected; the same unreadable
+file is one error a collection, not one a scrape.
+
 Errors are counted by why, from a fixed set (KINDS), every kind from the first scrape at 0 so
 that `increase()` sees the first one. Where it happened is in the log line that goes with it.
 """
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -59,11 +64,21 @@ def kind_of(kind: str) -> str:
 
 
 class ScrapeCollector:
-    def __init__(self, sources: dict[str, Any], kinds: tuple[str, ...] = KINDS) -> None:
+    def __init__(
+        self,
+        sources: dict[str, Any],
+        kinds: tuple[str, ...] = KINDS,
+        parts: Callable[[], dict[str, object]] | None = None,
+    ) -> None:
         """`kinds`: the error kinds served, every one from the first scrape (all of KINDS
-        that the enabled sources can meet; others are still counted, under "collect")."""
+        that the enabled sources can meet; others are still counted, under "collect").
+
+        `parts`: each source's inputs, taken before this collection (a source missing from
+        them is collected)."""
         self.sources = sources
         self.kinds = kinds
+        self.parts = parts
+        self._kept: dict[str, tuple[object, list[Metric]]] = {}  # by source: inputs, families
         self._lock = threading.Lock()
         self._generation = 0
         self._result: list[Metric] = []
@@ -98,13 +113,21 @@ class ScrapeCollector:
     def _scrape(self) -> Iterator[Metric]:
         start = time.perf_counter()
         families: dict[str, Metric] = {}
+        parts = self.parts() if self.parts is not None else {}
         for name, source in self.sources.items():
-            try:
-                found = list(source.collect())
-            except Exception as e:
-                self.failed += 1
-                log.error("event=collect_failed collector=%s error=%r", name, e)
-                continue
+            inputs = parts.get(name)
+            kept = self._kept.pop(name, None)
+            if inputs is not None and kept is not None and kept[0] == inputs:
+                found = kept[1]
+            else:
+                try:
+                    found = list(source.collect())
+                except Exception as e:
+                    self.failed += 1
+                    log.error("event=collect_failed collector=%s error=%r", name, e)
+                    continue
+            if inputs is not None:
+                self._kept[name] = (inputs, found)
             for family in found:
                 self._add(families, name, family)
         yield from families.values()
