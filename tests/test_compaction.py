@@ -28,6 +28,7 @@ from monitor.contract.appfiles import STATE_DIR, parse_name
 from monitor.sidecar import compaction
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.compaction import QUARANTINE_DIR, run_compaction
+from tests.harness import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = "all liveall min livemin max livemax sum livesum mostrecent livemostrecent".split()
@@ -557,3 +558,141 @@ def test_overlapping_scrapes_compact_once(
     stats = collector.stats()
     assert stats.compactions == 1 and stats.files_compacted == len(dead) * 8
     assert stats.scrapes + stats.scrapes_reused == 4
+
+
+def test_without_folding_dead_files_are_read_once_and_scrapes_match_the_stock_collector(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """Folding off (the default) moves no file: dead workers' files are folded in memory, each
+    read once, and every scrape is still the stock collector's, sample for sample."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    dead = workers.run(directory, range(1, 11))
+    (lingering,) = workers.lingering(directory, range(40, 41))
+    collector = AppMetricsCollector(str(directory), compact=False)
+
+    def files_read() -> int:
+        return collector.stats().files_read
+
+    assert exposition(collector) == stock(directory)
+    first = files_read()
+    assert first == len(os.listdir(directory))  # every file once
+    assert exposition(collector) == stock(directory)
+    # Again: only the live worker's files (8 kinds) and the dead pids' live-mode gauges, which
+    # mark_process_dead has not removed, are read; the dead workers' other files are not.
+    live_modes = len([n for n in worker_files(directory, dead) if "_live" in n])
+    assert files_read() - first == 3 + 5 + 5 + live_modes
+
+    # Churn: more workers die; the one lingering works on, then dies; its files join the fold.
+    dead += workers.run(directory, range(11, 16))
+    workers.tell(lingering, "more")
+    assert exposition(collector) == stock(directory)
+    workers.tell(lingering, "exit")
+    dead.append(lingering.pid)
+    assert exposition(collector) == stock(directory)
+    for pid in dead:
+        mark_process_dead(pid, str(directory))  # what the hooks do in child_exit
+    assert exposition(collector) == stock(directory)
+    before = files_read()
+    assert exposition(collector) == stock(directory)
+    assert files_read() == before  # every process dead and folded: nothing read again
+
+    # A folded file goes (an operator cleans up): the fold is made again, without it.
+    gone = sorted(worker_files(directory, dead[:1]))[0]
+    os.unlink(directory / gone)
+    assert exposition(collector) == stock(directory)
+
+    # A worker dies leaving an unreadable file (killed mid-write): left out and counted at
+    # every collection, never folded.
+    (bad,) = workers.run(directory, range(16, 17))
+    mark_process_dead(bad, str(directory))
+    (directory / f"counter_{bad}.db").write_bytes(b"\x10\x00\x00\x00garbage!")
+    mirror_dir = copy_dir(directory, tmp_path / "oracle")
+    os.unlink(mirror_dir / f"counter_{bad}.db")
+    assert exposition(collector) == stock(mirror_dir)
+    assert exposition(collector) == stock(mirror_dir)
+    assert collector.stats().errors == {"truncated": 2}
+    assert os.path.exists(directory / f"counter_{bad}.db")  # folding off moves nothing
+
+
+def _reuse_pid(workers: Workers, directory: Path, pid: int) -> None:
+    """A worker that gets `pid` from the kernel (a real pid reuse), writes on into the dead
+    one's files, and dies. The kernel gives the pid after ns_last_pid next (writing it needs
+    root, as CRIU does); another process may take it first, so try a few times."""
+    for _ in range(20):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = workers.start(directory, 9)
+        workers.ready(proc)
+        assert proc.wait(timeout=60) == 0
+        if proc.pid == pid:
+            mark_process_dead(pid, str(directory))
+            return
+    pytest.skip(f"pid {pid} kept being taken by other processes")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real pid reuse needs root (ns_last_pid)")
+def test_a_dead_pid_reused_between_two_scrapes_is_read_again(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """The pid of a folded file is given to a new process, which writes on into the old file
+    and dies, all between two scrapes: dead at both, and yet the next scrape has its writes."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    (pid,) = workers.run(directory, range(3, 4))
+    for pid_ in workers.run(directory, range(4, 6)):
+        mark_process_dead(pid_, str(directory))
+    mark_process_dead(pid, str(directory))
+    collector = AppMetricsCollector(str(directory), compact=False)
+    once = _total(stock(directory))
+    assert exposition(collector) == stock(directory)
+    _reuse_pid(workers, directory, pid)
+    assert _total(stock(directory)) > once  # the new process counted on in the old file
+    assert exposition(collector) == stock(directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real pid reuse needs root (ns_last_pid)")
+def test_the_sidecar_serves_a_reused_pids_writes_at_the_next_scrape(
+    shared_dir: Path, workers: Workers, make_exporter
+) -> None:
+    """The same, through `gunicorn-monitor serve`: its kept body must go too."""
+    directory = shared_dir
+    (pid,) = workers.run(directory, range(3, 4))
+    mark_process_dead(pid, str(directory))
+    e = make_exporter()
+
+    def app(samples: dict) -> dict:
+        return {k: v for k, v in samples.items() if k[0].startswith("app_")}
+
+    want = app(parse("\n".join(stock(directory)) + "\n"))
+    assert app(e.scrape()) == want
+    assert app(e.scrape()) == want  # the kept body
+    _reuse_pid(workers, directory, pid)
+    want_now = app(parse("\n".join(stock(directory)) + "\n"))
+    assert want_now != want
+    assert app(e.scrape()) == want_now
+
+
+def test_new_pids_are_the_range_the_kernel_gave_since_the_last_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from monitor.sidecar import deadfiles
+
+    new = deadfiles.NewPids()
+    new.since()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    since = new.since()
+    assert since(child.pid) and not since(os.getpid()) and not since(1)
+    assert not new.since()(child.pid)  # nothing new since that look
+    # A wrap past pid_max: the kernel's counter at 32760, then at 400.
+    last = tmp_path / "ns_last_pid"
+    monkeypatch.setattr(deadfiles, "LAST_PID", str(last))
+    last.write_text("32760\n")
+    new = deadfiles.NewPids()
+    last.write_text("400\n")
+    since = new.since()
+    assert since(32761) and since(32767) and since(300) and since(400)
+    assert not since(401) and not since(32760) and not since(20000)
+    last.unlink()  # unreadable: anything may be new
+    assert new.since()(20000)

@@ -8,7 +8,9 @@ bytes rendered then. The inputs, compared by value on every scrape (`DirectoryIn
 
 - every file at the top of the directory and in `gunicorn-monitor/`: a `*.db` file by its used
   bytes (prometheus_client and the hooks write those through mmap, which does not move mtime),
-  any other file by inode, size and mtime (master-*.json is replaced whole, the journal grows);
+  or, if the pid it is named for is dead and not given out again since the last scrape
+  (deadfiles.NewPids), by inode alone: nothing writes it any more; any other file by inode,
+  size and mtime (master-*.json is replaced whole, the journal grows);
 - which processes they name are alive: the pid of each top-level `*.db` file (a dead worker's
   live* gauges go), each recorded master (alive and started when recorded) and its workers;
 - the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
@@ -42,10 +44,12 @@ from prometheus_client.metrics_core import Metric
 from monitor.contract import state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
+from monitor.sidecar.deadfiles import NewPids
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
 _unpack_int = struct.Struct("i").unpack_from
+DEAD = "dead"  # in place of the bytes of a file whose process is gone
 
 
 class _Families:
@@ -139,6 +143,7 @@ class DirectoryInputs:
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, bytes | None, tuple[int, ...]]] = []
         self._here: tuple | None = None  # our own files and the masters at the last call
+        self._new_pids = NewPids()
         self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
         self._parts_lock = threading.Lock()
 
@@ -150,6 +155,9 @@ class DirectoryInputs:
                 return ("refused", problem)
         by_dir: dict[str, dict[str, object]] = {self.layout.root: {}, self.layout.own: {}}
         pids: dict[str, int | None] = {}
+        known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
+        exists = functools.partial(_exists, known)
+        reused = self._new_pids.since()  # before the liveness checks, see deadfiles.py
         for d, files in by_dir.items():
             try:
                 entries = list(os.scandir(d))
@@ -158,9 +166,16 @@ class DirectoryInputs:
                 continue
             for e in entries:
                 if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
-                    files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
+                    pid = self._pid(e.name) if d == self.layout.root else None
                     if d == self.layout.root:
-                        pids[e.name] = self._pid(e.name)
+                        pids[e.name] = pid
+                    if pid is not None and not exists(pid) and not reused(pid):
+                        # A dead process writes no more: its file's bytes are final until its
+                        # pid is given out again (a process may get it, write, and die between
+                        # two scrapes: then its bytes are read, and differ from DEAD).
+                        files[e.path] = (e.inode(), DEAD)
+                    else:
+                        files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
                 else:
                     try:
                         st = e.stat(follow_symlinks=False)
@@ -170,8 +185,6 @@ class DirectoryInputs:
         app_files, own_files = by_dir.values()
         self._files.keep_only({**app_files, **own_files})
         self._pids = pids
-        known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
-        exists = functools.partial(_exists, known)
         alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
         masters = self._live_masters(own_files, exists)
         here = (own_files, masters)

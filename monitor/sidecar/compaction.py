@@ -55,8 +55,8 @@ moved out of the glob is a dip in its counters until the fold lands, and a faile
 had already globbed the name. So with folding off, compact(stage_dead=False) never moves a file
 of the glob: it only finishes what an earlier fold-on run left under .compacting/ (recovery,
 putting back reused pids' files, folding the staged ones), every step of which only ever adds to
-what the stock collector sees. The glob's dead workers' files are then read on every scrape, as
-the stock collector reads them.
+what the stock collector sees. The glob's dead workers' files then stay where they are; the
+collector reads each once and folds it in memory instead (monitor/sidecar/deadfiles.py).
 
 Liveness is judged with kill(pid, 0), so the exporter must share the app's pid namespace.
 """
@@ -128,7 +128,7 @@ class BadFile(Exception):
 
 
 @lru_cache(maxsize=1 << 16)
-def _parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+def parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
     metric_name, name, labels, help_text = json.loads(key)
     if not (isinstance(metric_name, str) and isinstance(name, str) and isinstance(labels, dict)):
         raise ValueError("not a prometheus_client key")
@@ -169,7 +169,7 @@ def read_entries(path: str) -> list[Entry]:
             if pos <= last:
                 raise BadFile("corrupt", "entry offsets do not advance")
             last = pos
-            metric_name, name, labels, help_text = _parse_key(key)
+            metric_name, name, labels, help_text = parse_key(key)
             entries.append(Entry(key, metric_name, name, labels, help_text, value, timestamp))
     except (struct.error, RuntimeError) as e:
         raise BadFile("corrupt", str(e)) from e
@@ -343,10 +343,10 @@ def _unstage_reused(
 
 
 # One aggregate file being built: key -> [value, timestamp].
-_Acc = dict[str, list[float]]
+Acc = dict[str, list[float]]
 
 
-def _fold_into(acc: _Acc, how: str, db: DbName, entries: list[Entry]) -> None:
+def fold_into(acc: Acc, how: str, db: DbName, entries: list[Entry]) -> None:
     for e in entries:
         key = e.key
         if how == PER_PID and db.ident != AGGREGATE_ID:
@@ -369,7 +369,7 @@ def _fold_into(acc: _Acc, how: str, db: DbName, entries: list[Entry]) -> None:
             acc[key] = [e.value, e.timestamp]
 
 
-def _write_aggregate(target: str, acc: _Acc) -> None:
+def _write_aggregate(target: str, acc: Acc) -> None:
     # Written through the library's own writer, so the format is whatever the reader expects.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(target)
@@ -388,7 +388,7 @@ def _write_aggregate(target: str, acc: _Acc) -> None:
 
 def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
     state, staged, nxt = dirs(path)
-    accs: dict[str, _Acc] = {}
+    accs: dict[str, Acc] = {}
     consumed, seen_inodes = [], set()
     for sname in sorted(pending):
         src = os.path.join(staged, sname)
@@ -417,7 +417,7 @@ def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
         report.folded += 1
         if db.prefix not in accs:
             accs[db.prefix] = _load_aggregate(path, db.prefix, report)
-        _fold_into(accs[db.prefix], how, db, entries)
+        fold_into(accs[db.prefix], how, db, entries)
     if not consumed:
         return
     names = []
@@ -438,12 +438,12 @@ def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
     _apply(path, {"consumed": consumed, "aggregates": names})
 
 
-def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> _Acc:
-    acc: _Acc = {}
+def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> Acc:
+    acc: Acc = {}
     target = os.path.join(path, f"{prefix}_{AGGREGATE_ID}.db")
     db = DbName(prefix, prefix.split("_")[0], prefix.partition("_")[2], AGGREGATE_ID)
     try:
-        _fold_into(acc, FOLD[prefix], db, read_entries(target))
+        fold_into(acc, FOLD[prefix], db, read_entries(target))
     except FileNotFoundError:
         pass
     except BadFile as e:

@@ -158,7 +158,14 @@ def basic_auth(app: Callable, check: Callable[[str | None], bool]) -> Callable:
 
 class _Handler(_SilentHandler):
     """wsgiref's handler (one request per connection), telling the server when the request
-    line and headers are in: from then on the request deadline no longer applies."""
+    line and headers are in: from then on the request deadline no longer applies.
+
+    Its writes are buffered: wsgiref writes the status line, each header and the body
+    separately, which unbuffered is a send() each (five for a scrape); buffered, the response
+    leaves in one, flushed when the handler finishes (or at each body chunk wsgiref flushes).
+    """
+
+    wbufsize = -1  # io.DEFAULT_BUFFER_SIZE; a larger write goes straight through
 
     def parse_request(self) -> bool:
         ok = super().parse_request()

@@ -8,7 +8,9 @@ so a scrape reads only the live workers' files plus one aggregate per file type,
 unreadable file to DIR/quarantine/ once no process can still be creating it. Folding moves files
 out of the glob that a stock collector in the app may be reading (see monitor/contract/appfiles.py),
 so the sidecar's default is off: then this collector never moves a file of the glob, and only
-finishes folding what an earlier fold-on run left staged.
+finishes folding what an earlier fold-on run left staged. Either way, a dead worker's file still
+in the glob is read once and folded in memory (monitor/sidecar/deadfiles.py), not read again on
+every scrape.
 
 The output is the stock collector's, sample for sample: the files are turned into Metric objects
 exactly as MultiProcessCollector._read_metrics does and then handed to the library's own
@@ -31,6 +33,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from monitor.contract.appfiles import AGGREGATE_ID, FOLD, STATE_DIR, DbName, parse_name
 from monitor.sidecar import compaction
 from monitor.sidecar.compaction import BadFile, pid_alive
+from monitor.sidecar.deadfiles import DeadFiles, NewPids, foldable
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,9 @@ class AppMetricsCollector:
         self._stats = AppMetricsStats()
         self._errors: dict[str, int] = {}
         self._last: list[Metric] | None = None
+        self._dead_files = DeadFiles(path)
+        self._new_pids = NewPids()
+        self._names: dict[str, tuple[DbName | None, int | None]] = {}
         self._last_started = float("-inf")
 
     def stats(self) -> AppMetricsStats:
@@ -181,8 +187,35 @@ class AppMetricsCollector:
         retry: bool = True,
         scan: list[os.DirEntry[str]] | None = None,
     ) -> list[Metric] | None:
-        """Merge every readable file; None if a file vanished mid-read and `retry` allows it."""
-        files = [(e.name, e.path, True) for e in (_scan(self._path) if scan is None else scan)]
+        """Merge every readable file; None if a file vanished mid-read and `retry` allows it.
+        Dead workers' files come from their in-memory fold (monitor/sidecar/deadfiles.py)."""
+        # This listing's names, decoded, with the pid of each foldable one; kept for the next.
+        names: dict[str, tuple[DbName | None, int | None]] = {}
+        alive: dict[int, bool] = {}  # one check a pid: a worker has a file per metric type
+        reused = self._new_pids.since()  # before the liveness checks: see DeadFiles.update
+        files, dead = [], {}
+        for e in _scan(self._path) if scan is None else scan:
+            known = self._names.get(e.name)
+            if known is None:
+                db = parse_name(e.name)
+                known = (db, db.pid if db is not None and foldable(db) else None)
+            names[e.name] = known
+            db, pid = known
+            if pid is not None:
+                lives = alive.get(pid)
+                if lives is None:
+                    lives = alive[pid] = self._is_alive(pid)
+                if not lives:
+                    dead[e.name] = (e.inode(), db)
+                    continue
+            files.append((e.name, e.path, True))
+        self._names = names
+        folded = self._dead_files.update(dead, reused)
+        if folded.vanished:
+            if retry:
+                return None
+            self._error("vanished")
+        files += [(name, os.path.join(self._path, name), True) for name in folded.bad]
         if include_staged and self._recovered():
             staged = os.path.join(self._path, STATE_DIR, "staged")
             for sname in _ls(staged):  # dead pids' files: their live* gauges are gone with them
@@ -190,7 +223,9 @@ class AppMetricsCollector:
                 if not name.startswith("gauge_live"):
                     files.append((name, os.path.join(staged, sname), False))
         metrics: dict[str, Metric] = {}
-        read = skipped = 0
+        read, skipped = folded.read, 0
+        for db, entries in self._dead_files.entries():
+            _add_samples(metrics, db, entries)
         for name, path, top_level in files:
             db = parse_name(name)
             try:
