@@ -16,18 +16,19 @@ ruff format --check .
 pytest "$@"
 
 # The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
-# that land while a worker boots) and the pure cause decision they rest on; and the exporter's
-# TLS and basic auth, which are what bcrypt and PyYAML are declared for.
+# that land while a worker boots) and the pure cause decision they rest on; the exporter's
+# TLS and basic auth, which are what bcrypt and PyYAML are declared for; and the app's metrics,
+# read, folded on disk and in memory through prometheus_client's own file format and merge.
 MATRIX_TESTS=(
     tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
-    tests/test_webconfig.py
+    tests/test_webconfig.py tests/test_compaction.py
 )
 if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then
     for end in oldest:3.10 newest:3.13; do
         name=${end%:*} version=${end#*:}
         python=$(find_python "$version")
         venv "$ROOT/.venv-$name" "$python" "test,$name"
-        echo "== the cause table and web config on Python $version, the $name declared versions"
+        echo "== the cause table, web config and app metrics on Python $version, the $name declared versions"
         "$ROOT/.venv-$name/bin/python" -m pytest -p no:cacheprovider "${MATRIX_TESTS[@]}"
     done
 fi
