@@ -359,9 +359,6 @@ class PooledWSGIServer(WSGIServer):
             self._ready.put(None)
         super().server_close()
 
-    def threads(self) -> int:
-        return len(self._threads)
-
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET

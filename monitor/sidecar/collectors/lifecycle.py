@@ -54,7 +54,6 @@ _KIND = {"counter": "counter", "histogram": "histogram", "gauge": "gauge"}
 class Stats:
     """Cumulative, for the exporter's self-metrics."""
 
-    files_read: int = 0
     files_skipped: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -113,7 +112,6 @@ class LifecycleCollector:
                 self._error("unreadable" if e.kind == "io" else "malformed")
                 broken.add(db.typ)
                 continue
-            self._stats.files_read += 1
             foreign: list[tuple[metrics.Spec, compaction.Entry]] = []
             for entry in entries:
                 self._add(found, tainted, db, entry, foreign)

@@ -309,7 +309,6 @@ class WorkerSampler:
 
 @dataclass
 class WorkerStats:
-    files_read: int = 0
     files_skipped: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
