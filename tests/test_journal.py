@@ -13,7 +13,6 @@ def _write(root: str, writer: int, n: int, max_bytes: int) -> None:
     j = journal.Journal(create(root), max_bytes=max_bytes)
     for i in range(n):
         j.append({"writer": writer, "i": i, "pad": "x" * 50})
-    j.close()
 
 
 def test_two_writers_rotate_without_tearing_a_line(tmp_path):

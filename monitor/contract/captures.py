@@ -30,7 +30,6 @@ TIMEOUT = "timeout"
 BOOT_TIMEOUT = "boot_timeout"
 STUCK_BOOTING = "stuck_booting"
 SHUTDOWN_KILL = "shutdown_kill"
-REASONS = (TIMEOUT, BOOT_TIMEOUT, STUCK_BOOTING, SHUTDOWN_KILL)
 
 # What the worker was doing: the label values of gunicorn_worker_timeouts_total{phase}.
 BOOT = "boot"  # not yet through post_worker_init

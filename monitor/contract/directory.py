@@ -64,7 +64,7 @@ class Layout:
 
     @property
     def notes(self) -> str:
-        return os.path.join(self.own, "notes")
+        return os.path.join(self.own, NOTES)
 
     @property
     def journal(self) -> str:
@@ -73,11 +73,6 @@ class Layout:
     def master_state(self, pid: int) -> str:
         return os.path.join(self.own, f"master-{pid}.json")
 
-    def db(self, kind: str, ident: str) -> str:
-        return os.path.join(self.own, f"{kind}_{ident}.db")
-
-    def note(self, pid: int) -> str:
-        return os.path.join(self.notes, str(pid))
 
 
 def check_private(st: os.stat_result, path: str, top: bool = False) -> None:

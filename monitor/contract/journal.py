@@ -29,7 +29,6 @@ class Journal:
 
     def __init__(self, layout: Layout, max_bytes: int = MAX_BYTES) -> None:
         self.layout = layout
-        self.path = layout.journal
         self.name = os.path.basename(layout.journal)
         self.max_bytes = max_bytes
 
@@ -112,9 +111,6 @@ class Journal:
             os.rename(self.name, self.name + ".1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         finally:
             os.close(lock)
-
-    def close(self) -> None:
-        """Nothing to close: no fd is held between records (kept for callers of the old API)."""
 
 
 def read(layout: Layout) -> tuple[list[dict], int]:

@@ -181,9 +181,6 @@ class Store:
             values[key] = value
             self._dirty.setdefault("gauge_max", set()).add(key)
 
-    def value(self, kind: str, key: str) -> float:
-        return self._values.get(kind, {}).get(key, 0.0)
-
     # -- disk -------------------------------------------------------------------------------
 
     def load(self, dir_fd: int) -> list[str]:

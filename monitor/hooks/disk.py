@@ -104,9 +104,6 @@ class Disk:
         self.owner = -1
         self._close()  # the child's own copy of the fd, closed once, in the child
 
-    def close(self) -> None:
-        self._close()
-
     # -- faults -------------------------------------------------------------------------------
 
     def session(self, *steps: Callable[[int], None], settle: bool = False) -> bool:
