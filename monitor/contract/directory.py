@@ -74,7 +74,6 @@ class Layout:
         return os.path.join(self.own, f"master-{pid}.json")
 
 
-
 def check_private(st: os.stat_result, path: str, top: bool = False) -> None:
     """UnsafeDirectory unless `st` is a directory only its owner, the current user, may write.
 

@@ -30,6 +30,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from monitor.contract import state
 from monitor.contract.directory import Layout
 
 LIVE = "live"
@@ -240,13 +241,8 @@ def discard_stale(layout: Layout) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        pid = name.split(".", 1)[0]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
+        if not state.names_live_pid(name.split(".", 1)[0]):
             try:
                 os.unlink(os.path.join(live_dir(layout), name))
             except OSError:
                 pass
-        except PermissionError:
-            pass

@@ -76,6 +76,14 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
+def names_live_pid(text: str) -> bool:
+    """A file named for a pid: is it a pid, and does that process exist (a zombie does)?"""
+    try:
+        return pid_exists(int(text))
+    except ValueError:
+        return False
+
+
 def is_running(pid: int, started: float) -> bool:
     """True if `pid` is the process that started at `started` (seconds) and is not a zombie."""
     try:

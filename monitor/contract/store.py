@@ -47,7 +47,7 @@ from typing import NamedTuple
 from prometheus_client.mmap_dict import _read_all_values, mmap_key
 from prometheus_client.utils import floatToGoString
 
-from monitor.contract import directory
+from monitor.contract import directory, state
 from monitor.contract.directory import Layout
 from monitor.contract.metrics import Spec
 
@@ -349,13 +349,8 @@ def _discard_stale_temporaries(dir_fd: int, ident: str) -> None:
             continue
         if not parts[1].endswith("_" + ident) or not parts[3].isdigit():
             continue
-        try:
-            os.kill(int(parts[3]), 0)
+        if state.pid_exists(int(parts[3])):
             continue  # its writer may still be writing it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
         _unlink_quiet(entry, dir_fd)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from monitor.contract import directory
+from monitor.contract import directory, state
 from monitor.contract.directory import Layout
 
 _MAX = 64  # bytes of a note worth reading
@@ -78,14 +78,10 @@ def discard_stale(own_fd: int, layout: Layout) -> None:
         return
     try:
         for name in os.listdir(notes):
-            try:
-                os.kill(int(name), 0)
-            except (ValueError, ProcessLookupError):
+            if not state.names_live_pid(name):
                 try:
                     os.unlink(name, dir_fd=notes)
                 except OSError:
                     pass
-            except PermissionError:
-                pass
     finally:
         os.close(notes)
