@@ -53,6 +53,7 @@ class _Pending:
     offset: int  # where this dump starts in the worker's stacks file
     signalled: bool
     slot: int | None
+    written: bool = False  # the dump grew and stopped growing: no call waits for it again
 
 
 class Watch:
@@ -138,16 +139,21 @@ class Watch:
         return snap
 
     def _wait_written(self) -> None:
-        """Until every signalled dump has grown and stopped growing, for KILL_WAIT at most."""
+        """Until every signalled dump has grown and stopped growing, for KILL_WAIT at most
+        from its ask: Gunicorn kills a batch one kill_worker call at a time, and the calls
+        after the first find the dumps written, or given up on, rather than wait again."""
         deadline = time.monotonic() + KILL_WAIT
         sizes: dict[int, int] = {}
         while time.monotonic() < deadline:
             waiting = False
             for pid, p in self.pending.items():
-                if not p.signalled or _zombie(pid):
+                given_up = time.monotonic() - p.asked >= KILL_WAIT
+                if not p.signalled or p.written or given_up or _zombie(pid):
                     continue
                 size = _size(inflight.stacks_path(self.layout, pid))
-                if size <= p.offset or sizes.get(pid) != size:
+                if size > p.offset and sizes.get(pid) == size:
+                    p.written = True
+                else:
                     waiting = True
                 sizes[pid] = size
             if not waiting:
