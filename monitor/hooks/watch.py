@@ -75,8 +75,8 @@ class Watch:
         inflight.discard_stale(self.layout)
         with monitor.lock:
             for phase in captures.PHASES:  # every series exists at 0 from the start
-                monitor.store.inc(metrics.WORKER_TIMEOUTS, 0.0, phase=phase)
-            monitor.store.inc(metrics.CAPTURES_DROPPED, 0.0)
+                monitor.store.declare(metrics.WORKER_TIMEOUTS, phase=phase)
+            monitor.store.declare(metrics.CAPTURES_DROPPED)
         for name in ("kill_worker", "murder_workers"):
             original = getattr(server, name)
             setattr(server, name, functools.partial(getattr(self, "_" + name), original))
