@@ -30,17 +30,23 @@ STATE_DIR = ".compacting"
 # One switch for both processes: the master stages dead workers' files, the sidecar folds (and
 # stages any the master missed). Both read it with parse_switch, so they accept the same words.
 FOLD_ENV = "GUNICORN_MONITOR_FOLD_APP_METRICS"
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def parse_switch(text: str) -> bool:
-    """FOLD_ENV's value; ValueError for anything but 1/0, true/false, yes/no, on/off (or empty)."""
+def parse_boolean(text: str) -> bool:
+    """Every true/false setting of both processes: 1/0, true/false, yes/no, on/off; else
+    ValueError."""
     lowered = text.strip().lower()
     if lowered in _ON:
         return True
     if lowered in _OFF:
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_switch(text: str) -> bool:
+    """FOLD_ENV's value: as parse_boolean, and empty is off."""
+    return bool(text.strip()) and parse_boolean(text)
 
 
 PLAIN_TYPES = ("counter", "histogram", "summary")

@@ -34,15 +34,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError
-
-
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError
@@ -83,7 +74,7 @@ SETTINGS = (
         _non_negative_int,
         "a whole number",
     ),
-    Setting("preload_app", "GUNICORN_PRELOAD_APP", False, _boolean, "true or false"),
+    Setting("preload_app", "GUNICORN_PRELOAD_APP", False, appfiles.parse_boolean, "true or false"),
     Setting("loglevel", "GUNICORN_LOGLEVEL", "info", _text, "a log level"),
 )
 

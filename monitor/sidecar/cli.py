@@ -63,16 +63,18 @@ COLLECTORS = {
     "exit_memory": "the memory-at-exit histogram, by cause",
     "app": "the app's own prometheus_client multiprocess metrics in the shared directory",
 }
-_ON, _OFF = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def _switch(env: str) -> Callable[[str], bool]:
     """The parser of a collector's environment twin (flags themselves take no value)."""
 
     def parse(text: str) -> bool:
-        if text.strip().lower() in _ON | _OFF:
-            return text.strip().lower() in _ON
-        raise argparse.ArgumentTypeError(f"env {env}={text!r}: expected true or false")
+        try:
+            return appfiles.parse_boolean(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"env {env}={text!r}: expected true or false"
+            ) from None
 
     return parse
 
