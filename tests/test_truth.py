@@ -402,3 +402,19 @@ def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 1
+
+
+@pytest.mark.parametrize("key", ["[1, 2, 3, 4]", '"abcd"', "7", '["m", "m_total", {"a": 1}, "h"]'])
+def test_the_master_adopts_only_files_the_sidecar_reads(tmp_path, key):
+    """A reused pid's master adopts its old counter file only if every key is one the
+    sidecar's reader accepts: adopting another would be rewritten forever and skipped by every
+    scrape."""
+    from monitor.contract import store
+    from monitor.sidecar.compaction import BadFile, read_entries
+
+    data, _ = store.encode({key: 1.0})
+    (tmp_path / "counter_1.db").write_bytes(data)
+    with pytest.raises(BadFile):
+        read_entries(str(tmp_path / "counter_1.db"))
+    with pytest.raises(ValueError):
+        store.decode(data)

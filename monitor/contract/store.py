@@ -42,6 +42,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from functools import lru_cache
 from typing import NamedTuple
 
 from prometheus_client.mmap_dict import _read_all_values, mmap_key
@@ -87,11 +88,24 @@ def encode(values: dict[str, float]) -> tuple[bytes, dict[str, int]]:
     return _HEADER.pack(pos, 0) + b"".join(parts), positions
 
 
+@lru_cache(maxsize=1 << 16)
+def parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+    """A prometheus_client key, (metric, sample, sorted labels, help); ValueError or TypeError
+    for anything else. What every reader of a multiprocess file accepts, ours and the app's."""
+    metric_name, name, labels, help_text = json.loads(key)
+    if not (isinstance(metric_name, str) and isinstance(name, str) and isinstance(labels, dict)):
+        raise ValueError("not a prometheus_client key")
+    if not all(isinstance(v, str) for v in labels.values()) or not isinstance(help_text, str):
+        raise ValueError("not a prometheus_client key")
+    return metric_name, name, tuple(sorted(labels.items())), help_text
+
+
 def decode(data: bytes) -> dict[str, float]:
     """{key: value} of a whole, well-formed file; ValueError for anything else.
 
     The library's reader trusts the header; a file of ours is adopted only when every entry
-    lies inside it, advances, and has a prometheus_client key.
+    lies inside it, advances, and has a prometheus_client key (parse_key: what the sidecar
+    will read, or the master would keep rewriting a file the sidecar skips).
     """
     if len(data) < _HEADER.size:
         raise ValueError("no header")
@@ -106,11 +120,9 @@ def decode(data: bytes) -> dict[str, float]:
             if pos <= last or pos + _SLOT.size > used:
                 raise ValueError("entry out of bounds")
             last = pos
-            parsed = json.loads(key)
-            if not (isinstance(parsed, list) and len(parsed) == 4):
-                raise ValueError("not a prometheus_client key")
+            parse_key(key)
             values[key] = value
-    except (struct.error, RuntimeError, UnicodeDecodeError) as e:
+    except (struct.error, RuntimeError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(str(e)) from None
     return values
 

@@ -72,7 +72,6 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict, _read_all_values
@@ -92,6 +91,7 @@ from monitor.contract.appfiles import (
     new_token,
     parse_name,
 )
+from monitor.contract.store import parse_key
 
 QUARANTINE_DIR = "quarantine"
 
@@ -125,16 +125,6 @@ class BadFile(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
-
-
-@lru_cache(maxsize=1 << 16)
-def parse_key(key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
-    metric_name, name, labels, help_text = json.loads(key)
-    if not (isinstance(metric_name, str) and isinstance(name, str) and isinstance(labels, dict)):
-        raise ValueError("not a prometheus_client key")
-    if not all(isinstance(v, str) for v in labels.values()) or not isinstance(help_text, str):
-        raise ValueError("not a prometheus_client key")
-    return metric_name, name, tuple(sorted(labels.items())), help_text
 
 
 def read_entries(path: str) -> list[Entry]:

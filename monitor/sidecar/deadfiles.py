@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from monitor.contract.appfiles import AGGREGATE_ID, DROP, FOLD, DbName
+from monitor.contract.store import parse_key
 from monitor.sidecar import compaction
 from monitor.sidecar.compaction import Acc, BadFile, Entry
 
@@ -146,5 +147,5 @@ def _aggregate(prefix: str) -> DbName:
 
 
 def _entry(key: str, value: float, timestamp: float) -> Entry:
-    metric_name, name, labels, help_text = compaction.parse_key(key)
+    metric_name, name, labels, help_text = parse_key(key)
     return Entry(key, metric_name, name, labels, help_text, value, timestamp)
