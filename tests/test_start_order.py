@@ -50,7 +50,10 @@ def _assert_waiting(e: Exporter, reason: str) -> None:
         assert value(samples, "gunicorn_up") == 0 and ("gunicorn_up", ()) in samples
     else:
         assert ("gunicorn_up", ()) not in samples, "a master may be up there: a gap, not a 0"
-        assert value(samples, "gunicorn_exporter_errors_total", kind="unreadable") >= 1
+        refused = value(samples, "gunicorn_exporter_errors_total", kind="unreadable")
+        assert refused >= 1
+        again = value(e.scrape(), "gunicorn_exporter_errors_total", kind="unreadable")
+        assert again == refused + 1, "every refused scrape is counted"
     assert not [k for k in samples if k[0].startswith("gunicorn_worker_")], samples
 
 

@@ -15,7 +15,8 @@ bytes rendered then. The inputs, compared by value on every scrape (`DirectoryIn
   live* gauges go), each recorded master (alive and started when recorded) and its workers;
 - the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
   gone or the masters recorded a change), and its error count;
-- whether the directory may be read at all (readiness.DirectoryGate).
+- whether the directory may be read at all (readiness.DirectoryGate); while it may not, no body
+  is kept, so that each refused scrape is counted.
 
 The inputs are taken before the collection, so a body is never older than the inputs it is
 kept for: a change to any of them shows at the very next scrape. The same holds one level down:
@@ -152,7 +153,9 @@ class DirectoryInputs:
         if self.gate is not None:
             problem = self.gate.problem()
             if problem is not None:
-                return ("refused", problem)
+                # Matches nothing: each such scrape is collected, so that every refused one
+                # is counted (readiness.GatedCollector); the body is a line or two.
+                return object()
         by_dir: dict[str, dict[str, object]] = {self.layout.root: {}, self.layout.own: {}}
         pids: dict[str, int | None] = {}
         known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
