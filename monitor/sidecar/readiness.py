@@ -17,10 +17,11 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from monitor.contract import directory, metrics
 from monitor.contract.directory import Layout
+from monitor.sidecar.collectors.scrape import errors_family
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -81,11 +82,6 @@ class GatedCollector:
             yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=0)
         else:
             self.refused += 1
-            family = CounterMetricFamily(
-                "gunicorn_exporter_errors",
-                "Errors while collecting, by kind: unreadable, malformed, rejected, collect, "
-                "compaction.",
-                labels=["kind"],
-            )
+            family = errors_family()
             family.add_metric(["unreadable"], self.refused)
             yield family

@@ -54,6 +54,15 @@ _APP_KINDS = {
 }
 
 
+def errors_family() -> CounterMetricFamily:
+    """`gunicorn_exporter_errors_total{kind}`, empty: one family, whoever serves it."""
+    return CounterMetricFamily(
+        "gunicorn_exporter_errors",
+        "Errors while collecting, by kind: unreadable, malformed, rejected, collect, compaction.",
+        labels=["kind"],
+    )
+
+
 def kind_of(kind: str) -> str:
     """The served kind for a source's own kind; one we do not know is a failed collection."""
     if kind in KINDS:
@@ -158,12 +167,7 @@ class ScrapeCollector:
                 "Unreadable files moved to quarantine/ in the shared directory.",
                 value=sum(st.files_quarantined for st in quarantining),
             )
-        family = CounterMetricFamily(
-            "gunicorn_exporter_errors",
-            "Errors while collecting, by kind: unreadable, malformed, rejected, collect, "
-            "compaction.",
-            labels=["kind"],
-        )
+        family = errors_family()
         for kind in self.kinds:
             family.add_metric([kind], errors[kind])
         yield family
