@@ -45,6 +45,7 @@ from prometheus_client.metrics_core import Metric
 from monitor.contract import state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
+from monitor.sidecar.collectors.workers import stat_fields
 from monitor.sidecar.deadfiles import NewPids
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
@@ -252,8 +253,8 @@ def _started(pid: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
-    fields = data[data.rfind(b")") + 2 :].split()
-    return fields[19] if len(fields) > 19 and fields[0] != b"Z" else None
+    fields = stat_fields(data)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _exists(known: dict[int, bool], pid: int) -> bool:

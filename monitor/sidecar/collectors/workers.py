@@ -57,6 +57,13 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def stat_fields(data: bytes) -> list[bytes] | None:
+    """The fields of a /proc/<pid>/stat from field 3 (state) on; None for a zombie (or an
+    empty read). Split after the last ")": the command name before it may hold one."""
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields if fields and fields[0] != b"Z" else None
+
+
 class _StatFiles:
     """CPU seconds (user + system) and resident bytes of sampled processes, from their
     /proc/<pid>/stat, each opened once and read again with one pread per sample.
@@ -80,9 +87,8 @@ class _StatFiles:
             except FileNotFoundError:
                 raise ProcessLookupError(key[0]) from None
             self._fds[key] = fd
-        data = os.pread(fd, 4096, 0)
-        fields = data[data.rindex(b")") + 2 :].split()  # from field 3 (state); comm may hold ")"
-        if fields[0] == b"Z":
+        fields = stat_fields(os.pread(fd, 4096, 0))
+        if fields is None:
             raise ProcessLookupError(key[0])
         return (int(fields[11]) + int(fields[12])) / _TICKS, float(int(fields[21]) * _PAGE)
 
