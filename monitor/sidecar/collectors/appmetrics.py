@@ -131,7 +131,7 @@ class AppMetricsCollector:
             # file a hook stages meanwhile vanishes from the read, and the locked path below,
             # which folds it first, answers instead.
             scan = _scan(self._path)
-            if not any(self._dead(e.name) for e in scan):
+            if not self._any_gone(scan):
                 families = self._read(scan=scan)
                 if families is not None:
                     return families
@@ -171,15 +171,20 @@ class AppMetricsCollector:
         )
         return True
 
-    def _dead(self, name: str) -> bool:
-        """A file compaction would stage: a process's foldable file, the process gone."""
-        db = parse_name(name)
-        return (
-            db is not None
-            and db.pid is not None
-            and db.prefix in FOLD
-            and not (self._is_alive(db.pid))
-        )
+    def _any_gone(self, scan: list[os.DirEntry[str]]) -> bool:
+        """Is there a file compaction would stage: a process's foldable file (a live-mode
+        gauge too), the process gone? One check a pid, names decoded as the last read did."""
+        alive: dict[int, bool] = {}
+        for e in scan:
+            known = self._names.get(e.name)
+            db = known[0] if known is not None else parse_name(e.name)
+            if db is None or db.pid is None or db.prefix not in FOLD:
+                continue
+            if db.pid not in alive:
+                alive[db.pid] = self._is_alive(db.pid)
+            if not alive[db.pid]:
+                return True
+        return False
 
     def _read(
         self,
@@ -208,26 +213,25 @@ class AppMetricsCollector:
                 if not lives:
                     dead[e.name] = (e.inode(), db)
                     continue
-            files.append((e.name, e.path, True))
+            files.append((db, e.name, e.path, True))
         self._names = names
         folded = self._dead_files.update(dead, reused)
         if folded.vanished:
             if retry:
                 return None
             self._error("vanished")
-        files += [(name, os.path.join(self._path, name), True) for name in folded.bad]
+        files += [(dead[n][1], n, os.path.join(self._path, n), True) for n in folded.bad]
         if include_staged and self._recovered():
             staged = os.path.join(self._path, STATE_DIR, "staged")
             for sname in _ls(staged):  # dead pids' files: their live* gauges are gone with them
                 name = sname.split("~", 1)[-1]
                 if not name.startswith("gauge_live"):
-                    files.append((name, os.path.join(staged, sname), False))
+                    files.append((parse_name(name), name, os.path.join(staged, sname), False))
         metrics: dict[str, Metric] = {}
         read, skipped = folded.read, 0
         for db, entries in self._dead_files.entries():
             _add_samples(metrics, db, entries)
-        for name, path, top_level in files:
-            db = parse_name(name)
+        for db, name, path, top_level in files:
             try:
                 if db is None:
                     raise BadFile("name", name)
