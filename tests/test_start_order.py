@@ -73,11 +73,11 @@ def _assert_everything(e: Exporter, workers: int) -> dict:
     return samples
 
 
-def _kill_one_worker(m, e: Exporter) -> None:
+def _kill_one_worker(m, e: Exporter, workers: int) -> None:
     """SIGKILL a worker, wait for its replacement, and see the exit and its memory counted."""
     victim = m.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
-    m.wait_workers(len(m.worker_pids()) or 1, exclude={victim})
+    m.wait_workers(workers, exclude={victim})
 
     def counted() -> bool:
         s = e.scrape()
@@ -98,7 +98,7 @@ def test_sidecar_first_before_the_directory_exists(tmp_path, make_master):
         m = make_master(shared_dir=shared, workers=2, log_path=tmp_path / "g.log").start()
         _assert_everything(e, 2)
         # The journal appeared after the sidecar started: it follows it from its first line.
-        _kill_one_worker(m, e)
+        _kill_one_worker(m, e, 2)
         for _ in range(3):
             assert http_ok(m.url)
         samples = e.scrape()  # the app's own counter, from files that did not exist at start
@@ -150,7 +150,7 @@ def test_sidecar_after_gunicorn(make_master, make_exporter):
     m = make_master(workers=2).start()
     e = make_exporter()
     _assert_everything(e, 2)
-    _kill_one_worker(m, e)
+    _kill_one_worker(m, e, 2)
 
 
 def test_sidecar_killed_and_restarted_in_the_middle(make_master, make_exporter):
