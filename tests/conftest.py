@@ -1,8 +1,6 @@
-import shutil
-
 import pytest
 
-from tests.harness import ROOT, Exporter, Master
+from tests.harness import Exporter, Master, promtool_path
 
 
 @pytest.fixture
@@ -45,9 +43,7 @@ def make_exporter(shared_dir):
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """Debian's promtool: on PATH, or where scripts/prometheus.sh extracts it."""
-    found = shutil.which("promtool") or shutil.which(
-        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
-    )
+    found = promtool_path()
     if not found:
         pytest.fail("promtool not found: run `source scripts/prometheus.sh` first", pytrace=False)
     return found

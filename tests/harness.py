@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -309,6 +310,26 @@ class Exporter:
         if self.proc is not None:
             kill_all([self.proc.pid])
             self.proc.wait(10)
+
+
+def promtool_path() -> str | None:
+    """Debian's promtool: on PATH, or where scripts/prometheus.sh extracts it."""
+    return shutil.which("promtool") or shutil.which(
+        "promtool", path=str(ROOT / ".tools" / "root" / "usr" / "bin")
+    )
+
+
+def check_metrics(body: bytes) -> str:
+    """`promtool check metrics` on a scrape's text: asserts it passes; returns what promtool
+    said, its lint findings."""
+    promtool = promtool_path()
+    assert promtool, "promtool not found: run `source scripts/prometheus.sh` first"
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
+    )
+    output = (check.stdout + check.stderr).decode()
+    assert check.returncode == 0, output
+    return output
 
 
 def parse(text: str) -> dict[tuple, float]:

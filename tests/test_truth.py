@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from monitor.contract import causes, journal, metrics
 from monitor.contract.directory import Layout
-from tests.harness import BIN, ROOT, exits, parse, value, wait_for
+from tests.harness import BIN, ROOT, check_metrics, exits, parse, value, wait_for
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
@@ -284,7 +284,7 @@ def test_a_torn_journal_line_costs_itself_never_the_next_record(tmp_path):
 
 
 def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
-    promtool, make_master, make_exporter, shared_dir
+    make_master, make_exporter, shared_dir
 ):
     """With PROMETHEUS_MULTIPROC_DIR set in the sidecar's own environment too, as users do."""
     m = make_master(workers=2).start()
@@ -303,10 +303,7 @@ def test_the_sidecar_writes_nothing_into_the_directory_it_serves(
     theirs = re.compile(rf"(?<![0-9]){e.proc.pid}(?![0-9])")
     written = [str(p) for p in shared_dir.rglob("*") if theirs.search(p.name)]
     assert written == []
-    check = subprocess.run(
-        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
-    )
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    check_metrics(body)
     assert parse(text)  # and it still parses
 
 
@@ -377,7 +374,7 @@ def test_lifetimes_an_earlier_version_recorded_fold_into_todays_buckets_exactly(
 
 
 def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
-    promtool, make_master, make_exporter, shared_dir
+    make_master, make_exporter, shared_dir
 ):
     """Earlier sidecars wrote histogram_<their pid>.db into the app's directory (the
     prometheus_client Histogram of their own process); it stays there after an upgrade."""
@@ -399,8 +396,7 @@ def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
     samples = parse(body.decode())
     assert body.decode().count(f"# TYPE {spec.name} histogram") == 1
     assert (count, (("cause", "unknown"),)) not in samples  # the stale file's series
-    check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    check_metrics(body)
     assert value(samples, "gunicorn_exporter_errors_total", kind="rejected") >= 1
 
 
