@@ -312,6 +312,23 @@ class Exporter:
             self.proc.wait(10)
 
 
+# An app with no prometheus_client metrics of its own, WSGI and ASGI: for tests of the hooks
+# alone (with the directory removed, the demo app's own library fails the first request of a
+# worker that booted before, which is the app's business), and a base for slower variants.
+PLAIN_APP = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok\\n"]
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok\\n"})
+"""
+
+
 def promtool_path() -> str | None:
     """Debian's promtool: on PATH, or where scripts/prometheus.sh extracts it."""
     return shutil.which("promtool") or shutil.which(

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
-import psutil
 import pytest
 
-from tests.harness import CLASSES, CONFIG, WORKER_CLASSES, exits, wait_for
+from tests.harness import CLASSES, PLAIN_APP, ROOT, WORKER_CLASSES, exits, wait_for
 
 # The worker signals itself from its own post_fork hook: the earliest moment user code runs in a
 # new worker, 0 ms after the fork, before Gunicorn's worker has installed any handler.
@@ -38,30 +36,8 @@ def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(worker, make_master
     assert m.proc.poll() is None
 
 
-SLOW_APP = """
-import time
-
-time.sleep(1.5)  # a slow import: the worker is booting for this long
-
-
-def app(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
-
-
-async def asgi_app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
-"""
-
-
-def _children(pid: int) -> set[int]:
-    try:
-        return {c.pid for c in psutil.Process(pid).children()}
-    except psutil.Error:
-        return set()
+# A slow import: the worker is booting for this long.
+SLOW_APP = "import time\n\ntime.sleep(1.5)\n" + PLAIN_APP
 
 
 @pytest.mark.parametrize("worker", CLASSES)
@@ -74,23 +50,20 @@ def test_a_sigterm_while_the_app_imports_is_a_stray_sigterm(
         worker=worker,
         workers=1,
         app=f"slowapp:{attr}",
-        env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{m_root()}"},
+        env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
     )
     m.start(wait=False)
     e = make_exporter()
     # Kill each of the first two workers as soon as it appears: booting, the app not yet loaded.
     killed: list[int] = []
-    deadline = time.monotonic() + 30
-    while len(killed) < 2 and time.monotonic() < deadline:
-        for pid in _children(m.pid) - set(killed):
+
+    def kill_new() -> bool:
+        for pid in set(m.live_children()) - set(killed):
             os.kill(pid, signal.SIGTERM)
             killed.append(pid)
-        time.sleep(0.001)
-    assert len(killed) == 2, "two workers seen booting"
+        return len(killed) >= 2
+
+    wait_for(kill_new, 30, "two workers seen booting")
     wait_for(lambda: exits(e.scrape()) == {("signal", "SIGTERM"): 2.0}, 30, "two stray SIGTERMs")
     m.wait_workers(1, exclude=set(killed), timeout=30)
     assert m.proc.poll() is None
-
-
-def m_root() -> str:
-    return str(CONFIG.parent)

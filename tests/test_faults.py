@@ -25,28 +25,20 @@ import psutil
 import pytest
 
 from monitor.sidecar.compaction import read_entries
-from tests.harness import FAILING_WORKER_HOOK, ROOT, exits, http_get, value, wait_for
+from tests.harness import (
+    FAILING_WORKER_HOOK,
+    PLAIN_APP,
+    ROOT,
+    exits,
+    http_get,
+    kill_all,
+    value,
+    wait_for,
+)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs and chowns: needs root")
 SPAWNS = "gunicorn_worker_spawns_total"
 RECYCLE_EVERY_REQUEST = ("--max-requests", "1", "--max-requests-jitter", "0")
-
-
-# An app with no prometheus_client metrics of its own: with the directory removed, the demo
-# app's own library fails the first request of a worker that booted before (it opens its file
-# lazily), which is the app's business, not the hooks'. Only the hooks are under test here.
-PLAIN_APP = """
-def app(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok\\n"]
-
-
-async def asgi_app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok\\n"})
-"""
 
 
 @pytest.fixture
@@ -200,12 +192,7 @@ def test_a_hup_and_a_usr2_upgrade_work_with_the_directory_gone(
         assert "Traceback" not in out and "Bad file descriptor" not in out
         assert value(make_exporter().scrape(), "gunicorn_master_reloads_total") == 2
     finally:
-        new_workers = [p.pid for p in psutil.Process(new_pid).children()]
-        for pid in [new_pid, *new_workers]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all([new_pid, *(p.pid for p in psutil.Process(new_pid).children())])
 
 
 # -- a full disk, no inodes, read-only -------------------------------------------------------
