@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.hook_overhead import timed  # noqa: E402
-from tests.harness import CONFIG, Master  # noqa: E402
+from benchmarks.hook_overhead import run  # noqa: E402
+from tests.harness import CONFIG  # noqa: E402
 
 # Appended to a copy of gunicorn.conf.py: the monitor without the capture hooks and the watch.
 WITHOUT = """
@@ -30,15 +30,6 @@ import monitor.hooks.wiring as _wiring
 _capture.booting = lambda worker: None
 _wiring._start_watch = lambda server, monitor: None
 """
-
-
-def run(config: Path | None, recycle: bool, requests: int, tmp: Path) -> float:
-    shared = Path(tempfile.mkdtemp(dir=tmp)) / "multiproc"
-    shared.mkdir()
-    master = Master(shared, workers=2, env={"GUNICORN_MAX_REQUESTS": "1" if recycle else "0"})
-    if config is not None:
-        master.cmd[master.cmd.index("-c") + 1] = str(config)
-    return timed(master, requests)
 
 
 def main() -> None:

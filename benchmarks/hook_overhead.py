@@ -33,15 +33,13 @@ max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
 """
 
 
-def run(monitored: bool, recycle: bool, requests: int, tmp: Path) -> float:
+def run(config: Path | None, recycle: bool, requests: int, tmp: Path) -> float:
+    """Seconds per request under `config` (None: the project's gunicorn.conf.py)."""
     shared = Path(tempfile.mkdtemp(dir=tmp)) / "multiproc"
     shared.mkdir()
-    env = {"GUNICORN_MAX_REQUESTS": "1" if recycle else "0"}
-    master = Master(shared, workers=2, env=env)
-    if not monitored:
-        plain = tmp / "plain.conf.py"
-        plain.write_text(PLAIN)
-        master.cmd[master.cmd.index("-c") + 1] = str(plain)
+    master = Master(shared, workers=2, env={"GUNICORN_MAX_REQUESTS": "1" if recycle else "0"})
+    if config is not None:
+        master.cmd[master.cmd.index("-c") + 1] = str(config)
     return timed(master, requests)
 
 
@@ -66,13 +64,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gm-hooks-"))
+    plain = tmp / "plain.conf.py"
+    plain.write_text(PLAIN)
     print(f"{args.requests} sequential requests, 2 sync workers, median of {args.rounds} rounds")
     print(f"{'workload':<28}{'baseline ms/req':>17}{'with hooks ms/req':>19}{'ratio':>8}")
     for name, recycle in (("steady requests", False), ("recycling (max_requests=1)", True)):
         base, ours = [], []
         for _ in range(args.rounds):
-            base.append(run(False, recycle, args.requests, tmp))
-            ours.append(run(True, recycle, args.requests, tmp))
+            base.append(run(plain, recycle, args.requests, tmp))
+            ours.append(run(None, recycle, args.requests, tmp))
         b, o = statistics.median(base) * 1e3, statistics.median(ours) * 1e3
         print(f"{name:<28}{b:>17.3f}{o:>19.3f}{o / b:>8.2f}")
 
