@@ -19,19 +19,21 @@ Both use little CPU (the baseline about a tenth of a percent of a core) and /pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.harness import Master, free_port, http_get, wait_for  # noqa: E402
+from tests.harness import BIN, Master, free_port, http_get, wait_for  # noqa: E402
 
 BASELINE = textwrap.dedent(
     """
@@ -54,13 +56,48 @@ HEADERS = {
 }
 
 
+def start_exporter(cmd: list[str]) -> subprocess.Popen:
+    """An exporter process that knows its directory from its command line alone."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def exporter_cmds(shared: Path) -> list[tuple[str, list[str], int]]:
+    """(name, command, port) of the baseline and of ours, each serving `shared`."""
+    stock, ours = free_port(), free_port()
+    ours_cmd = [str(BIN / "gunicorn-monitor"), "serve", "--dir", str(shared)]
+    return [
+        (
+            "prometheus_client stock (baseline)",
+            [sys.executable, "-c", BASELINE, str(shared), str(stock)],
+            stock,
+        ),
+        ("gunicorn-monitor serve", [*ours_cmd, "--listen", f"127.0.0.1:{ours}"], ours),
+    ]
+
+
+@contextlib.contextmanager
+def loaded_master(prefix: str, workers: int) -> Iterator[Path]:
+    """A master with `workers` demo workers, the shared directory it writes, and traffic, so
+    that the workers wrote the demo app's own multiprocess files: a directory of live
+    workers' files to serve, as in production. Killed on exit."""
+    shared = Path(tempfile.mkdtemp(prefix=prefix)) / "multiproc"
+    shared.mkdir()
+    master = Master(shared, workers=workers, env={"GUNICORN_TIMEOUT": "120"})
+    master.start(wait=False)
+    try:
+        master.wait_workers(workers, timeout=120)
+        for _ in range(4 * workers):
+            http_get(master.url + "/")
+        yield shared
+    finally:
+        master.kill()
+
+
 class Exporter:
     def __init__(self, name: str, cmd: list[str], port: int) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.name, self.url = name, f"http://127.0.0.1:{port}/metrics"
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.proc = start_exporter(cmd)
         self.p = psutil.Process(self.proc.pid)
         self.peak_rss = self.bytes = self.scrapes = 0
         self.cpu0 = 0.0
@@ -80,51 +117,44 @@ class Exporter:
         self.proc.wait()
 
 
+def _measure(exporters: list[Exporter], shared: Path, seconds: float) -> list[float]:
+    """Both exporters on `shared`, scraped once a second each for `seconds`: their CPU, as a
+    share of one core. `exporters` is filled as they start, for the caller to kill."""
+    for name, cmd, port in exporter_cmds(shared):
+        exporters.append(Exporter(name, cmd, port))
+    for e in exporters:
+        wait_for(lambda e=e: http_get(e.url, 2)[0] == 200, 20, f"{e.name} up")
+    for _ in range(5):  # warm up: first scrapes, the sampler's first full pass
+        for e in exporters:
+            e.scrape()
+        time.sleep(1)
+    for e in exporters:
+        e.scrapes, e.cpu0 = 0, e.cpu()
+    t0 = next_at = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        for e in exporters:
+            e.scrape()
+        next_at += 1.0
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    elapsed = time.monotonic() - t0
+    return [(e.cpu() - e.cpu0) / elapsed for e in exporters]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=120.0)
     args = ap.parse_args()
 
-    shared = Path(tempfile.mkdtemp(prefix="gm-cost-")) / "multiproc"
-    shared.mkdir()
-    master = Master(shared, workers=args.workers, env={"GUNICORN_TIMEOUT": "120"})
-    master.start(wait=False)
     exporters: list[Exporter] = []
-    try:
-        master.wait_workers(args.workers, timeout=120)
-        # Traffic, so that the workers write the demo app's own multiprocess files: the
-        # baseline then has a directory of live workers' files to serve, as in production.
-        for _ in range(4 * args.workers):
-            http_get(master.url + "/")
-        port = free_port()
-        stock_cmd = [sys.executable, "-c", BASELINE, str(shared), str(port)]
-        exporters.append(Exporter("prometheus_client stock (baseline)", stock_cmd, port))
-        port = free_port()
-        ours_cmd = [str(Path(sys.executable).parent / "gunicorn-monitor"), "serve"]
-        ours_cmd += ["--dir", str(shared), "--listen", f"127.0.0.1:{port}"]
-        exporters.append(Exporter("gunicorn-monitor serve", ours_cmd, port))
-        for e in exporters:
-            wait_for(lambda e=e: http_get(e.url, 2)[0] == 200, 20, f"{e.name} up")
-        for _ in range(5):  # warm up: first scrapes, the sampler's first full pass
+    with loaded_master("gm-cost-", args.workers) as shared:
+        try:
+            shares = _measure(exporters, shared, args.seconds)
+        finally:
             for e in exporters:
-                e.scrape()
-            time.sleep(1)
-        for e in exporters:
-            e.scrapes, e.cpu0 = 0, e.cpu()
-        t0 = next_at = time.monotonic()
-        while time.monotonic() - t0 < args.seconds:
-            for e in exporters:
-                e.scrape()
-            next_at += 1.0
-            time.sleep(max(0.0, next_at - time.monotonic()))
-        elapsed = time.monotonic() - t0
-        shares = [(e.cpu() - e.cpu0) / elapsed for e in exporters]
-    finally:
-        for e in exporters:
-            e.kill()
-        master.kill()
+                e.kill()
 
+    base, ours = exporters
     base, ours = exporters
     print(f"{args.workers} live workers, one scrape per second each for {args.seconds:.0f} s")
     print(f"{'exporter':<36}{'CPU (% of a core)':>18}{'peak RSS (MB)':>15}{'body (KB, gzip)':>17}")

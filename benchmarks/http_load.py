@@ -17,12 +17,9 @@ Targets: gunicorn-monitor's p99 under 100 ms, its threads bounded (not one per c
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,8 +28,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.exporter_cost import BASELINE  # noqa: E402
-from tests.harness import Master, free_port, http_get, wait_for  # noqa: E402
+from benchmarks.exporter_cost import exporter_cmds, loaded_master, start_exporter  # noqa: E402
+from tests.harness import http_get, wait_for  # noqa: E402
 
 REQUEST = (
     b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Prometheus/3.0.0\r\n"
@@ -96,8 +93,7 @@ class Watch:
 
 
 def load(cmd: list[str], port: int, args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_exporter(cmd)
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         wait_for(lambda: http_get(url, 2)[0] == 200, 20, "exporter up")
@@ -154,22 +150,10 @@ def main() -> int:
     ap.add_argument("--scrapes", type=int, default=100)
     args = ap.parse_args()
 
-    shared = Path(tempfile.mkdtemp(prefix="gm-http-")) / "multiproc"
-    master = Master(shared, workers=args.workers, env={"GUNICORN_TIMEOUT": "120"})
-    master.start(wait=False)
-    try:
-        master.wait_workers(args.workers, timeout=120)
-        for _ in range(4 * args.workers):
-            http_get(master.url + "/")
-        port = free_port()
-        stock_cmd = [sys.executable, "-c", BASELINE, str(shared), str(port)]
-        base = load(stock_cmd, port, args)
-        port = free_port()
-        ours_cmd = [str(Path(sys.executable).parent / "gunicorn-monitor"), "serve"]
-        ours_cmd += ["--dir", str(shared), "--listen", f"127.0.0.1:{port}"]
-        ours = load(ours_cmd, port, args)
-    finally:
-        master.kill()
+    with loaded_master("gm-http-", args.workers) as shared:
+        (_, stock_cmd, stock_port), (_, ours_cmd, ours_port) = exporter_cmds(shared)
+        base = load(stock_cmd, stock_port, args)
+        ours = load(ours_cmd, ours_port, args)
 
     print(
         f"{args.workers} Gunicorn workers; {args.idle} idle connections held while "

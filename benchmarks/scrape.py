@@ -47,10 +47,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.exporter_cost import BASELINE  # noqa: E402
+from benchmarks.exporter_cost import BASELINE, start_exporter  # noqa: E402
 from benchmarks.http_load import REQUEST  # noqa: E402
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector  # noqa: E402
-from tests.harness import app_process, free_port, http_get, wait_for  # noqa: E402
+from tests.harness import BIN, app_process, free_port, http_get, wait_for  # noqa: E402
 
 
 def write_worker(directory: Path, ident: int) -> None:
@@ -103,8 +103,7 @@ def live_counter(directory: Path) -> Callable[[], None]:
 
 
 def server(cmd: list[str], port: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_exporter(cmd)
     wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/healthy", 2)[0] == 200, 60, "up")
     return proc
 
@@ -148,7 +147,7 @@ def measure_http(
         same = True
         for prefix, directory, fold in (("http", ours_dir, True), ("off", off_dir, False)):
             ours_port = free_port()
-            cmd = [str(Path(sys.executable).parent / "gunicorn-monitor"), "serve", "--dir"]
+            cmd = [str(BIN / "gunicorn-monitor"), "serve", "--dir"]
             cmd += [str(directory), "--listen", f"127.0.0.1:{ours_port}"]
             procs.append(server(cmd + ["--app-metrics.fold"] * fold, ours_port))
             first_s, _ = timed(functools.partial(http_scrape, ours_port), 1)
