@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 
-from tests.harness import BIN, CONFIG, ROOT, exits, wait_for
+from tests.harness import BIN, CONFIG, NO_CONTROL_SOCKET, ROOT, exits, wait_for
 
 
 def _run_config(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "gunicorn"), "-c", str(CONFIG), "--no-control-socket", "examples.app:app"],
+        [str(BIN / "gunicorn"), "-c", str(CONFIG), *NO_CONTROL_SOCKET, "examples.app:app"],
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,

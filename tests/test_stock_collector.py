@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from monitor.contract.appfiles import FOLD_ENV
-from tests.harness import ROOT, exits, free_port, http_get, value, wait_for
+from tests.harness import BIN, CONFIG, ROOT, exits, free_port, http_get, value, wait_for
 
 RECYCLES = 1000
 APP_COUNTER = "demo_requests_total"  # examples/app.py counts every request it answers
@@ -174,7 +174,6 @@ def test_the_sidecar_folds_dead_workers_files_only_when_told(
 
 
 def test_a_bad_switch_stops_both_processes_before_they_start(shared_dir):
-    bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
         FOLD_ENV: "perhaps",
@@ -182,10 +181,9 @@ def test_a_bad_switch_stops_both_processes_before_they_start(shared_dir):
         "GUNICORN_BIND": f"127.0.0.1:{free_port()}",
         "PYTHONPATH": str(ROOT),
     }
-    config = ROOT / "gunicorn.conf.py"
     for cmd in (
-        [str(bin_dir / "gunicorn"), "-c", str(config), "examples.app:app"],
-        [str(bin_dir / "gunicorn-monitor"), "serve", "--dir", str(shared_dir)],
+        [str(BIN / "gunicorn"), "-c", str(CONFIG), "examples.app:app"],
+        [str(BIN / "gunicorn-monitor"), "serve", "--dir", str(shared_dir)],
     ):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, done.stderr

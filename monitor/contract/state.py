@@ -167,16 +167,14 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
     masters, malformed, unreadable = [], 0, 0
     for path in sorted(glob.glob(os.path.join(layout.own, "master-*.json"))):
         name = _NAME.fullmatch(os.path.basename(path))
+        if name is None:  # not master-<pid>.json
+            malformed += 1
+            continue
         try:
-            if name is None:
-                raise Malformed("not master-<pid>.json")
             with open(path, "rb") as f:
                 data = f.read(1 << 20)
         except FileNotFoundError:
             continue  # the master removed it, or replaced it between glob and open
-        except Malformed:
-            malformed += 1
-            continue
         except OSError:
             unreadable += 1
             continue
