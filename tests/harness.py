@@ -20,9 +20,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gunicorn
 import psutil
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,6 +329,18 @@ async def asgi_app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok\\n"})
 """
+
+
+def write_multiprocess_file(path: Path, entries: list[tuple[Any, str, dict, float]]) -> None:
+    """A file in prometheus_client's multiprocess format, as another writer left it: each entry
+    (a metrics.Spec, the sample name, its labels, the value)."""
+    f = MmapedDict(str(path))
+    try:
+        for spec, sample, labels, v in entries:
+            key = mmap_key(spec.name, sample, list(labels), list(labels.values()), spec.help)
+            f.write_value(key, v, 0.0)
+    finally:
+        f.close()
 
 
 def promtool_path() -> str | None:

@@ -18,11 +18,20 @@ import threading
 import time
 import urllib.request
 
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 
 from monitor.contract import causes, metrics
-from tests.harness import BIN, ROOT, check_metrics, exits, http_get, parse, value, wait_for
+from tests.harness import (
+    BIN,
+    ROOT,
+    check_metrics,
+    exits,
+    http_get,
+    parse,
+    value,
+    wait_for,
+    write_multiprocess_file,
+)
 
 AT_REST_4_WORKERS = 80
 PER_WORKER = 7
@@ -155,28 +164,20 @@ def _check(url: str, what: str) -> dict:
 def _unseen_causes(path, ident: str) -> None:
     """The causes no test here can bring about on this machine (oom needs a memory cgroup, see
     test_oom.py; unknown never happens), as a master records them: in the contract's format."""
-    counter = MmapedDict(str(path / f"counter_{ident}.db"))
-    histogram = MmapedDict(str(path / f"histogram_{ident}.db"))
     exits_spec, life = metrics.WORKER_EXITS, metrics.WORKER_LIFETIME
-    try:
-        for cause, sig in ((causes.OOM, "SIGKILL"), (causes.UNKNOWN, causes.NO_SIGNAL)):
-            key = mmap_key(
-                exits_spec.name,
-                exits_spec.name + "_total",
-                ["cause", "signal"],
-                [cause, sig],
-                exits_spec.help,
-            )
-            counter.write_value(key, 1.0, 0.0)
-            key = mmap_key(life.name, life.name + "_sum", ["cause"], [cause], life.help)
-            histogram.write_value(key, 42.0, 0.0)
-            key = mmap_key(
-                life.name, life.name + "_bucket", ["cause", "le"], [cause, "60.0"], life.help
-            )
-            histogram.write_value(key, 1.0, 0.0)
-    finally:
-        counter.close()
-        histogram.close()
+    unseen = ((causes.OOM, "SIGKILL"), (causes.UNKNOWN, causes.NO_SIGNAL))
+    write_multiprocess_file(
+        path / f"counter_{ident}.db",
+        [
+            (exits_spec, exits_spec.name + "_total", {"cause": c, "signal": s}, 1.0)
+            for c, s in unseen
+        ],
+    )
+    histogram = []
+    for cause, _ in unseen:
+        histogram.append((life, life.name + "_sum", {"cause": cause}, 42.0))
+        histogram.append((life, life.name + "_bucket", {"cause": cause, "le": "60.0"}, 1.0))
+    write_multiprocess_file(path / f"histogram_{ident}.db", histogram)
 
 
 def test_a_live_scrape_after_every_cause_is_valid_exposition(make_master, make_exporter, tmp_path):

@@ -21,12 +21,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
 from monitor.contract import causes, journal, metrics
 from monitor.contract.directory import Layout
-from tests.harness import BIN, ROOT, check_metrics, exits, parse, value, wait_for
+from tests.harness import (
+    BIN,
+    ROOT,
+    check_metrics,
+    exits,
+    parse,
+    value,
+    wait_for,
+    write_multiprocess_file,
+)
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
@@ -183,50 +191,29 @@ def _forged_counts(path: Path) -> None:
     """Another writer's counter and histogram files, in the contract's format, full of values
     outside the contract: 50 invented causes, a signal that does not exist, an unknown hook,
     a family nobody defined, and a lifetime bucket from other buckets."""
-    counter = MmapedDict(str(path / "counter_999999.db"))
-    histogram = MmapedDict(str(path / "histogram_999999.db"))
-    try:
-        exits_spec = metrics.WORKER_EXITS
-        for i in range(50):
-            key = mmap_key(
-                exits_spec.name,
-                exits_spec.name + "_total",
-                ["cause", "signal"],
-                [f"invented{i}", "SIGTERM"],
-                exits_spec.help,
-            )
-            counter.write_value(key, 1.0, 0.0)
-        odd = [
-            (exits_spec, ["cause", "signal"], ["killed", "SIGNOPE"]),
-            (metrics.HOOK_ERRORS, ["hook"], ["'; DROP TABLE"]),
-            (metrics.WORKER_SPAWNS, ["extra"], ["label"]),
+    exits_spec, life = metrics.WORKER_EXITS, metrics.WORKER_LIFETIME
+    exits_total = exits_spec.name + "_total"
+    counters = [
+        (exits_spec, exits_total, {"cause": f"invented{i}", "signal": "SIGTERM"}, 1.0)
+        for i in range(50)
+    ]
+    counters += [
+        (exits_spec, exits_total, {"cause": "killed", "signal": "SIGNOPE"}, 1.0),
+        (metrics.HOOK_ERRORS, metrics.HOOK_ERRORS.name + "_total", {"hook": "'; DROP TABLE"}, 1.0),
+        (metrics.WORKER_SPAWNS, metrics.WORKER_SPAWNS.name + "_total", {"extra": "label"}, 1.0),
+        (metrics.Spec("made_up_total", "counter", "x"), "made_up_total", {}, 7.0),
+        # A real series, well formed: it is served.
+        (exits_spec, exits_total, {"cause": "crash", "signal": "none"}, 1.0),
+    ]
+    write_multiprocess_file(path / "counter_999999.db", counters)
+    write_multiprocess_file(
+        path / "histogram_999999.db",
+        [  # 123.0 is no bucket of ours: the crash series goes
+            (life, life.name + "_bucket", {"cause": "crash", "le": le}, 1.0)
+            for le in ("+Inf", "123.0")
         ]
-        for spec, names, values in odd:
-            key = mmap_key(spec.name, spec.name + "_total", names, values, spec.help)
-            counter.write_value(key, 1.0, 0.0)
-        counter.write_value(mmap_key("made_up_total", "made_up_total", [], [], "x"), 7.0, 0.0)
-        counter.write_value(  # a real series, well formed: it is served
-            mmap_key(
-                exits_spec.name,
-                exits_spec.name + "_total",
-                ["cause", "signal"],
-                ["crash", "none"],
-                exits_spec.help,
-            ),
-            1.0,
-            0.0,
-        )
-        life = metrics.WORKER_LIFETIME
-        for le in ("+Inf", "123.0"):  # 123.0 is no bucket of ours: the crash series goes
-            key = mmap_key(
-                life.name, life.name + "_bucket", ["cause", "le"], ["crash", le], life.help
-            )
-            histogram.write_value(key, 1.0, 0.0)
-        key = mmap_key(life.name, life.name + "_sum", ["cause"], ["crash"], life.help)
-        histogram.write_value(key, 0.5, 0.0)
-    finally:
-        counter.close()
-        histogram.close()
+        + [(life, life.name + "_sum", {"cause": "crash"}, 0.5)],
+    )
 
 
 def test_values_outside_the_contract_are_rejected_and_counted(make_master, make_exporter):
@@ -323,17 +310,6 @@ def test_every_label_of_the_contract_has_a_fixed_set_of_values():
     assert {causes.NO_SIGNAL, "SIGTERM", "SIGKILL", "SIG35"} <= metrics.SIGNALS
 
 
-def _write(path: Path, entries: list[tuple[metrics.Spec, str, dict, float]]) -> None:
-    """A file in prometheus_client's multiprocess format, as another writer left it."""
-    f = MmapedDict(str(path))
-    try:
-        for spec, sample, labels, v in entries:
-            key = mmap_key(spec.name, sample, list(labels), list(labels.values()), spec.help)
-            f.write_value(key, v, 0.0)
-    finally:
-        f.close()
-
-
 def test_lifetimes_an_earlier_version_recorded_fold_into_todays_buckets_exactly(
     shared_dir, make_exporter
 ):
@@ -352,7 +328,7 @@ def test_lifetimes_an_earlier_version_recorded_fold_into_todays_buckets_exactly(
             n = sum(1 for a in seen if a <= bound and not any(a <= b for b in old if b < bound))
             le = "+Inf" if bound == math.inf else floatToGoString(bound)
             entries.append((life, life.name + "_bucket", {"cause": cause, "le": le}, float(n)))
-    _write(own / "histogram_999997.db", entries)
+    write_multiprocess_file(own / "histogram_999997.db", entries)
     samples = make_exporter().scrape()
     buckets = {
         (d["cause"], d["le"]): v
@@ -379,7 +355,7 @@ def test_a_histogram_file_an_earlier_sidecar_left_is_not_served_twice(
     """Earlier sidecars wrote histogram_<their pid>.db into the app's directory (the
     prometheus_client Histogram of their own process); it stays there after an upgrade."""
     spec = metrics.WORKER_EXIT_MEMORY
-    _write(
+    write_multiprocess_file(
         shared_dir / "histogram_999996.db",
         [
             (spec, spec.name + "_sum", {"cause": "unknown"}, 0.0),
