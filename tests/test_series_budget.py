@@ -162,10 +162,16 @@ def _check(url: str, what: str) -> dict:
 
 
 def _unseen_causes(path, ident: str) -> None:
-    """The causes no test here can bring about on this machine (oom needs a memory cgroup, see
-    test_oom.py; unknown never happens), as a master records them: in the contract's format."""
+    """The causes no test here brings about (oom needs a memory cgroup, see test_oom.py; unknown
+    never happens; clean_exit and orphaned have tests of their own), as a master records them: in
+    the contract's format."""
     exits_spec, life = metrics.WORKER_EXITS, metrics.WORKER_LIFETIME
-    unseen = ((causes.OOM, "SIGKILL"), (causes.UNKNOWN, causes.NO_SIGNAL))
+    unseen = (
+        (causes.OOM, "SIGKILL"),
+        (causes.UNKNOWN, causes.NO_SIGNAL),
+        (causes.CLEAN_EXIT, causes.NO_SIGNAL),
+        (causes.ORPHANED, causes.NO_SIGNAL),
+    )
     write_multiprocess_file(
         path / f"counter_{ident}.db",
         [
@@ -227,7 +233,7 @@ def test_a_live_scrape_after_every_cause_is_valid_exposition(make_master, make_e
         make_master(workers=1, **kwargs).start(wait=False).wait_exit()
         happened(cause)
     _unseen_causes(m.dir / "gunicorn-monitor", "999999")
-    happened(causes.OOM)
-    happened(causes.UNKNOWN)
+    for cause in (causes.OOM, causes.UNKNOWN, causes.CLEAN_EXIT, causes.ORPHANED):
+        happened(cause)
     logging.getLogger(__name__).info("monitor series after each cause: %s", counts)
     assert set(counts) == {"at rest", *causes.CAUSES}
