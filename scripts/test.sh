@@ -13,7 +13,29 @@ source scripts/bootstrap.sh test,tools,newest
 source scripts/prometheus.sh
 ruff check .
 ruff format --check .
-pytest "$@"
+
+# Alert delivery end to end (tests/test_alert_delivery.py) waits out the shipped rules' `for:`
+# durations: about 7 minutes, nearly idle (under a tenth of a core). It runs in the background
+# beside everything below and is waited for at the end, or on an early exit.
+# GUNICORN_MONITOR_DELIVERY=0 skips it for a quick local run; CI always runs it.
+delivery_pid=""
+delivery_log="$ROOT/.tools/alert-delivery.log"
+delivery_done() {
+    [ -n "$delivery_pid" ] || return 0
+    local status=0
+    wait "$delivery_pid" || status=$?
+    delivery_pid=""
+    echo "== alert delivery through a real Prometheus and Alertmanager (exit $status)"
+    cat "$delivery_log"
+    return "$status"
+}
+if [ "${GUNICORN_MONITOR_DELIVERY:-1}" != 0 ]; then
+    pytest -p no:cacheprovider -o log_cli=true --log-cli-level=INFO \
+        tests/test_alert_delivery.py >"$delivery_log" 2>&1 &
+    delivery_pid=$!
+    trap 'delivery_done || true' EXIT
+fi
+pytest --ignore=tests/test_alert_delivery.py "$@"
 
 # The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
 # that land while a worker boots) and the pure cause decision they rest on; the exporter's
@@ -32,3 +54,4 @@ if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then
         "$ROOT/.venv-$name/bin/python" -m pytest -p no:cacheprovider "${MATRIX_TESTS[@]}"
     done
 fi
+delivery_done
