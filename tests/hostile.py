@@ -18,13 +18,17 @@ SLOW_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: y\r\n
 
 
 class Slowloris:
-    """`count` connections to `port`, each sending SLOW_REQUEST one byte every `interval`
-    seconds; one thread drives them all. A connection the server drops is replaced by a new
-    one (so `count` stay open, as an attacker would keep them), and counted in `dropped`."""
+    """`count` connections to `port`, each sending `request` one byte every `interval`
+    seconds (with b"", nothing: to a TLS port, a handshake never started); one thread drives
+    them all. A connection the server drops is replaced by a new one (so `count` stay open, as
+    an attacker would keep them), and counted in `dropped`."""
 
-    def __init__(self, port: int, count: int, interval: float = 1.0) -> None:
-        self.port, self.count, self.interval = port, count, interval
+    def __init__(
+        self, port: int, count: int, interval: float = 1.0, request: bytes = SLOW_REQUEST
+    ) -> None:
+        self.port, self.count, self.interval, self.request = port, count, interval, request
         self.dropped = 0
+        self.refused = 0  # connections that could not be opened (a full backlog)
         self._socks: dict[socket.socket, int] = {}  # -> bytes sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -42,7 +46,11 @@ class Slowloris:
             s.close()
 
     def _open(self) -> None:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        except OSError:
+            self.refused += 1
+            return
         s.setblocking(False)
         self._socks[s] = 0
 
@@ -57,8 +65,10 @@ class Slowloris:
                 except OSError:
                     self._replace(s)
                     continue
+                if sent >= len(self.request):
+                    continue
                 try:
-                    s.send(SLOW_REQUEST[sent : sent + 1])
+                    s.send(self.request[sent : sent + 1])
                     self._socks[s] = sent + 1
                 except BlockingIOError:
                     pass
@@ -70,10 +80,7 @@ class Slowloris:
         del self._socks[s]
         self.dropped += 1
         if not self._stop.is_set():
-            try:
-                self._open()
-            except OSError:
-                pass
+            self._open()
 
 
 def silent(port: int, count: int) -> list[socket.socket]:

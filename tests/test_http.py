@@ -181,6 +181,21 @@ def test_stalled_tls_handshakes_are_counted_dropped_and_block_nothing(pki):
                 c.close()
 
 
+def test_every_connection_sends_without_waiting_for_an_ack(pki):
+    """TCP_NODELAY on each accepted connection, TLS or not: a response leaves in several
+    writes (head, body), and without it the second waits for the client's delayed ACK."""
+    for context in (None, _server_context(pki)):
+        with _server(context=context) as s:
+            c = s.connect()
+            try:
+                wait_for(lambda: len(s.table) == 1, 5, "the connection accepted")
+                (conn,) = list(s.table._idle)
+                raw = conn._raw.get_extra_info("socket")
+                assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            finally:
+                c.close()
+
+
 def test_pipelined_requests_are_each_answered_then_the_deadline_runs_again():
     with _server() as s:
         c = s.connect()

@@ -23,7 +23,9 @@ cannot require a client certificate without verifying it), `cipher_suites` and
 and refused too. `RequestClientCert` is served as `NoClientCert`: nothing here reads a client
 certificate that is not verified, so asking for one would change nothing.
 
-Every problem is a `WebConfigError` with one line: the file, the key, what is wrong.
+Every problem is a `WebConfigError` with one line: the file, the key, what is wrong. The TLS
+settings become an SSLContext (`ssl_context`) that the server (server.py) runs every handshake
+with; the users' hashes are checked by basicauth.py.
 """
 
 from __future__ import annotations
