@@ -13,9 +13,12 @@ and never another client's scrape:
   request's head (its TLS handshake included) must be in: missed, the connection is dropped.
   While a request is answered no deadline runs: the answer is ours, and bounded. It also ends a
   connection whose client does not read its response (whose close could never flush).
-- TLS is started by the protocol itself (`loop.start_tls`) with our own SSLContext (the web
-  config's, client certificates and TLS versions included) and the same deadline, so that a
-  connection in its handshake is one the server knows of: counted, and droppable.
+- TLS is put in front by the protocol itself, with our own SSLContext (the web config's: client
+  certificates and TLS versions included) and under the same deadline, so that a connection in
+  its handshake is one the server knows of: counted, and droppable. It is asyncio's own TLS
+  protocol (`asyncio.sslproto.SSLProtocol`, what `loop.create_server(ssl=...)` runs), set up
+  where uvicorn cannot: uvicorn passes no handshake timeout, and its versions before 0.47 take
+  no SSLContext of ours.
 - At most MAX_CONNECTIONS are open, handshakes included. Past it the longest-idle one (idle:
   not being answered; a slow request or a stalled handshake is idle) is dropped for the new
   one, so that no flood of idle or slow connections locks a scraper out.
@@ -32,6 +35,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from asyncio import sslproto
 from collections import OrderedDict
 from typing import Any
 
@@ -180,25 +184,49 @@ class GuardedH11Protocol(H11Protocol):
         self._peer = "-"
         self._deadline: asyncio.TimerHandle | None = None
         self._made = False  # uvicorn's connection_made ran (after the handshake, with TLS)
-        self._handshake: asyncio.Task | None = None
 
-    # The TCP connection
+    # The TCP connection, and TLS in front of it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        if self._raw is not None:  # the second call: the handshake is done, here is TLS
+            self._made = True
+            super().connection_made(transport)  # type: ignore[arg-type]
+            return
         self._raw = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else "-"
         if not self.table.admit(self):
             log.debug("event=connection_refused client=%s reason=all_busy", self._peer)
-            transport.abort()
+            transport.abort()  # type: ignore[attr-defined]
             return
         self._arm()
         if self.context is None:
             self._made = True
             super().connection_made(transport)  # type: ignore[arg-type]
             return
-        transport.pause_reading()  # type: ignore[attr-defined]  # the ClientHello waits
-        self._handshake = self.loop.create_task(self._start_tls(transport))  # type: ignore[arg-type]
+        # TLS in front of this protocol, as loop.create_server(ssl=...) would put it, but here,
+        # where the connection is already counted and can be dropped. Done in this call, before
+        # any byte is read (loop.start_tls would be done later, in a task, and on Python 3.10
+        # the ClientHello can be read, and lost, in between).
+        handshake = self.loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            self.context,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=self.timeout,
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _handshake_done(self, handshake: asyncio.Future) -> None:
+        error = None if handshake.cancelled() else handshake.exception()
+        if not self._made:  # failed, timed out, or the client went: nothing was served
+            why = type(error).__name__ if error is not None else "closed"
+            log.debug("event=tls_failed client=%s error=%s", self._peer, why)
+            self.drop("tls handshake failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -213,25 +241,6 @@ class GuardedH11Protocol(H11Protocol):
         self.table.forget(self)
         if self._raw is not None:
             self._raw.abort()
-
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        pending = _Pending()
-        try:
-            tls = await self.loop.start_tls(
-                raw, pending, self.context, server_side=True, ssl_handshake_timeout=self.timeout
-            )
-        except Exception as e:  # whatever the handshake raised, it ends this connection only
-            log.debug("event=tls_failed client=%s error=%s", self._peer, type(e).__name__)
-            self.drop("tls handshake failed")
-            return
-        if pending.lost or tls is None:
-            self.table.forget(self)
-            return
-        tls.set_protocol(self)
-        self._made = True
-        super().connection_made(tls)
-        for data in pending.data:  # what came with the end of the handshake
-            self.data_received(data)
 
     # Requests (uvicorn's hooks, extended)
 
@@ -262,21 +271,6 @@ class GuardedH11Protocol(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-
-
-class _Pending(asyncio.Protocol):
-    """Stands for the HTTP protocol during a TLS handshake: start_tls may pass on the first
-    bytes of the request, and the connection's end, before it returns the transport."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
 
 
 class _UvicornLines(logging.Filter):
