@@ -67,9 +67,11 @@ class _Running:
 
 
 @contextmanager
-def _server(app=_hello, context=None, limit: int = 10) -> Iterator[_Running]:
+def _server(
+    app=_hello, context=None, limit: int = 10, timeout: float = DEADLINE
+) -> Iterator[_Running]:
     sock = server.bind(f"127.0.0.1:{free_port()}")
-    uv = uvicorn.Server(server.config(app, context, timeout=DEADLINE, limit=limit))
+    uv = uvicorn.Server(server.config(app, context, timeout=timeout, limit=limit))
     loop = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])))
     loop.start()
     try:
@@ -148,7 +150,7 @@ def test_a_request_trickling_in_is_dropped_at_the_deadline(after_a_response):
 
 
 def test_past_the_connection_limit_the_longest_idle_is_dropped():
-    with _server(limit=10) as s:
+    with _server(limit=10, timeout=60) as s:  # no deadline in the way
         idle = [s.connect() for _ in range(10)]
         try:
             wait_for(lambda: len(s.table) == 10, 5, "10 idle connections accepted")
@@ -165,7 +167,7 @@ def test_stalled_tls_handshakes_are_counted_dropped_and_block_nothing(pki):
     counts against the limit (so a flood of them is dropped oldest first) and is dropped at
     the deadline; a TLS scrape meanwhile is answered."""
     client = tests.pki.client(pki)
-    with _server(context=_server_context(pki), limit=10) as s:
+    with _server(context=_server_context(pki), limit=10, timeout=3) as s:
         stalled = [s.connect() for _ in range(9)]
         half = s.connect()
         half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
@@ -214,16 +216,17 @@ def test_pipelined_requests_are_each_answered_then_the_deadline_runs_again():
 def test_blocking_work_never_holds_the_event_loop():
     """A scrape whose collection blocks (a slow directory) takes a pool thread, not the loop:
     health checks and other scrapes' requests are still read and answered meanwhile."""
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def metrics(accept, gz):
+        entered.set()
         release.wait(20)
         return "text/plain", b"up 1\n"
 
     app = exporter.Exporter(metrics, lambda: (True, "Ready."))
     with _server(app) as s, ThreadPoolExecutor(1) as pool:
         scrape = pool.submit(s.get, "/metrics", 30)
-        time.sleep(0.2)  # the scrape is in (and blocked) before the health check
+        assert entered.wait(10), "the scrape reached its collection"
         assert s.get("/-/healthy") == 200
         assert s.get("/-/ready") == 200
         assert not scrape.done()
