@@ -39,11 +39,12 @@ pytest --ignore=tests/test_alert_delivery.py "$@"
 
 # The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
 # that land while a worker boots) and the pure cause decision they rest on; the exporter's
-# TLS and basic auth, which are what bcrypt and PyYAML are declared for; and the app's metrics,
+# TLS and basic auth, which are what bcrypt and PyYAML are declared for, and its HTTP server,
+# which extends uvicorn's own protocol (tests/test_http.py); and the app's metrics,
 # read, folded on disk and in memory through prometheus_client's own file format and merge.
 MATRIX_TESTS=(
     tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
-    tests/test_webconfig.py tests/test_compaction.py
+    tests/test_webconfig.py tests/test_http.py tests/test_compaction.py
 )
 if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then
     for end in oldest:3.10 newest:3.13; do

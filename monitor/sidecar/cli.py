@@ -23,17 +23,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
 from monitor.contract import appfiles, directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import cache, doctor, readiness, stacks, status, webconfig
+from monitor.sidecar import cache, doctor, readiness, server, stacks, status, webconfig
+from monitor.sidecar.basicauth import BasicAuth
 from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from monitor.sidecar.collectors.scrape import ScrapeCollector
 from monitor.sidecar.collectors.workers import WorkerSampler, WorkersCollector
-from monitor.sidecar.exporter import make_app, make_http_server, parse_listen, serve_forever
+from monitor.sidecar.exporter import Exporter
 
 DEFAULT_LISTEN = "0.0.0.0:9971"
 log = logging.getLogger("gunicorn_monitor")
@@ -216,14 +217,23 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s level=%(levelname)s %(message)s",
     )
+    for sig in (signal.SIGTERM, signal.SIGINT):  # while starting: stop at once, cleanly
+        signal.signal(sig, _exit_cleanly)
     try:
-        parse_listen(args.listen)
+        server.parse_listen(args.listen)
     except ValueError as e:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
     web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
+    context = web_config.ssl_context() if web_config is not None else None
+    auth = BasicAuth(web_config.users) if web_config is not None and web_config.users else None
     # Missing is fine (Gunicorn may start later); there but unusable or unsafe is exit 2.
     layout = directory.open_for_reading(args.dir, missing_ok=True)
+    try:
+        sock = server.bind(args.listen)
+    except OSError as e:
+        sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
+        return 2
     gate = readiness.DirectoryGate(layout)
     gate.problem()  # says at start if the directory is not there yet
     registry, inputs = build_registry(layout, gate, args.app_metrics_fold, collectors(args))
@@ -238,21 +248,31 @@ def _serve(args: argparse.Namespace) -> int:
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
-    rendered = cache.RenderedMetrics(served, inputs)
-    app = make_app(rendered, ready, make_wsgi_app(served))
+    app = Exporter(cache.RenderedMetrics(served, inputs), ready, served, auth)
+    if auth is not None and context is None:
+        log.warning("event=basic_auth_without_tls (passwords cross the network in clear)")
+    log.info(
+        "event=listening address=%s tls=%s basic_auth=%s pid=%d",
+        args.listen,
+        context is not None,
+        auth is not None,
+        os.getpid(),
+    )
+    # uvicorn handles SIGTERM and SIGINT while it serves: it finishes the answers in flight,
+    # then raises the signal again under the handler it found, which then has nothing to do.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        server = make_http_server(args.listen, app, web_config)
-    except OSError as e:
-        sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        serve_forever(server)
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        server.serve(sock, server.config(app, context))
     finally:
-        server.server_close()
+        app.close()
+        sock.close()
+    log.info("event=stopped")
     return 0
+
+
+def _exit_cleanly(*_: object) -> None:
+    raise SystemExit(0)
 
 
 def _mark_deploy(args: argparse.Namespace) -> int:
