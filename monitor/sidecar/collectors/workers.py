@@ -211,7 +211,7 @@ class WorkerSampler:
         if snap.master is not None:
             sampled.append(snap.master.pid)
         changed = state.last_change(self.layout) > self._seen_change
-        if changed or not all(state.pid_exists(pid) for pid in sampled):
+        if changed or not all(state.running(pid) for pid in sampled):  # a zombie is gone
             self.sample()
             snap = self.snapshot
         return snap
