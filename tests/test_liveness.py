@@ -23,7 +23,7 @@ import pytest
 from monitor.contract import heartbeat
 from monitor.contract.directory import Layout
 from monitor.sidecar import cache
-from tests.harness import ROOT, alive, exits, http_get, value, wait_for
+from tests.harness import BIN, ROOT, alive, exits, http_get, value, wait_for
 
 TOOLS = ROOT / ".tools" / "root"
 UP, AGE = "gunicorn_up", "gunicorn_master_heartbeat_age_seconds"
@@ -303,3 +303,53 @@ def test_a_new_master_counts_what_a_dead_one_owed(make_master, make_exporter, sh
     counted = [r for r in records if r.get("cause") == "orphaned"]
     assert len(counted) == 2 and {r["master_pid"] for r in counted} == {first.pid}
     assert not any(alive(p) for p in gone)
+
+
+PREDECESSOR = """
+import json, os, sys
+from monitor.contract import metrics, state
+from monitor.contract.directory import Layout, open_private
+from monitor.contract.store import Store
+
+pid, stray = int(sys.argv[1]), int(sys.argv[2])
+layout = Layout(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+fd = open_private(layout, create=True)
+store = Store(str(pid))
+store.inc(metrics.WORKER_SPAWNS, 3.0)
+store.write(fd)
+workers = {
+    str(stray): {"slot": 0, "spawned": 1.0, "ticks": state.start_ticks(stray)},
+    "99999": {"slot": 1, "spawned": 1.0, "ticks": 5},
+}
+dead = {"pid": pid, "start_time": 1.0, "start_ticks": 1, "version": "27.0.1",
+        "worker_class": "sync", "workers_desired": 3, "workers": workers}
+state.write(layout, pid, dead, fd)
+"""
+
+
+def test_a_restarted_master_of_the_same_pid_counts_what_its_predecessor_owed(
+    make_master, make_exporter, shared_dir, tmp_path
+):
+    """A restarted container: the new master has the dead one's pid, adopts its counts file and
+    replaces its state file. Before it does, what the dead master owed becomes its own to count:
+    a worker it left still running (here a stand-in process) when it dies, with its age; the
+    others (gone, or never listed) at once."""
+    script = tmp_path / "predecessor.py"
+    script.write_text(PREDECESSOR)
+    stray = subprocess.Popen(["sleep", "3"])
+    try:
+        # The shell writes the predecessor's files for its own pid, then becomes Gunicorn.
+        prefix = ("sh", "-c", f'"$0" {script} $$ {stray.pid} && exec "$@"', str(BIN / "python"))
+        m = make_master(workers=1, prefix=prefix).start()
+        e = make_exporter()
+        first = e.scrape()
+        assert exits(first) == {("orphaned", "none"): 2.0}  # the two not running, at once
+        assert value(first, "gunicorn_worker_lifetime_seconds_count", cause="orphaned") == 0
+        samples = _balanced(e, 1, 3, "the one left running, when it dies")
+        assert value(samples, "gunicorn_worker_lifetime_seconds_count", cause="orphaned") == 1
+        assert value(samples, "gunicorn_worker_spawns_total") == 4
+        assert stray.poll() is not None
+        assert m.state()["pid"] == m.pid and not m.state()["stopped"]
+    finally:
+        stray.kill()
+        stray.wait()

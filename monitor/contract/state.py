@@ -1,8 +1,28 @@
 """The live state of each master: which workers it runs, in which slots, and how many it wants.
 
 One small JSON file per master, replaced atomically on every change, so a reader always sees
-a whole state. A master is live only while its pid runs *and* was started when the file says:
-a stale file whose pid was reused by an unrelated process reads as dead.
+a whole state. A master is live only while its pid runs, is not a zombie, *and* was started
+when the file says: a stale file whose pid was reused by an unrelated process reads as dead.
+"When" is the process's start in /proc (`start_ticks`, clock ticks after boot; per worker,
+`ticks`), which no step of the wall clock moves; files of earlier versions have only the
+wall-clock `start_time`, compared within a second.
+
+Who writes a master's files. `counter_<pid>.db`, `histogram_<pid>.db` and `gauge_max_<pid>.db`
+have one writer at a time: whoever holds LOCK_EX on `heartbeat/<pid>` (flock, always taken with
+LOCK_NB: nobody ever waits for it). That is the master itself for its whole life (it takes the
+lock before it adopts or writes its counts; hooks/beat.py), then, after it died without saying
+`stopped`, the one master that claimed its orphans (hooks/orphans.py), which counts them into
+those same files until none is owed.
+
+A dead master's state file is kept until its workers are accounted for. A state file that says
+`"stopped": true` is accounted for: the master counted every worker at its on_exit, or the
+master that claimed its orphans counted them and then marked it so. A state file whose master
+is dead and that does not say `stopped` is owed exits: keep it, and the files above, until a
+master claims it (every live master looks every few seconds). Whoever retires a dead master's
+files (folds its counts elsewhere, removes them) does it only for a state file that says
+`stopped` (or a pid with no state file), and only while holding LOCK_EX | LOCK_NB on
+`heartbeat/<pid>` (created if missing; it removes the file before letting go), so that no
+claimant and no new master given the same pid writes them meanwhile.
 """
 
 from __future__ import annotations

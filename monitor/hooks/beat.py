@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import time
@@ -25,6 +26,8 @@ import time
 from monitor.contract import directory
 from monitor.contract import heartbeat as contract
 from monitor.contract.directory import Layout
+
+log = logging.getLogger("gunicorn.error")
 
 _CREATE = os.O_CREAT | contract.FLAGS
 
@@ -136,6 +139,13 @@ class Heartbeat:
     def _hold(self, hb: int) -> None:
         self._release()
         fd = lock(hb, self.name)
+        if fd is None and not self.waiting:
+            log.warning(
+                "gunicorn-monitor event=counts_waiting path=%s reason=%r",
+                contract.path(self.layout, self.pid),
+                "another master is counting the orphans of a dead master of this pid; "
+                "counts are kept in memory and written once it is done",
+            )
         self.waiting = fd is None
         if fd is not None:
             st = os.fstat(fd)
