@@ -234,7 +234,8 @@ class WorkerSampler:
             snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
-            for w in sorted(live.get(m.pid, ()), key=lambda w: w.spawned or 0):
+            # Newest by /proc start (no wall-clock step reorders it), else by spawn time.
+            for w in sorted(live.get(m.pid, ()), key=lambda w: (w.ticks or 0, w.spawned or 0)):
                 s = self._measure((w.pid, w.spawned), w.slot, full, snap)
                 if s is not None:
                     by_pid[s.pid] = s
