@@ -98,6 +98,58 @@ def test_a_wall_clock_step_back_changes_no_lifetime(make_master, make_exporter, 
     assert exit_record["age_seconds"] == pytest.approx(age, abs=0.01)
 
 
+STATUS_NOW = (
+    "import json, sys\n"
+    "from monitor.contract.directory import Layout\n"
+    "from monitor.sidecar import status\n"
+    "print(json.dumps(status.snapshot(Layout(sys.argv[1]), status._Cpu())))\n"
+)
+
+
+def test_status_ages_survive_a_wall_clock_step(make_master, tmp_path):
+    """`gunicorn-monitor status` read on a machine whose clock has just gone back an hour."""
+    started = time.monotonic()
+    m = make_master(workers=2).start()
+    env = {
+        **os.environ,
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME": "-3600",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [str(BIN / "python"), "-c", STATUS_NOW, str(m.dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    snap = json.loads(out.stdout)
+    assert snap["time"] < time.time() - 3000, "its clock was not stepped"
+    (master,) = snap["masters"]
+    lived = time.monotonic() - started
+    assert 0 < master["uptime_seconds"] <= lived + 1, (master["uptime_seconds"], lived)
+    ages = [w["age_seconds"] for w in master["workers"]]
+    assert len(ages) == 2 and all(0 <= a <= master["uptime_seconds"] for a in ages), ages
+
+
+def test_the_verdict_on_a_master():
+    """The pure judgement the sidecar serves as gunicorn_up and the heartbeat age."""
+    now = 1000.0
+    assert heartbeat.judge(False, now - 0.5, now).up
+    assert not heartbeat.judge(True, now - 0.5, now).up  # stopped: down at once
+    late = heartbeat.judge(False, now - heartbeat.STALL_SECONDS - 0.1, now)
+    assert late.stalled and not late.up and late.age > heartbeat.STALL_SECONDS
+    assert heartbeat.judge(False, None, now) == heartbeat.Verdict(False, None)  # no evidence
+    assert heartbeat.judge(False, now + 30, now).age is None  # another clock: no evidence
+    data = heartbeat.encode(42, 7, 12.5)
+    assert heartbeat.decode(data, 42, 7) == 12.5
+    assert heartbeat.decode(data, 42, 8) is None  # a file an earlier master of pid 42 left
+    assert heartbeat.decode(data, 43, 7) is None
+    assert heartbeat.decode(data[:-1], 42, 7) is None
+
+
 def test_a_stopped_master_is_down_serves_no_zombie_and_catches_up_exactly(
     make_master, make_exporter
 ):

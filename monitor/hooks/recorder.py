@@ -93,8 +93,10 @@ class Monitor:
         self.oom_paths = oom.counter_paths()
         self.oom_seen = oom.read_oom_kills(self.oom_paths)
         self.started = state.process_start_time(self.pid) or time.time()
-        self.start_ticks = state.start_ticks(self.pid) or 0
-        self.heartbeat = Heartbeat(self.layout, self.pid, self.start_ticks)
+        # Who this master is, in /proc: no wall-clock step changes it (None if unreadable:
+        # readers then compare the wall-clock start_time, as for earlier versions).
+        self.start_ticks = state.start_ticks(self.pid)
+        self.heartbeat = Heartbeat(self.layout, self.pid, self.start_ticks or 0)
         self.orphans = Orphans(self)  # workers of dead masters, counted once (orphans.py)
         self.statuses: dict[int, int] = {}
         self.sent: dict[int, set[int]] = {}
@@ -467,7 +469,7 @@ class Monitor:
         return {
             "pid": self.pid,
             "start_time": self.started,
-            "start_ticks": self.start_ticks,
+            **({"start_ticks": self.start_ticks} if self.start_ticks is not None else {}),
             "stopped": self.stopped_at is not None,
             "version": gunicorn.__version__,
             "worker_class": cfg.worker_class_str,
