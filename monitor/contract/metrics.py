@@ -186,6 +186,8 @@ HOOK_NAMES = frozenset(
         "signal_note",
         "max_requests_note",
         "retire_app_files",
+        "heartbeat",  # the master's heartbeat (hooks/beat.py)
+        "orphans",  # counting the workers of dead masters (hooks/orphans.py)
         # why a worker hung (hooks/capture.py, hooks/watch.py)
         "capture_arm",
         "capture_ready",

@@ -219,14 +219,16 @@ class Monitor:
             if not self.adopted:
                 # A dead master of our pid (a restarted container) may have left workers never
                 # counted: what its files owe is ours to count (orphans.py).
-                predecessor = self.orphans.predecessor(fd)
+                predecessor = _contained("orphans", self.orphans.predecessor, fd)
                 spawns = self.store.total(metrics.WORKER_SPAWNS)
                 ended = self.store.total(metrics.WORKER_EXITS)
                 for name in self.store.load(fd):
                     self.disk.fault(OSError(f"{name} is not a prometheus_client file"), "replaced")
                 self.adopted = True
                 if predecessor is not None:
-                    self.orphans.adopted(
+                    _contained(
+                        "orphans",
+                        self.orphans.adopted,
                         predecessor,
                         self.store.total(metrics.WORKER_SPAWNS) - spawns,
                         self.store.total(metrics.WORKER_EXITS) - ended,
@@ -450,8 +452,8 @@ class Monitor:
             if self.disk.faults:
                 self.dirty = True  # a whole file written is what tells the fault is over
             self.disk.session(
-                self.heartbeat.beat,
-                self.orphans.tick,
+                _step("heartbeat", self.heartbeat.beat),
+                _step("orphans", self.orphans.tick),
                 functools.partial(self._write_counts, verify=True),
                 self._write_journal,
                 self._write_state,
@@ -462,7 +464,7 @@ class Monitor:
         """The heartbeat alone, between loop turns (a graceful stop reaping): rate-limited."""
         if os.getpid() == self.pid:
             with self.lock:
-                self.disk.session(self.heartbeat.beat)
+                self.disk.session(_step("heartbeat", self.heartbeat.beat))
 
     def _state(self) -> dict:
         cfg = self.server.cfg
@@ -485,6 +487,29 @@ class Monitor:
             "updated": time.time(),
             **self.state_fields(),
         }
+
+
+def _step(name: str, step: Callable[[int], None]) -> Callable[[int], None]:
+    """A disk session step whose faults of the directory (OSError) are the session's, and whose
+    own failures are contained: they never keep the steps after it from running."""
+
+    def run(fd: int) -> None:
+        try:
+            step(fd)
+        except OSError:
+            raise
+        except Exception as e:
+            contain(name, e)
+
+    return run
+
+
+def _contained(name: str, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:
+        contain(name, e)
+        return None
 
 
 @functools.cache
