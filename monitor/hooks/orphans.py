@@ -56,7 +56,6 @@ class _Claim:
     store: Store
     owed: int  # its spawns minus its exits: workers never counted yet
     watched: dict[int, int]  # still running when claimed: pid -> /proc start ticks
-    ticks: int | None = None  # the dead master's start (None: a predecessor of our own pid)
     lock: int = -1  # the flock on heartbeat/<ident>; ours for life when ident is our pid
     raw: dict = field(default_factory=dict)  # its last state, marked stopped when done
 
@@ -177,8 +176,7 @@ class Orphans:
         finally:
             os.close(hb)
         raw, master = again
-        claim = _Claim(pid, store, outstanding(store), _watch(master), master.start_ticks, lock)
-        claim.raw = raw
+        claim = _Claim(pid, store, outstanding(store), _watch(master), lock, raw)
         self._claimed(claim)
 
     def _claimed(self, claim: _Claim) -> None:
