@@ -179,11 +179,15 @@ def test_counts_survive_a_new_master_and_stale_state(make_master, make_exporter)
 
     second = make_master(workers=1).start()
     os.kill(second.worker_pids()[0], signal.SIGKILL)
-    want = {("killed", "SIGKILL"): 2.0}
+    # The first master's worker died with it, uncounted: the second counts it, once.
+    want = {("killed", "SIGKILL"): 2.0, ("orphaned", "none"): 1.0}
     wait_for(lambda: exits(e.scrape()) == want, 20, "second kill")
     assert value(e.scrape(), "gunicorn_up") == 1
     second.wait_workers(1)
-    assert value(e.scrape(), "gunicorn_workers") == 1
+    samples = e.scrape()
+    assert value(samples, "gunicorn_workers") == 1
+    spawns = value(samples, "gunicorn_worker_spawns_total")
+    assert spawns - sum(exits(samples).values()) == 1
 
 
 def test_a_usr2_upgrade_retires_the_old_workers_as_reload(make_master, make_exporter):

@@ -8,7 +8,8 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
     counts in prometheus_client's own file format, one writer per file;
   - `master-<pid>.json`: the live state of one master (its workers, their slots);
   - `events.jsonl` (+ `events.jsonl.1`): the journal, one JSON record per event;
-  - `notes/<worker pid>`: what a worker says about itself on its way out.
+  - `notes/<worker pid>`: what a worker says about itself on its way out;
+  - `heartbeat/<master pid>`: when each master's loop last turned (contract/heartbeat.py).
 
 Trust (README, "The directory's trust model"): `gunicorn-monitor/` and `notes/` must belong to
 the user that writes them and be writable by nobody else; the top directory must belong to that
@@ -47,6 +48,7 @@ class UnsafeDirectory(DirectoryError):
 
 
 NOTES = "notes"
+HEARTBEATS = "heartbeat"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -65,6 +67,10 @@ class Layout:
     @property
     def notes(self) -> str:
         return os.path.join(self.own, NOTES)
+
+    @property
+    def heartbeats(self) -> str:
+        return os.path.join(self.own, HEARTBEATS)
 
     @property
     def journal(self) -> str:
@@ -154,6 +160,11 @@ def open_private(layout: Layout, create: bool = True) -> int:
 def open_notes(own_fd: int, layout: Layout, create: bool = False) -> int:
     """A checked fd of `notes/` below an open `gunicorn-monitor/`; the caller closes it."""
     return _open_level(own_fd, NOTES, layout.notes, create, top=False)
+
+
+def open_heartbeats(own_fd: int, layout: Layout, create: bool = False) -> int:
+    """A checked fd of `heartbeat/` below an open `gunicorn-monitor/`; the caller closes it."""
+    return _open_level(own_fd, HEARTBEATS, layout.heartbeats, create, top=False)
 
 
 def create(path: str | None = None) -> Layout:

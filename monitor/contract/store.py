@@ -193,6 +193,14 @@ class Store:
             values[key] = value
             self._dirty.setdefault("gauge_max", set()).add(key)
 
+    def total(self, spec: Spec) -> float:
+        """The sum of a counter's series, as held in memory."""
+        return sum(
+            value
+            for key, value in self._values.get("counter", {}).items()
+            if parse_key(key)[0] == spec.name
+        )
+
     # -- disk -------------------------------------------------------------------------------
 
     def load(self, dir_fd: int) -> list[str]:

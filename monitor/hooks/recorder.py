@@ -41,8 +41,10 @@ from monitor.contract import appfiles, causes, directory, journal, metrics, stat
 from monitor.contract.store import Store
 from monitor.hooks import classify, notes, oom, settings
 from monitor.hooks import contain as contain_module
+from monitor.hooks.beat import Heartbeat
 from monitor.hooks.contain import contain, guard
 from monitor.hooks.disk import Disk
+from monitor.hooks.orphans import Orphans
 
 log = logging.getLogger("gunicorn.error")
 
@@ -65,6 +67,10 @@ class _Waitpid:
         wpid, status = self._os.waitpid(pid, options)
         if wpid:
             self._monitor.reaped(wpid, status)
+        if self._monitor.stopping:
+            # A graceful stop reaps in a loop of its own for up to graceful_timeout: a master
+            # doing that is not stalled.
+            guard("waitpid", self._monitor.beat)
         return wpid, status
 
 
@@ -87,11 +93,20 @@ class Monitor:
         self.oom_paths = oom.counter_paths()
         self.oom_seen = oom.read_oom_kills(self.oom_paths)
         self.started = state.process_start_time(self.pid) or time.time()
+        # Who this master is, in /proc: no wall-clock step changes it (None if unreadable:
+        # readers then compare the wall-clock start_time, as for earlier versions).
+        self.start_ticks = state.start_ticks(self.pid)
+        self.heartbeat = Heartbeat(self.layout, self.pid, self.start_ticks or 0)
+        self.orphans = Orphans(self)  # workers of dead masters, counted once (orphans.py)
         self.statuses: dict[int, int] = {}
         self.sent: dict[int, set[int]] = {}
         self.phase: dict[int, str] = {}
         self.slots: dict[int, int] = {}
+        # Durations from the monotonic clock (a wall-clock step moves none of them); the wall
+        # time and /proc start of each worker are for its state-file entry.
         self.spawned_at: dict[int, float] = {}
+        self.spawned_wall: dict[int, float] = {}
+        self.worker_ticks: dict[int, int] = {}
         self.retiring_for_reload: set[int] = set()
         self.vacancies = 0
         self.stopping = False
@@ -125,6 +140,8 @@ class Monitor:
         child's. Its copy of the directory fd is closed, and contained failures are no longer
         counted into the master's files."""
         self.disk.forked()
+        self.heartbeat.forked()
+        self.orphans.forked()
         if contain_module.counter == self.count_failure:
             contain_module.counter = None
 
@@ -195,12 +212,27 @@ class Monitor:
     # -- the disk -------------------------------------------------------------------------------
 
     def _write_counts(self, fd: int, verify: bool = False) -> None:
+        if not self.heartbeat.owned(fd):
+            return  # another master is counting a dead predecessor's orphans into our files
         if self.disk.generation != self.generation:
             # A directory we have not written into yet: at start, or recreated after a fault.
             if not self.adopted:
+                # A dead master of our pid (a restarted container) may have left workers never
+                # counted: what its files owe is ours to count (orphans.py).
+                predecessor = _contained("orphans", self.orphans.predecessor, fd)
+                spawns = self.store.total(metrics.WORKER_SPAWNS)
+                ended = self.store.total(metrics.WORKER_EXITS)
                 for name in self.store.load(fd):
                     self.disk.fault(OSError(f"{name} is not a prometheus_client file"), "replaced")
                 self.adopted = True
+                if predecessor is not None:
+                    _contained(
+                        "orphans",
+                        self.orphans.adopted,
+                        predecessor,
+                        self.store.total(metrics.WORKER_SPAWNS) - spawns,
+                        self.store.total(metrics.WORKER_EXITS) - ended,
+                    )
                 notes.discard_stale(fd, self.layout)
             self.store.forget_files()
             self.state_id = None
@@ -260,7 +292,11 @@ class Monitor:
             }
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
             self.slots[pid] = slot
-            self.spawned_at[pid] = time.time()
+            self.spawned_at[pid] = time.monotonic()
+            self.spawned_wall[pid] = time.time()
+            found = state.proc(pid)
+            if found is not None:
+                self.worker_ticks[pid] = found.ticks
             worker = self.server.WORKERS.get(pid)
             self.store.inc(metrics.WORKER_SPAWNS)
             restart = self.vacancies > 0
@@ -317,7 +353,9 @@ class Monitor:
             slot = self.slots.pop(pid, None)
             self.retiring_for_reload.discard(pid)
             spawned = self.spawned_at.pop(pid, None)
-            age = time.time() - spawned if spawned else None
+            self.spawned_wall.pop(pid, None)
+            self.worker_ticks.pop(pid, None)
+            age = time.monotonic() - spawned if spawned is not None else None
             self.store.inc(metrics.WORKER_EXITS, cause=cause, signal=sig)
             if age is not None:
                 self.store.observe(metrics.WORKER_LIFETIME, age, cause=cause)
@@ -349,6 +387,9 @@ class Monitor:
                 **self.exit_fields(pid, cause),
             )
             self._save()
+        self.retire_app_files(pid)
+
+    def retire_app_files(self, pid: int) -> None:
         if "unsafe" not in self.disk.faults:  # never act on paths in a directory we refused
             _retire_app_files(pid, self.layout.root)
 
@@ -390,6 +431,8 @@ class Monitor:
             self.stopped_at = time.time()
             self._save()
             self.flush()
+            self.orphans.stopped()  # not done: the next master carries on
+            self.disk.session(self.heartbeat.remove)
 
     def _save(self) -> None:
         # Written once per turn of the master's loop (see _manage_workers), not per event:
@@ -409,28 +452,64 @@ class Monitor:
             if self.disk.faults:
                 self.dirty = True  # a whole file written is what tells the fault is over
             self.disk.session(
+                _step("heartbeat", self.heartbeat.beat),
+                _step("orphans", self.orphans.tick),
                 functools.partial(self._write_counts, verify=True),
                 self._write_journal,
                 self._write_state,
                 settle=True,
             )
 
+    def beat(self) -> None:
+        """The heartbeat alone, between loop turns (a graceful stop reaping): rate-limited."""
+        if os.getpid() == self.pid:
+            with self.lock:
+                self.disk.session(_step("heartbeat", self.heartbeat.beat))
+
     def _state(self) -> dict:
         cfg = self.server.cfg
         return {
             "pid": self.pid,
             "start_time": self.started,
+            **({"start_ticks": self.start_ticks} if self.start_ticks is not None else {}),
             "stopped": self.stopped_at is not None,
             "version": gunicorn.__version__,
             "worker_class": cfg.worker_class_str,
             "workers_desired": self.desired,
             "workers": {
-                str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
+                str(pid): {
+                    "slot": slot,
+                    "spawned": self.spawned_wall.get(pid),
+                    "ticks": self.worker_ticks.get(pid),
+                }
                 for pid, slot in self.slots.items()
             },
             "updated": time.time(),
             **self.state_fields(),
         }
+
+
+def _step(name: str, step: Callable[[int], None]) -> Callable[[int], None]:
+    """A disk session step whose faults of the directory (OSError) are the session's, and whose
+    own failures are contained: they never keep the steps after it from running."""
+
+    def run(fd: int) -> None:
+        try:
+            step(fd)
+        except OSError:
+            raise
+        except Exception as e:
+            contain(name, e)
+
+    return run
+
+
+def _contained(name: str, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:
+        contain(name, e)
+        return None
 
 
 @functools.cache

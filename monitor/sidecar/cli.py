@@ -35,6 +35,7 @@ from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from monitor.sidecar.collectors.scrape import ScrapeCollector
 from monitor.sidecar.collectors.workers import WorkerSampler, WorkersCollector
 from monitor.sidecar.exporter import Exporter
+from monitor.sidecar.liveness import Liveness
 
 DEFAULT_LISTEN = "0.0.0.0:9971"
 log = logging.getLogger("gunicorn_monitor")
@@ -198,15 +199,16 @@ def build_registry(
     on = {name: True for name in COLLECTORS} | (enabled or {})
     sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"])
     sampler.start()
+    liveness = Liveness(layout)  # one verdict a master a scrape, for the inputs and the collection
     sources = {
-        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"]),
+        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"], liveness=liveness),
         "workers": WorkersCollector(sampler),
     }
     if on["app"]:
         sources["app"] = AppMetricsCollector(layout.root, compact=fold)
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, liveness)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs

@@ -68,7 +68,7 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
         out.append(
             {
                 "pid": m.pid,
-                "uptime_seconds": round(now_wall - m.start_time, 1),
+                "uptime_seconds": round(_age(m.start_ticks, m.start_time, now_wall), 1),
                 "version": m.version,
                 "worker_class": m.worker_class,
                 "workers_desired": m.workers_desired,
@@ -92,6 +92,14 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
     }
 
 
+def _age(ticks: int | None, wall: float | None, now_wall: float) -> float:
+    """Seconds since a process started: from its /proc start ticks, which no wall-clock step
+    moves; by the wall clock only from a state file of an earlier version."""
+    if ticks is not None:
+        return state.age_of(ticks)
+    return now_wall - (wall or now_wall)
+
+
 def _is_time(t: object) -> bool:
     return isinstance(t, int | float) and not isinstance(t, bool)
 
@@ -100,7 +108,7 @@ def _worker(layout: Layout, w: state.Worker, now: float, mono: float, cpu: _Cpu)
     row: dict[str, Any] = {
         "slot": w.slot,
         "pid": w.pid,
-        "age_seconds": round(now - w.spawned, 1) if w.spawned else None,
+        "age_seconds": round(_age(w.ticks, w.spawned, now), 1) if w.ticks or w.spawned else None,
         "phase": None,
         "in_flight": None,
         "requests_served": None,

@@ -15,7 +15,9 @@ behind them were all read. A directory that cannot be listed leaves out everythi
 The masters' gauges (up, workers, desired) come from the state files, read by
 contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
 master's, so it leaves the gauges out; a worker counts only while it is a live child of its
-live master.
+live master (a zombie is not: a stopped master reaps nothing). A live master is up only while it
+is not stopped and its loop turns (sidecar/liveness.py); the largest heartbeat age over the live
+masters is served beside it, when one could be read.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from monitor.contract import causes, metrics, state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction
+from monitor.sidecar.liveness import Liveness
 
 # The families the hooks write, by name: every Spec of the contract that lives in a file.
 _DERIVED = {
     metrics.UP.name,
+    metrics.MASTER_HEARTBEAT_AGE.name,
     metrics.WORKERS.name,
     metrics.WORKERS_DESIRED.name,
     metrics.WORKERS_STUCK_BOOTING.name,
@@ -59,9 +63,12 @@ class Stats:
 
 
 class LifecycleCollector:
-    def __init__(self, layout: Layout, *, lifetime: bool = True) -> None:
+    def __init__(
+        self, layout: Layout, *, lifetime: bool = True, liveness: Liveness | None = None
+    ) -> None:
         self.layout = layout
         self.lifetime = lifetime  # --collector.lifetime
+        self.liveness = liveness or Liveness(layout)
         self._stats = Stats()
         self._children = state.Children()
         self._rejected_children = 0
@@ -200,7 +207,14 @@ class LifecycleCollector:
         workers = self._children.live(live)
         self._error("rejected", self._children.rejected - self._rejected_children)
         self._rejected_children = self._children.rejected
-        yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=1 if live else 0)
+        verdicts = [self.liveness.recent(m.pid, m.start_ticks) for m in live]
+        judged = [v for v in verdicts if v is not None]  # None: it died since it was read
+        up = any(v.up for v in judged)
+        yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=1 if up else 0)
+        ages = [v.age for v in judged if v.age is not None]
+        if ages:
+            age = metrics.MASTER_HEARTBEAT_AGE
+            yield GaugeMetricFamily(age.name, age.help, value=round(max(ages), 3))
         count = sum(len(w) for w in workers.values())
         yield GaugeMetricFamily(metrics.WORKERS.name, metrics.WORKERS.help, value=count)
         desired = sum(m.workers_desired for m in live)
