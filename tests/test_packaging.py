@@ -6,6 +6,7 @@ Dockerfile, PyYAML for docker-compose.yml, deploy/ and the Kubernetes manifests.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import shlex
 import shutil
@@ -13,8 +14,11 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+import jsonschema
 import pytest
 import yaml
+
+from tests.harness import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = "/run/gunicorn-monitor"
@@ -170,12 +174,20 @@ def test_grafana_provisions_prometheus_and_the_dashboard(compose):
     assert prometheus["url"] == "http://prometheus:9090"
 
 
+def dockerfile_env(dockerfile: list[str]) -> dict[str, str]:
+    return dict(
+        pair.split("=", 1) for env in instructions(dockerfile, "ENV") for pair in shlex.split(env)
+    )
+
+
 # -- deploy/kubernetes.yaml -------------------------------------------------------------------
+
+MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
 
 
 @pytest.fixture(scope="module")
 def k8s() -> dict:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    docs = list(yaml.safe_load_all(MANIFEST.read_text()))
     return {doc["kind"]: doc for doc in docs if doc}
 
 
@@ -189,6 +201,72 @@ def containers(pod) -> dict:
     return {c["name"]: c for c in pod["spec"]["containers"]}
 
 
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("end", ["oldest", "newest"])
+def test_manifests_validate_strictly_on_the_oldest_and_newest_kubernetes_known(end, tmp_path):
+    from kubernetes_validate.utils import all_versions
+
+    versions = all_versions()
+    version = versions[0] if end == "oldest" else versions[-1]
+    done = kubernetes_validate(MANIFEST, version)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for kind in ("deployment", "service"):
+        assert f"passed for resource {kind}/gunicorn-monitor" in done.stdout, done.stdout
+    # The validator bites: a misspelt field of the pod is refused in strict mode.
+    typo = MANIFEST.read_text().replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:")
+    (tmp_path / "typo.yaml").write_text(typo)
+    assert kubernetes_validate(tmp_path / "typo.yaml", version).returncode != 0
+
+
+def pod_monitor_errors(doc: dict) -> list[str]:
+    """The PodMonitor against the Prometheus Operator's schema: cloudcoil's models are generated
+    from the CRD's openAPIV3Schema (types, enums, patterns), rendered here as JSON Schema. Strict
+    as the API server's field validation is: an unknown field is an error."""
+    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+    schema = PodMonitor.model_json_schema(by_alias=True)
+
+    def strict(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            for child in node.values():
+                strict(child)
+        elif isinstance(node, list):
+            for child in node:
+                strict(child)
+
+    strict(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    return [jsonschema.exceptions.best_match([e]).message for e in validator.iter_errors(doc)]
+
+
+def test_pod_monitor_validates_against_the_prometheus_operator_schema(k8s):
+    monitor = k8s["PodMonitor"]
+    assert pod_monitor_errors(monitor) == []
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    for field, bad in (("interval", "15 seconds"), ("scheme", "ftp"), ("sheme", "http")):
+        broken = copy.deepcopy(monitor)
+        broken["spec"]["podMetricsEndpoints"][0] = {**endpoint, field: bad}
+        assert pod_monitor_errors(broken), (field, bad)
+
+
+def test_pod_monitor_carries_the_label_kube_prometheus_stack_selects(k8s):
+    # The chart's default (podMonitorSelectorNilUsesHelmValues: true) selects PodMonitors by
+    # `release: <its Helm release name>`; deploy/README.md says how to match yours.
+    assert k8s["PodMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "podMonitorSelectorNilUsesHelmValues" in readme and "helm list" in readme
+
+
 def test_pod_shares_processes_and_runs_both_containers_as_one_user(pod, containers):
     spec = pod["spec"]
     assert spec["shareProcessNamespace"] is True
@@ -197,10 +275,11 @@ def test_pod_shares_processes_and_runs_both_containers_as_one_user(pod, containe
     for container in containers.values():
         context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
         assert context["runAsUser"] == UID, container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
     assert containers["app"]["securityContext"] == containers["sidecar"]["securityContext"]
 
 
-def test_both_containers_mount_the_same_memory_emptydir(pod, containers):
+def test_both_containers_mount_the_same_memory_emptydir(pod, containers, dockerfile):
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     names = set()
     for container in containers.values():
@@ -208,25 +287,34 @@ def test_both_containers_mount_the_same_memory_emptydir(pod, containers):
         names.add(mount["name"])
     (name,) = names
     assert volumes[name]["emptyDir"]["medium"] == "Memory"
+    # The app writes its heartbeat files and its control socket (XDG_RUNTIME_DIR) on emptyDirs
+    # of its own under the read-only root.
+    app_mounts = {m["mountPath"] for m in containers["app"]["volumeMounts"]}
+    assert {"/tmp", dockerfile_env(dockerfile)["XDG_RUNTIME_DIR"]} <= app_mounts
 
 
-def test_sidecar_probes_use_its_health_endpoints(containers):
-    sidecar = containers["sidecar"]
-    (port,) = sidecar["ports"]
-    assert port["containerPort"] == METRICS_PORT
-    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/-/ready"
-    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["httpGet"]["port"] in (port["name"], METRICS_PORT)
-    command = sidecar["command"]
-    assert command[:2] == ["gunicorn-monitor", "serve"]
-    assert command[command.index("--dir") + 1] == SHARED_DIR
+def test_no_probe_of_the_monitor_can_unroute_or_restart_the_app(containers):
+    sidecar, app = containers["sidecar"], containers["app"]
+    # A pod is Ready only when every container is: the sidecar must not have a say.
+    assert "readinessProbe" not in sidecar and "startupProbe" not in sidecar
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/-/healthy"  # restarts the sidecar
+    (metrics_port,) = sidecar["ports"]
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = app.get(kind, {})
+        assert "exec" not in probe, kind  # nothing of the monitor's runs in the app's probes
+        target = probe.get("httpGet") or probe.get("tcpSocket") or {}
+        assert target.get("port") not in (metrics_port["name"], METRICS_PORT), kind
+        assert not str(target.get("path", "")).startswith("/-/"), kind
+    # The app's liveness asks the master's listening socket, which the kernel answers from the
+    # backlog while every worker is stuck (tests/test_probes.py runs it in a timeout storm).
+    (http,) = app["ports"]
+    assert app["livenessProbe"]["tcpSocket"]["port"] in (http["name"], APP_PORT)
+    assert http["containerPort"] == APP_PORT
 
 
-def test_every_container_has_probes_and_a_memory_limit(containers):
+def test_every_container_has_a_memory_limit(containers):
     for container in containers.values():
         assert container["resources"]["limits"]["memory"], container["name"]
-        assert "readinessProbe" in container and "livenessProbe" in container, container["name"]
 
 
 def test_service_exposes_the_app_and_the_metrics(k8s, pod):
