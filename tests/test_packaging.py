@@ -1,7 +1,10 @@
-"""Packaging: the image lints clean, and compose and Kubernetes wire the sidecar to the app.
+"""Packaging, read from the files: the image lints clean, compose and Kubernetes wire the sidecar
+to the app, and no probe, volume or limit of the monitor can stop, restart or un-route the app.
 
-No container engine runs on the build machine, so these tests read the files: hadolint for the
-Dockerfile, PyYAML for docker-compose.yml, deploy/ and the Kubernetes manifests.
+hadolint for the Dockerfile; PyYAML for docker-compose.yml and deploy/; kubernetes-validate
+(strict) for the Kubernetes manifests on the oldest and newest Kubernetes it knows, and
+jsonschema for the PodMonitor against the Prometheus Operator's schema. tests/test_containers.py
+runs the image and the compose file on a real Docker engine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.containers import debian_mirror
 from tests.harness import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,27 +121,87 @@ def test_dockerignore_keeps_what_the_image_copies():
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    return load("docker-compose.yml")["services"]
+def compose_file() -> dict:
+    return load("docker-compose.yml")
 
 
-def test_app_and_sidecar_share_the_image_the_user_and_a_named_volume(compose):
+@pytest.fixture(scope="module")
+def compose(compose_file) -> dict:
+    return compose_file["services"]
+
+
+def dockerfile_env(dockerfile: list[str]) -> dict[str, str]:
+    return dict(
+        pair.split("=", 1) for env in instructions(dockerfile, "ENV") for pair in shlex.split(env)
+    )
+
+
+def test_compose_names_its_project_as_compose_v1_and_v2_both_read_it(compose_file):
+    # Compose v1 (Debian's 1.29) rejects a top-level `name:`; both read .env.
+    assert "name" not in compose_file
+    env = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert env["COMPOSE_PROJECT_NAME"] == "gunicorn-monitor"
+
+
+def test_app_and_sidecar_share_the_image_the_user_and_a_named_volume(compose_file, compose):
     app, sidecar = compose["app"], compose["sidecar"]
-    assert app["image"] == sidecar["image"]
+    assert app["image"] == sidecar["image"] == compose["pause"]["image"]
     assert app["user"] == sidecar["user"] == f"{UID}:{UID}"
     volume = mounts(app)[SHARED_DIR]
     assert mounts(sidecar)[SHARED_DIR] == volume
-    assert volume in load("docker-compose.yml")["volumes"], "the shared volume must be named"
+    assert volume in compose_file["volumes"], "the shared volume must be named"
 
 
-def test_sidecar_sees_the_app_processes_and_serves_the_shared_directory(compose):
-    sidecar = compose["sidecar"]
-    assert sidecar["pid"] == "service:app"
-    command = sidecar["command"]
+def test_a_pause_container_holds_the_pid_namespace_so_either_can_die_alone(compose):
+    pause = compose["pause"]
+    assert pause["init"] is True  # Docker's init is PID 1 there: it reaps the orphans
+    assert "ports" not in pause and pause["network_mode"] == "none"
+    assert pause["healthcheck"] == {"disable": True}
+    for name in ("app", "sidecar"):
+        assert compose[name]["pid"] == "service:pause", name
+        assert compose[name]["depends_on"] == ["pause"], name  # not on each other
+
+
+def test_sidecar_serves_the_shared_directory(compose):
+    command = compose["sidecar"]["command"]
     command = shlex.split(command) if isinstance(command, str) else command
     assert command[:2] == ["gunicorn-monitor", "serve"]
     assert command[command.index("--dir") + 1] == SHARED_DIR
     assert command[command.index("--listen") + 1].endswith(f":{METRICS_PORT}")
+
+
+def test_app_and_sidecar_run_read_only_with_tmpfs_where_they_write(compose, dockerfile):
+    for name in ("pause", "app", "sidecar"):
+        assert compose[name]["read_only"] is True, name
+    tmpfs = {entry.split(":")[0]: entry for entry in compose["app"]["tmpfs"]}
+    # Gunicorn's worker heartbeat files, and its control socket under XDG_RUNTIME_DIR, which
+    # gunicornc finds by the same variable.
+    assert set(tmpfs) == {"/tmp", dockerfile_env(dockerfile)["XDG_RUNTIME_DIR"]}
+    for entry in tmpfs.values():
+        assert f"uid={UID},gid={UID},mode=0700" in entry, entry
+
+
+def test_healthchecks_never_restart_or_wait_on_anything_for_the_monitor(compose, dockerfile):
+    # The app's is the master's port (HEALTHCHECK_URL tcp://); nothing depends on the sidecar's
+    # health; only the sidecar and the pause container restart by themselves.
+    assert dockerfile_env(dockerfile)["HEALTHCHECK_URL"] == f"tcp://127.0.0.1:{APP_PORT}"
+    assert "healthcheck" not in compose["app"] and "HEALTHCHECK_URL" not in str(compose["app"])
+    sidecar_url = compose["sidecar"]["environment"]["HEALTHCHECK_URL"]
+    assert sidecar_url == f"http://127.0.0.1:{METRICS_PORT}/-/healthy"
+    for name, service in compose.items():
+        assert "sidecar" not in str(service.get("depends_on", [])) or name == "prometheus", name
+    assert "restart" not in compose["app"]
+    assert compose["sidecar"]["restart"] == compose["pause"]["restart"] == "unless-stopped"
+
+
+def test_every_published_port_is_on_loopback(compose):
+    for name, service in compose.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
 
 
 def test_prometheus_scrapes_the_sidecar_and_loads_the_rules(compose):
@@ -172,12 +236,6 @@ def test_grafana_provisions_prometheus_and_the_dashboard(compose):
     (prometheus,) = datasources["datasources"]
     assert prometheus["type"] == "prometheus"
     assert prometheus["url"] == "http://prometheus:9090"
-
-
-def dockerfile_env(dockerfile: list[str]) -> dict[str, str]:
-    return dict(
-        pair.split("=", 1) for env in instructions(dockerfile, "ENV") for pair in shlex.split(env)
-    )
 
 
 # -- deploy/kubernetes.yaml -------------------------------------------------------------------
@@ -334,53 +392,37 @@ def test_pod_monitor_scrapes_the_sidecar_port(k8s, pod, containers):
     assert endpoint.get("path", "/metrics") == "/metrics"
 
 
-# -- app metrics folding; scripts/container-smoke.sh --------------------------------------------
+# -- app metrics folding ------------------------------------------------------------------------
 
 FOLD_ENV = "GUNICORN_MONITOR_FOLD_APP_METRICS"
-SMOKE = ROOT / "scripts" / "container-smoke.sh"
 
 
-def test_app_and_sidecar_agree_on_app_metrics_folding(compose, containers):
+def test_folding_is_on_in_both_processes_of_both_deployments(compose, containers):
     # The master stages dead workers' files and the sidecar folds them: one switch, both sides.
-    assert compose["app"]["environment"][FOLD_ENV] == compose["sidecar"]["environment"][FOLD_ENV]
-    envs = [{e["name"]: e.get("value") for e in c["env"]} for c in containers.values()]
-    assert envs[0][FOLD_ENV] == envs[1][FOLD_ENV]
+    # On in the shipped deployments, where the sidecar is the only reader of the app's metrics:
+    # it bounds the shared directory (deploy/README.md, "The shared directory's size").
+    assert compose["app"]["environment"][FOLD_ENV] == "1"
+    assert compose["sidecar"]["environment"][FOLD_ENV] == "1"
+    for container in containers.values():
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[FOLD_ENV] == "1", container["name"]
 
 
-def test_container_smoke_sets_its_own_podman_options():
-    subprocess.run(["bash", "-n", str(SMOKE)], check=True)
-    text = SMOKE.read_text()
-    # Without these, a fresh podman fails where the process lacks CAP_SYS_RESOURCE
-    # ("error setting rlimit type 7") or on hybrid cgroups (crun).
-    assert "PODMAN=(podman --runtime runc " in text
-    assert 'ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")' in text
-    lines = [line.strip() for line in text.splitlines()]
-    for line in lines:  # every container it creates goes through those options
-        assert not line.startswith(("podman run", "podman build", "podman exec")), line
-        if line.startswith(('"${PODMAN[@]}" build', "run --name")):
-            assert "${ULIMITS[@]}" in line or "${POD[@]}" in line, line
-    assert any(line.startswith("POD=(") and "${ULIMITS[@]}" in line for line in lines)
-    assert "deb.debian.org" not in text  # the mirror comes from the machine's apt sources
-    assert '"promtool", "check", "metrics"' in text
-    assert "for order in sidecar-first app-first" in text
+# -- the base image's stand-in (tests/containers.py) --------------------------------------------
 
 
-def test_container_smoke_takes_the_debian_mirror_from_apt_sources(tmp_path):
-    def mirror(sources: dict[str, str]) -> str:
+def test_the_stand_in_base_image_comes_from_the_debian_mirror_in_apt_sources(tmp_path):
+    def mirror(sources: dict[str, str]) -> str | None:
         apt = tmp_path / str(len(list(tmp_path.iterdir())))
         (apt / "sources.list.d").mkdir(parents=True)
         for name, body in sources.items():
             (apt / name).write_text(body)
-        script = 'source <(sed -n "/^debian_mirror()/,/^}/p" "$0"); debian_mirror "$1"'
-        done = subprocess.run(
-            ["bash", "-c", script, str(SMOKE), str(apt)], capture_output=True, text=True
-        )
-        return done.stdout.strip()
+        return debian_mirror(apt)
 
     deb822 = (
         "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
         "Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: bookworm\n\n"
-        "Types: deb-src deb\nURIs: http://mirror.example/debian\n"
+        "Types: deb-src deb\n# a comment\nURIs: http://mirror.example/debian\n"
         "Suites: bookworm-updates bookworm\n"
     )
     assert mirror({"sources.list.d/debian.sources": deb822}) == "http://mirror.example/debian"
@@ -389,4 +431,4 @@ def test_container_smoke_takes_the_debian_mirror_from_apt_sources(tmp_path):
         "deb [arch=amd64 signed-by=/k.gpg] https://mirror.example/debian/ bookworm main\n"
     )
     assert mirror({"sources.list": one_line}) == "https://mirror.example/debian/"
-    assert mirror({"sources.list": "deb cdrom:[Debian]/ bookworm main\n"}) == ""
+    assert mirror({"sources.list": "deb cdrom:[Debian]/ bookworm main\n"}) is None
