@@ -96,7 +96,8 @@ def master_down_fires(text: str) -> str:
             continue  # no NaN or infinities in promtool's series notation
         # Labelled as the PodMonitor's relabeling labels them.
         labels = (("instance", "pod:9971"), ("job", "gunicorn"), *labels)
-        selector = ",".join(f'{k}="{v}"' for k, v in labels)
+        escaped = ((k, v.replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels)
+        selector = ",".join(f'{k}="{v}"' for k, v in escaped)
         series.append({"series": f"{name}{{{selector}}}", "values": f"{val}x20"})
     expr = 'count(ALERTS{alertname="GunicornMasterDown", alertstate="firing"})'
     test = {
