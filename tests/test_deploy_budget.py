@@ -16,13 +16,12 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from monitor.contract import captures, journal
-from tests.harness import ROOT, http_get, value, wait_for
+from tests.harness import http_get, value, wait_for
+from tests.test_packaging import SHARED_DIR, manifest, pod_containers
 
 log = logging.getLogger(__name__)
-MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
 FOLDED = 1000  # deaths while the sidecar is scraped (and so folds) every FOLD_EVERY of them
 FOLD_EVERY = 100
 UNFOLDED = 500  # deaths with no scrape, no fold
@@ -34,13 +33,11 @@ MIB = 1024 * 1024
 
 def pod() -> tuple[dict[str, dict[str, str]], int]:
     """Each container's environment, and the shared emptyDir's sizeLimit in bytes."""
-    (deployment,) = [
-        d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "Deployment"
-    ]
-    spec = deployment["spec"]["template"]["spec"]
-    envs = {c["name"]: {e["name"]: e["value"] for e in c["env"]} for c in spec["containers"]}
-    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if "gunicorn-monitor" in m["name"]]
-    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    containers = pod_containers()
+    envs = {name: {e["name"]: e["value"] for e in c["env"]} for name, c in containers.items()}
+    (mount,) = [m for m in containers["app"]["volumeMounts"] if m["mountPath"] == SHARED_DIR]
+    volumes = manifest()["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
     limit = volume["emptyDir"]["sizeLimit"]
     assert limit.endswith("Mi"), limit
     return envs, int(limit[:-2]) * MIB

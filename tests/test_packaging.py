@@ -243,10 +243,20 @@ def test_grafana_provisions_prometheus_and_the_dashboard(compose):
 MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
 
 
+def manifest() -> dict[str, dict]:
+    """deploy/kubernetes.yaml's documents, by kind."""
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc}
+
+
+def pod_containers() -> dict[str, dict]:
+    """The Deployment's containers, by name."""
+    spec = manifest()["Deployment"]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
+
 @pytest.fixture(scope="module")
 def k8s() -> dict:
-    docs = list(yaml.safe_load_all(MANIFEST.read_text()))
-    return {doc["kind"]: doc for doc in docs if doc}
+    return manifest()
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +265,8 @@ def pod(k8s) -> dict:
 
 
 @pytest.fixture(scope="module")
-def containers(pod) -> dict:
-    return {c["name"]: c for c in pod["spec"]["containers"]}
+def containers() -> dict:
+    return pod_containers()
 
 
 def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:

@@ -11,19 +11,8 @@ from __future__ import annotations
 import socket
 import threading
 
-import yaml
-
-from tests.harness import ROOT, http_get, wait_for
-
-MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
-
-
-def app_container() -> dict:
-    (deployment,) = [
-        d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "Deployment"
-    ]
-    (app,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "app"]
-    return app
+from tests.harness import http_get, wait_for
+from tests.test_packaging import pod_containers
 
 
 def probe(spec: dict, container: dict, ports: dict[int, int]) -> bool:
@@ -45,7 +34,7 @@ def probe(spec: dict, container: dict, ports: dict[int, int]) -> bool:
 
 
 def test_the_apps_liveness_survives_a_timeout_storm(make_master):
-    app = app_container()
+    app = pod_containers()["app"]
     workers = 4
     m = make_master(workers=workers, env={"GUNICORN_TIMEOUT": "60"}).start()
     ports = {app["ports"][0]["containerPort"]: m.port}
