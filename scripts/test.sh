@@ -11,6 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/bootstrap.sh test,tools,newest
 source scripts/prometheus.sh
+source scripts/docker.sh  # the Docker engine and both composes, for tests/test_containers.py
 ruff check .
 ruff format --check .
 
