@@ -175,10 +175,12 @@ HOOK_NAMES = frozenset(
         "init_signals",
         "signal_note",
         "max_requests_note",
+        "channel",
         "retire_app_files",
         # why a worker hung (hooks/capture.py, hooks/watch.py)
         "capture_arm",
         "capture_ready",
+        "capture_app",
         "watch",
         "capture",
         "boot_watch",
