@@ -87,22 +87,6 @@ def remove(path: Path) -> None:
     raise AssertionError(f"{path} could not be removed")
 
 
-@pytest.fixture
-def mount():
-    """mount(path, options): a tmpfs there for the test, lazily unmounted at its end."""
-    mounted: list[Path] = []
-
-    def do(path: Path, options: str) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-        mounted.append(path)
-        return path
-
-    yield do
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def fill(directory: Path) -> None:
     """Every byte of the filesystem taken, by one file (what `dd if=/dev/zero` does)."""
     fd = os.open(directory / "fill", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
