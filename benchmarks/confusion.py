@@ -154,6 +154,7 @@ def main() -> int:
     args = parser.parse_args()
     classes = [c for c in args.classes.split(",") if c]
     wrong = 0
+    summary: list[tuple[str, int, int]] = []
     started = time.monotonic()
     print(f"gunicorn {gunicorn.__version__}, Python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory(prefix="confusion-") as tmpdir:
@@ -165,15 +166,20 @@ def main() -> int:
                 for _ in range(args.repeat):
                     for kwargs, act in ways:
                         counts[induce(worker, kwargs, act, tmp)] += 1
-            wrong += _print(worker, matrix)
+            misreported = _print(worker, matrix)
+            summary.append((worker, sum(sum(c.values()) for c in matrix.values()), misreported))
+            wrong += misreported
     total = time.monotonic() - started
-    print(f"\n{'all exact' if not wrong else f'{wrong} exits misreported'} ({total:.0f} s)")
+    print("\nclass: exits induced, misreported")
+    for worker, induced, misreported in summary:
+        print(f"  {worker}: {induced}, {misreported}")
+    print(f"{'all exact' if not wrong else f'{wrong} exits misreported'} ({total:.0f} s)")
     return 1 if wrong else 0
 
 
 def _print(worker: str, matrix: dict[str, collections.Counter]) -> int:
     reported = sorted({c for counts in matrix.values() for c in counts}, key=_order)
-    label = max(len(c) for c in CAUSES) + 2
+    label = len("induced \\ reported") + 2
     total = sum(sum(counts.values()) for counts in matrix.values())
     wrong = sum(n for cause, counts in matrix.items() for c, n in counts.items() if c != cause)
     print(f"\n{worker} ({WORKER_CLASSES[worker][0]}): {total - wrong}/{total} exact")
