@@ -191,3 +191,73 @@ def test_a_stray_signal_to_a_busy_sync_worker_keeps_its_traceback_clean(make_mas
     assert "in _sleep" in traceback, traceback
     if sys.version_info >= (3, 11):
         assert "/monitor/" not in traceback, traceback
+
+
+# -- the channel itself, across real forks -------------------------------------------------------
+
+
+class _Worker:
+    pid: int | str = "[booting]"
+
+
+def _fork(child) -> int:
+    """Run `child()` in a forked process and wait for it: its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_the_channel_carries_the_first_signal_and_the_decision_across_a_fork():
+    import time
+
+    from monitor.hooks.channel import Channel
+
+    channel = Channel()
+    worker = _Worker()
+    channel.give(worker, [])
+    before = time.monotonic()
+
+    def child() -> None:
+        channel.claim(worker, known_class=True)
+        channel.max_requests()
+        channel.caught(signal.SIGTERM)
+        channel.caught(signal.SIGINT)  # the first one caught stays
+        channel.max_requests()  # so does the first decision
+        # A process the app forks from the worker inherits the pages and writes nothing.
+        _fork(lambda: channel.caught(signal.SIGQUIT))
+
+    worker.pid = _fork(child)
+    report = channel.take(worker)
+    assert report is not None and report.known_class
+    assert report.signal == signal.SIGTERM
+    assert before < report.max_requests_at <= report.signal_at < time.monotonic()
+    assert channel.take(worker) is None  # freed: read once
+
+
+def test_a_slot_is_reused_zeroed_and_pages_are_added_as_needed():
+    from monitor.hooks.channel import Channel
+
+    channel = Channel()
+    workers = [_Worker() for _ in range(200)]  # more than one page of slots
+    for w in workers:
+        channel.give(w, workers)
+    assert len(channel.pages) > 1
+    first = workers[0]
+    first.pid = _fork(lambda: (channel.claim(first, True), channel.caught(signal.SIGTERM)))
+    assert channel.take(first).signal == signal.SIGTERM
+    again = _Worker()
+    channel.give(again, workers[1:])
+    again.pid = _fork(lambda: channel.claim(again, False))
+    report = channel.take(again)
+    assert report == type(report)(False, None, None, None)  # nothing of the slot's last worker
+    # A worker Gunicorn forgot without a child_exit gives its slot back when slots run out.
+    pages = len(channel.pages)
+    more = [_Worker() for _ in range(len(channel.free) + 1)]
+    for w in more:
+        channel.give(w, more)  # `workers` are no longer live: their slots are taken back
+    assert len(channel.pages) == pages
