@@ -269,7 +269,13 @@ class Master:
             return
         self.worker_pids()
         # Every process the master started, recorded or not (a worker forked after the last
-        # state read, a USR2 master): by pid, taken before the master goes and they are orphans.
+        # state read, a USR2 master): by pid, taken before the master goes and they are orphans,
+        # and with the master stopped first, so that it forks none after the list is taken (a
+        # HUP's new workers).
+        try:
+            os.kill(self.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
         try:
             spawned = [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:
