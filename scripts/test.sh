@@ -39,12 +39,14 @@ fi
 pytest --ignore=tests/test_alert_delivery.py "$@"
 
 # The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
-# that land while a worker boots) and the pure cause decision they rest on; the exporter's
-# TLS and basic auth, which are what bcrypt and PyYAML are declared for, and its HTTP server,
-# which extends uvicorn's own protocol (tests/test_http.py); and the app's metrics,
-# read, folded on disk and in memory through prometheus_client's own file format and merge.
+# that land while a worker boots, the worker's own evidence through directory faults and races,
+# timeout captures on every class) and the pure cause decision and worker-class table they rest
+# on; the exporter's TLS and basic auth, which are what bcrypt and PyYAML are declared for, and
+# its HTTP server, which extends uvicorn's own protocol (tests/test_http.py); and the app's
+# metrics, read, folded on disk and in memory through prometheus_client's own file format.
 MATRIX_TESTS=(
     tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
+    tests/test_channel.py tests/test_workerclasses.py tests/test_forensics.py
     tests/test_webconfig.py tests/test_http.py tests/test_compaction.py
 )
 if [ "${GUNICORN_MONITOR_MATRIX:-1}" != 0 ]; then

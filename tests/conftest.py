@@ -1,3 +1,6 @@
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from tests.harness import Exporter, Master, promtool_path
@@ -47,3 +50,19 @@ def promtool() -> str:
     if not found:
         pytest.fail("promtool not found: run `source scripts/prometheus.sh` first", pytrace=False)
     return found
+
+
+@pytest.fixture
+def mount():
+    """mount(path, options): a tmpfs there for the test, lazily unmounted at its end."""
+    mounted: list[Path] = []
+
+    def do(path: Path, options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield do
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -7,6 +7,7 @@ test starts is killed by pid when the test ends.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -35,13 +36,25 @@ BIN = Path(sys.executable).parent
 # would fight over; older releases have neither the socket nor the flag (and reject the flag).
 NO_CONTROL_SOCKET = ("--no-control-socket",) if gunicorn.version_info >= (25, 1) else ()
 
-CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers"]
+# The worker classes the README declares supported, each run through the whole cause table.
+# eventlet: Gunicorn 22.0 to 25.x only (26.0 removed its worker), so on the oldest end.
+EVENTLET = gunicorn.version_info < (26,) and importlib.util.find_spec("eventlet") is not None
+CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers", "gevent", "tornado"]
+CLASSES += ["eventlet"] if EVENTLET else []
+# Subclasses in a user's own module, as uvicorn-gunicorn-docker and many apps ship: resolved
+# through the worker-class table as their base (tests/user_workers.py).
+SUBCLASSES = ["uvicorn.subclass", "uvicorn.workers.subclass"]
 WORKER_CLASSES = {
     "sync": ("sync", "examples.app:app"),
     "gthread": ("gthread", "examples.app:app"),
     "uvicorn": ("uvicorn_worker.UvicornWorker", "examples.app:asgi_app"),
     # uvicorn's own, deprecated, still the most common in existing configs
     "uvicorn.workers": ("uvicorn.workers.UvicornWorker", "examples.app:asgi_app"),
+    "gevent": ("gevent", "examples.app:app"),
+    "tornado": ("tornado", "examples.app:app"),
+    "eventlet": ("eventlet", "examples.app:app"),
+    "uvicorn.subclass": ("tests.user_workers.AppWorker", "examples.app:asgi_app"),
+    "uvicorn.workers.subclass": ("tests.user_workers.LegacyAppWorker", "examples.app:asgi_app"),
 }
 
 
@@ -230,6 +243,17 @@ class Master:
 
         return wait_for(ready, timeout, f"{n} workers")
 
+    def heartbeating(self) -> None:
+        """Every worker has notified once: Gunicorn never times out a worker before its first
+        heartbeat (the file's first mtime is wall-clock time, compared with the monotonic
+        clock), and tornado's first one comes a second after it starts serving."""
+
+        def old_enough() -> bool:
+            ages = [time.time() - psutil.Process(p).create_time() for p in self.worker_pids()]
+            return bool(ages) and min(ages) > 1.5
+
+        wait_for(old_enough, 10, "workers past their first heartbeat")
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
@@ -245,7 +269,13 @@ class Master:
             return
         self.worker_pids()
         # Every process the master started, recorded or not (a worker forked after the last
-        # state read, a USR2 master): by pid, taken before the master goes and they are orphans.
+        # state read, a USR2 master): by pid, taken before the master goes and they are orphans,
+        # and with the master stopped first, so that it forks none after the list is taken (a
+        # HUP's new workers).
+        try:
+            os.kill(self.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
         try:
             spawned = [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:

@@ -8,11 +8,10 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
     counts in prometheus_client's own file format, one writer per file;
   - `master-<pid>.json`: the live state of one master (its workers, their slots);
   - `events.jsonl` (+ `events.jsonl.1`): the journal, one JSON record per event;
-  - `notes/<worker pid>`: what a worker says about itself on its way out;
   - `heartbeat/<master pid>`: when each master's loop last turned (contract/heartbeat.py).
 
-Trust (README, "The directory's trust model"): `gunicorn-monitor/` and `notes/` must belong to
-the user that writes them and be writable by nobody else; the top directory must belong to that
+Trust (README, "The directory's trust model"): `gunicorn-monitor/` must belong to
+the user that writes it and be writable by nobody else; the top directory must belong to that
 user or to root (an orchestrator's volume, e.g. a Kubernetes emptyDir, which is root's and 0777),
 and may be writable by others only when it is root's. No component of ours is ever a symlink:
 writers open each level with O_NOFOLLOW and everything below it relative to the directory fd,
@@ -47,7 +46,6 @@ class UnsafeDirectory(DirectoryError):
         super().__init__(errno.EPERM, message)
 
 
-NOTES = "notes"
 HEARTBEATS = "heartbeat"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -63,10 +61,6 @@ class Layout:
     @property
     def own(self) -> str:
         return os.path.join(self.root, OWN)
-
-    @property
-    def notes(self) -> str:
-        return os.path.join(self.own, NOTES)
 
     @property
     def heartbeats(self) -> str:
@@ -139,27 +133,16 @@ def _is_symlink(name: str, parent: int | None) -> bool:
 
 
 def open_private(layout: Layout, create: bool = True) -> int:
-    """A checked fd of `gunicorn-monitor/` (and `notes/` checked inside it), for a writer.
+    """A checked fd of `gunicorn-monitor/`, for a writer.
 
     DirectoryError (an OSError) when missing or unusable, UnsafeDirectory when not ours alone.
     The caller owns the fd and closes it once.
     """
     root = _open_level(None, layout.root, layout.root, create, top=True)
     try:
-        own = _open_level(root, OWN, layout.own, create, top=False)
+        return _open_level(root, OWN, layout.own, create, top=False)
     finally:
         os.close(root)
-    try:
-        os.close(_open_level(own, NOTES, layout.notes, create, top=False))
-    except BaseException:
-        os.close(own)
-        raise
-    return own
-
-
-def open_notes(own_fd: int, layout: Layout, create: bool = False) -> int:
-    """A checked fd of `notes/` below an open `gunicorn-monitor/`; the caller closes it."""
-    return _open_level(own_fd, NOTES, layout.notes, create, top=False)
 
 
 def open_heartbeats(own_fd: int, layout: Layout, create: bool = False) -> int:

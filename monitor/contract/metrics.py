@@ -185,12 +185,14 @@ HOOK_NAMES = frozenset(
         "init_signals",
         "signal_note",
         "max_requests_note",
+        "channel",
         "retire_app_files",
         "heartbeat",  # the master's heartbeat (hooks/beat.py)
         "orphans",  # counting the workers of dead masters (hooks/orphans.py)
         # why a worker hung (hooks/capture.py, hooks/watch.py)
         "capture_arm",
         "capture_ready",
+        "capture_app",
         "watch",
         "capture",
         "boot_watch",

@@ -10,7 +10,8 @@ evidence itself, and decides in child_exit:
   `reexec` and `spawn_worker` on the instance;
 - Gunicorn's `worker.aborted` timeout flag;
 - kernel OOM kill counters;
-- a note the worker leaves when it catches a signal or reaches max_requests.
+- what the worker says about itself (the first signal it caught, when it decided to leave after
+  max_requests), through memory shared with it (hooks/channel.py), never through the directory.
 
 Every call into it from Gunicorn goes through monitor/hooks/contain.py (see the package's rules).
 
@@ -39,9 +40,10 @@ from prometheus_client import multiprocess
 
 from monitor.contract import appfiles, causes, directory, journal, metrics, state
 from monitor.contract.store import Store
-from monitor.hooks import classify, notes, oom, settings
+from monitor.hooks import classify, oom, settings
 from monitor.hooks import contain as contain_module
 from monitor.hooks.beat import Heartbeat
+from monitor.hooks.channel import CHANNEL
 from monitor.hooks.contain import contain, guard
 from monitor.hooks.disk import Disk
 from monitor.hooks.orphans import Orphans
@@ -101,6 +103,7 @@ class Monitor:
         self.statuses: dict[int, int] = {}
         self.sent: dict[int, set[int]] = {}
         self.phase: dict[int, str] = {}
+        self.told_at: dict[int, float] = {}  # monotonic: when the master first told it to go
         self.slots: dict[int, int] = {}
         # Durations from the monotonic clock (a wall-clock step moves none of them); the wall
         # time and /proc start of each worker are for its state-file entry.
@@ -176,6 +179,10 @@ class Monitor:
                     self.phase[pid] = causes.RELOAD
                 else:
                     self.phase[pid] = causes.SCALE_DOWN
+            if pid in self.phase:
+                # Taken before the signal goes out: a worker that decided to leave after
+                # max_requests before this moment is a max_requests exit (classify.py).
+                self.told_at[pid] = time.monotonic()
 
     def _reload(self, original: Callable) -> Any:
         guard("reload", self._deploy, "reload")
@@ -233,7 +240,6 @@ class Monitor:
                         self.store.total(metrics.WORKER_SPAWNS) - spawns,
                         self.store.total(metrics.WORKER_EXITS) - ended,
                     )
-                notes.discard_stale(fd, self.layout)
             self.store.forget_files()
             self.state_id = None
             self.generation = self.disk.generation
@@ -339,13 +345,18 @@ class Monitor:
             pid = worker.pid
             if pid not in self.slots and pid not in self.statuses:
                 return  # already recorded (boot error), or never ours
+            report = CHANNEL.take(worker)
             evidence = classify.Evidence(
                 status=self.statuses.pop(pid, None),
                 master_signals=frozenset(self.sent.pop(pid, ())),
                 master_phase=self.phase.pop(pid, None),
+                told_at=self.told_at.pop(pid, None),
                 aborted=bool(getattr(worker, "aborted", False)),
-                note=self._take_note(pid),
                 oom_kills=self._new_oom_kills(),
+                reported=report is not None and report.known_class,
+                max_requests_at=report.max_requests_at if report else None,
+                caught=causes.signal_name(report.signal) if report and report.signal else None,
+                caught_at=report.signal_at if report else None,
             )
             cause, sig = classify.classify(evidence)
             if sig == "SIGKILL" and cause == causes.OOM:
@@ -392,13 +403,6 @@ class Monitor:
     def retire_app_files(self, pid: int) -> None:
         if "unsafe" not in self.disk.faults:  # never act on paths in a directory we refused
             _retire_app_files(pid, self.layout.root)
-
-    def _take_note(self, pid: int) -> str | None:
-        try:
-            fd = self.disk.fd()
-        except OSError:
-            return None  # said by the session that writes this exit
-        return notes.take(fd, self.layout, pid)
 
     def count_failure(self, hook: str) -> None:
         """Counted in memory; written with the next event or loop turn."""

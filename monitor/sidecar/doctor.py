@@ -26,7 +26,7 @@ from monitor.contract import directory, state
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 # The hooks without which exits go unrecorded (child_exit, on_starting) or hangs unexplained.
-_HOOKS = ("on_starting", "child_exit", "on_exit", "post_fork", "post_worker_init", "worker_exit")
+_HOOKS = ("on_starting", "child_exit", "on_exit", "post_fork", "post_worker_init", "worker_abort")
 _WIRING = "monitor.hooks.wiring"
 _KEEPALIVE_CLASSES = ("gthread", "uvicorn")  # sync closes every connection after one request
 
