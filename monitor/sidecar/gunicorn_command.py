@@ -81,6 +81,8 @@ def resolve(args: list[str]) -> Server:
             self.config_file = filename
             try:
                 self.namespace = super().load_config_from_file(filename)
+            except RuntimeError:  # Gunicorn's own, which names the file: "'x.py' doesn't exist"
+                raise
             except Exception as e:  # `python:MODULE` that does not import, a value refused
                 raise RuntimeError(f"{filename}: {type(e).__name__}: {e}") from e
             return self.namespace
