@@ -10,7 +10,7 @@ with the right cause and nothing else moves, and the timeout has a capture (`gun
 events --stacks`) naming the request in flight; `gunicorn-monitor doctor` with the same command
 line says only true things: what it resolves (the class, the worker count) is what runs.
 
-Run time: about 45 s per project on an idle 2-core machine, 6 to 8 minutes for all eight.
+Run time: 15 to 21 s per project on a shared 2-core machine, about 2 minutes for the eight.
 """
 
 from __future__ import annotations

@@ -149,8 +149,11 @@ def check_processes(layout: directory.Layout) -> list[Check]:
     return out
 
 
-def check_server(server: gunicorn_command.Server, given: bool) -> list[Check]:
-    """What will run: the config, the app, the worker class, and names Gunicorn ignores."""
+def check_server(
+    server: gunicorn_command.Server, entry: workerclasses.WorkerClass | None, given: bool
+) -> list[Check]:
+    """What will run: the config, the app, the worker class (`entry`: as the monitor's table
+    knows it), and names Gunicorn ignores."""
     cfg, out = server.cfg, []
     if server.config_file is None:
         said = "none: Gunicorn's defaults, GUNICORN_CMD_ARGS and the command line"
@@ -171,7 +174,7 @@ def check_server(server: gunicorn_command.Server, given: bool) -> list[Check]:
         out.append(
             Check("command_line", FAIL, "no application module: Gunicorn would stop at once")
         )
-    out += _check_worker_class(server)
+    out += _check_worker_class(server, entry)
     out += [
         Check("unknown_name", WARN, m.why)
         for m in config_names.find(server.namespace, cfg.settings)
@@ -179,14 +182,15 @@ def check_server(server: gunicorn_command.Server, given: bool) -> list[Check]:
     return out
 
 
-def _check_worker_class(server: gunicorn_command.Server) -> list[Check]:
+def _check_worker_class(
+    server: gunicorn_command.Server, entry: workerclasses.WorkerClass | None
+) -> list[Check]:
     if server.worker_class_error is not None:
         return [Check("worker_class", FAIL, server.worker_class_error)]
     cls, cfg = server.worker_class, server.cfg
     if cls is None:
         return []
     name = workerclasses.qualified(cls)
-    entry = workerclasses.resolve(cls)
     if entry is None:
         known = ", ".join(e.name for e in workerclasses.CLASSES)
         return [
@@ -300,8 +304,10 @@ def run(
         server = gunicorn_command.resolve(args)
     except gunicorn_command.Unresolved as e:
         checks.append(Check("config", FAIL, str(e)))
+    entry = None
     if server is not None:
-        checks += check_server(server, given=bool(command))
+        entry = workerclasses.resolve(server.worker_class) if server.worker_class else None
+        checks += check_server(server, entry, given=bool(command))
         checks += check_hooks(server.cfg)
     # The config may have set the directory (gunicorn.conf.py does); the flag wins.
     layout = directory.Layout(directory.resolve(dir_arg))
@@ -309,7 +315,6 @@ def run(
     checks += check_directory(layout.root, app_uid)
     checks += check_processes(layout)
     if server is not None:
-        entry = workerclasses.resolve(server.worker_class) if server.worker_class else None
         checks += check_timeouts(server.cfg, entry, grace, lb_idle)
     if as_json:
         failed = any(c.level == FAIL for c in checks)

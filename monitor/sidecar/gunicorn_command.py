@@ -123,7 +123,7 @@ def _load_worker_class(server: Server) -> None:
         # The property itself: read as `cfg.worker_class`, an AttributeError inside it (a module
         # without that class) falls back to Config.__getattr__, which returns the setting's text.
         server.worker_class = type(cfg).worker_class.fget(cfg)
-    except Exception as e:  # util.load_class wraps the import's traceback in its message
+    except (Exception, SystemExit) as e:  # util.load_class wraps the traceback in its message
         said = [line.strip() for line in str(e).strip("[]\n ").splitlines() if line.strip()]
         cause = said[-1].strip("[]") if said else f"{type(e).__name__}: {e}"
         uri = cfg.settings["worker_class"].get()
