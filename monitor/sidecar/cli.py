@@ -5,7 +5,7 @@
     gunicorn-monitor mark-deploy [--dir DIR]
     gunicorn-monitor events [--dir DIR] [--last N] [--stacks]
     gunicorn-monitor status [--dir DIR] [--watch SECONDS] [--json]
-    gunicorn-monitor doctor [--config gunicorn.conf.py] [--dir DIR] [--json]
+    gunicorn-monitor doctor [--dir DIR] [--json] [-- GUNICORN COMMAND LINE]
 
 Every flag has an environment twin (PROMETHEUS_MULTIPROC_DIR, GUNICORN_MONITOR_LISTEN,
 GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL, GUNICORN_MONITOR_FOLD_APP_METRICS). A bad
@@ -155,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="redraw")
     top.add_argument("--json", action="store_true", help="one JSON object (per redraw)")
 
-    doc = sub.add_parser("doctor", help="check the config, the directory and the timeouts")
+    doc = sub.add_parser("doctor", help="check the server a Gunicorn command line starts")
     with_dir(doc)
-    doc.add_argument("--config", default=None, help="Gunicorn config (default gunicorn.conf.py)")
+    doc.add_argument(
+        "command_line",
+        nargs="*",
+        metavar="-- GUNICORN COMMAND LINE",
+        help="how Gunicorn is started, after `--`: `-- gunicorn -c CONF -k gevent app:app` "
+        "(default: `gunicorn` as run here, with GUNICORN_CMD_ARGS)",
+    )
     doc.add_argument(
         "--termination-grace",
         type=float,
@@ -314,7 +320,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     return doctor.run(
-        args.config, args.dir, args.termination_grace, args.lb_idle_timeout, args.json
+        args.command_line, args.dir, args.termination_grace, args.lb_idle_timeout, args.json
     )
 
 
