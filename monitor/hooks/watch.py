@@ -198,7 +198,11 @@ class Watch:
                     self.last_capture.pop(pid, None)
                     self.timeout_phase.pop(pid, None)
                 continue  # otherwise finished when reaped
-            if p.reason == captures.STUCK_BOOTING and now - p.asked >= SETTLE:
+            # Still running SETTLE after the ask: a boot left running, or a worker that lived
+            # through its abort (a server around the app caught the SystemExit of Gunicorn's
+            # SIGABRT handler: Gunicorn then never escalates). Its stack is in: written now,
+            # not at an exit that may never come; the exit, if any, still names it.
+            if now - p.asked >= SETTLE:
                 self.finish(pid)
         if self.stuck != stuck_before:
             with self.monitor.lock:
