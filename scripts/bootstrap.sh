@@ -13,8 +13,13 @@ venv() {
     fi
     local stamp
     stamp="$dir/.installed-$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)-$extras"
+    # The newest end is looked up again each day: a release made since is what it is for.
+    case ",$extras," in *,newest,*) stamp="$stamp-$(date -u +%F)" ;; esac
     if [ ! -f "$stamp" ]; then
-        "$dir/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[$extras]"
+        local upgrade=()
+        # The `newest` end: the newest releases available now, not whatever is installed.
+        case ",$extras," in *,newest,*) upgrade=(--upgrade --upgrade-strategy eager) ;; esac
+        "$dir/bin/pip" install --quiet --disable-pip-version-check "${upgrade[@]}" -e "$ROOT[$extras]"
         touch "$stamp"
     fi
 }
