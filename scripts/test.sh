@@ -18,7 +18,8 @@ pytest "$@"
 # The real-Gunicorn cause tests (every cause on every worker class, a real OOM kill, signals
 # that land while a worker boots) and the pure cause decision they rest on; the exporter's
 # TLS and basic auth, which are what bcrypt and PyYAML are declared for; and the app's metrics,
-# read, folded on disk and in memory through prometheus_client's own file format and merge.
+# read, folded on disk and in memory through prometheus_client's own file format and merge, and
+# followed from scrape to scrape by inotify (what inotify-simple is declared for).
 MATRIX_TESTS=(
     tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
     tests/test_webconfig.py tests/test_compaction.py

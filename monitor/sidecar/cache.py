@@ -6,13 +6,14 @@ several times the stock exporter's CPU. Now a scrape first takes the *inputs* of
 cheaply (no parsing, merging or rendering), and when they equal the last scrape's it serves the
 bytes rendered then. The inputs, compared by value on every scrape (`DirectoryInputs`):
 
-- every file at the top of the directory and in `gunicorn-monitor/`: a `*.db` file by its used
-  bytes (prometheus_client and the hooks write those through mmap, which does not move mtime),
-  or, if the pid it is named for is dead and not given out again since the last scrape
-  (deadfiles.NewPids), by inode alone: nothing writes it any more; any other file by inode,
-  size and mtime (master-*.json is replaced whole, the journal grows);
-- which processes they name are alive: the pid of each top-level `*.db` file (a dead worker's
-  live* gauges go), each recorded master (alive and started when recorded) and its workers;
+- the app's files (monitor/sidecar/appindex.py, through the app collector's `inputs()`): the
+  index's generation, which moves when a file came, went, was replaced or changed its bytes, or
+  a process died; a dead process's file, folded, costs nothing until the kernel says its pid
+  was given out again. No listing of the directory and no check of a dead pid on a scrape;
+- every file in `gunicorn-monitor/`: a `*.db` file by its used bytes (the hooks write them in
+  place), any other file by inode, size and mtime (master-*.json is replaced whole, the
+  journal grows); and which recorded masters are alive (and started when recorded), and which
+  of their workers exist;
 - the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
   gone or the masters recorded a change), and its error count;
 - whether the directory may be read at all (readiness.DirectoryGate); while it may not, no body
@@ -43,15 +44,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from monitor.contract import state
-from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar.collectors.workers import stat_fields
-from monitor.sidecar.deadfiles import NewPids
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
 _unpack_int = struct.Struct("i").unpack_from
-DEAD = "dead"  # in place of the bytes of a file whose process is gone
 
 
 class _Families:
@@ -134,18 +132,25 @@ class RenderedMetrics:
 
 
 class DirectoryInputs:
-    """The inputs of a collection over `layout` (see the module docstring), as one value."""
+    """The inputs of a collection over `layout` (see the module docstring), as one value.
 
-    def __init__(self, layout: Layout, sampler: Any = None, gate: Any = None) -> None:
+    `app` is the app collector (None when it is off): its `inputs()` are the app's part."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        sampler: Any = None,
+        gate: Any = None,
+        app: Any = None,
+    ) -> None:
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
+        self.app = app
         self._files = _UsedBytes()
-        self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, bytes | None, tuple[int, ...]]] = []
         self._here: tuple | None = None  # our own files and the masters at the last call
-        self._new_pids = NewPids()
         self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
         self._parts_lock = threading.Lock()
 
@@ -157,39 +162,25 @@ class DirectoryInputs:
                 # Matches nothing: each such scrape is collected, so that every refused one
                 # is counted (readiness.GatedCollector); the body is a line or two.
                 return object()
-        by_dir: dict[str, dict[str, object]] = {self.layout.root: {}, self.layout.own: {}}
-        pids: dict[str, int | None] = {}
-        known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
+        own_files: dict[str, object] = {}
+        known: dict[int, bool] = {}  # one kill(0) a pid
         exists = functools.partial(_exists, known)
-        reused = self._new_pids.since()  # before the liveness checks, see deadfiles.py
-        for d, files in by_dir.items():
-            try:
-                entries = list(os.scandir(d))
-            except FileNotFoundError:
-                files[d] = None
-                continue
-            for e in entries:
-                if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
-                    pid = self._pid(e.name) if d == self.layout.root else None
-                    if d == self.layout.root:
-                        pids[e.name] = pid
-                    if pid is not None and not exists(pid) and not reused(pid):
-                        # A dead process writes no more: its file's bytes are final until its
-                        # pid is given out again (a process may get it, write, and die between
-                        # two scrapes: then its bytes are read, and differ from DEAD).
-                        files[e.path] = (e.inode(), DEAD)
-                    else:
-                        files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
-                else:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:  # gone since the listing
-                        continue
-                    files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        app_files, own_files = by_dir.values()
-        self._files.keep_only({**app_files, **own_files})
-        self._pids = pids
-        alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
+        try:
+            entries = list(os.scandir(self.layout.own))
+        except FileNotFoundError:
+            own_files[self.layout.own] = None
+            entries = []
+        for e in entries:
+            if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
+                own_files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
+            else:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:  # gone since the listing
+                    continue
+                own_files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._files.keep_only(own_files)
+        app = self.app.inputs() if self.app is not None else None
         masters = self._live_masters(own_files, exists)
         here = (own_files, masters)
         sampled = None
@@ -201,12 +192,10 @@ class DirectoryInputs:
             sampled = (snap, dict(errors) if isinstance(errors, dict) else errors)
         self._here = here
         with self._parts_lock:
-            self._parts = {
-                "app": (app_files, alive),
-                "lifecycle": (own_files, masters),
-                "workers": (own_files, masters, sampled),
-            }
-        return (app_files, alive, *here, sampled)
+            self._parts = {"lifecycle": here, "workers": (*here, sampled)}
+            if self.app is not None:
+                self._parts["app"] = app
+        return (app, *here, sampled)
 
     def take_parts(self) -> dict[str, object]:
         """Each source's inputs as of the last call, once: for the collection that follows
@@ -214,12 +203,6 @@ class DirectoryInputs:
         with self._parts_lock:
             parts, self._parts = self._parts, {}
         return parts
-
-    def _pid(self, name: str) -> int | None:
-        if name in self._pids:
-            return self._pids[name]
-        db = parse_name(name)
-        return db.pid if db is not None else None
 
     def _live_masters(self, files: dict[str, object], exists: Callable[[int], bool]) -> list:
         """Each recorded master, alive or not, and which of its workers exist. The state files

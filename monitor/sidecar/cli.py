@@ -201,11 +201,13 @@ def build_registry(
         "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"]),
         "workers": WorkersCollector(sampler),
     }
+    app = None
     if on["app"]:
-        sources["app"] = AppMetricsCollector(layout.root, compact=fold)
+        app = sources["app"] = AppMetricsCollector(layout.root, compact=fold)
+        app.start()  # reads the directory now, not at the first scrape
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
@@ -234,6 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
         problem = gate.problem()
         if problem is not None:
             return False, problem
+        if inputs.app is not None and inputs.app.warming:
+            return False, inputs.app.warming_reason()
         if not any(m.alive for m in state.read(layout)[0]):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."

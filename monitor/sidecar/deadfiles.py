@@ -1,42 +1,70 @@
-"""Dead workers' app files, folded in memory: each read once, not on every scrape.
+"""Dead processes' app files, folded in memory: each read once, not on every scrape.
 
 Why: with folding off (the default, see monitor/contract/appfiles.py), dead workers' files stay
 in the glob, and the stock collector reads every one of them on every scrape (211 ms at 10k);
 an app recycling workers by max_requests makes that thousands within a day. A dead process
-writes nothing more, so what its files hold is final for as long as its pid stays dead. This
-reads each such file once and folds it into one in-memory aggregate per file type, with
-compaction's own reductions (compaction.fold_into), so a scrape reads only the live workers'
-files plus these aggregates, and moves no file.
+writes nothing more, so what its files hold is final for as long as its pid stays dead. Each
+such file is read once and reduced (dbfile.fold, the stock collector's own reductions by file
+type) into an in-memory fold, so a scrape reads only the live processes' files plus the fold.
 
-The fold is made again from the files when one it holds is gone or replaced (another inode), or
-its pid may have been given out again since the last scrape: a process with a reused pid writes
-on into the old file, and may live and die between two scrapes, so being dead at both says
-nothing. The kernel hands out pids in turn (`NewPids`), so "given out since" is a range, one
-read of /proc a scrape, not a read of every file. (So a dead worker's file written over in
-place by anything else is not read again: nothing in the contract does that.)
+A file joins the fold when its process is seen dead, and leaves it when it is removed or
+replaced, or when its pid is given out again (`NewPids`) and the file now says something else
+(a process with a reused pid writes on into the old file). Joining costs the file's entries;
+leaving costs a few dozen files, not the whole fold: files are kept in buckets by pid range
+(BUCKET pids each, so that pids given out in turn land in few buckets), a bucket that loses a
+file is folded again from its other files, and buckets are combined in a tree of FAN children
+a node, so only the changed bucket's ancestors are combined again.
 
-Live-mode gauges (`gauge_live*`) are never folded: the stock collector serves a dead pid's
-until mark_process_dead removes them, and so do we.
+Live-mode gauge files (`gauge_live*`) of a dead pid that mark_process_dead has not removed yet
+fold with their mode's reduction: the stock collector serves them until they are removed.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from monitor.contract.appfiles import AGGREGATE_ID, DROP, FOLD, DbName
-from monitor.contract.store import parse_key
-from monitor.sidecar import compaction
-from monitor.sidecar.compaction import Acc, BadFile, Entry
+from monitor.contract.appfiles import AGGREGATE_ID, FOLD, MAX, MIN, PER_PID, RECENT, SUM, DbName
+from monitor.sidecar import dbfile
+from monitor.sidecar.dbfile import Acc, Entry, Raw
 
+BUCKET = 32  # pids a bucket holds the files of
+FAN = 16  # children of a node of the tree of buckets
 
-def foldable(db: DbName | None) -> bool:
-    """A process's file whose entries are final once the process is dead."""
-    return db is not None and db.pid is not None and FOLD.get(db.prefix, DROP) != DROP
-
+# How a dead process's file folds, live modes included (they are read until removed).
+DEAD_FOLD = {
+    **{p: how for p, how in FOLD.items() if not p.startswith("gauge_live")},
+    "gauge_liveall": PER_PID,
+    "gauge_livesum": SUM,
+    "gauge_livemin": MIN,
+    "gauge_livemax": MAX,
+    "gauge_livemostrecent": RECENT,
+}
 
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
+PID_LIMIT = 1 << 22  # the kernel's most pids (PID_MAX_LIMIT on 64-bit)
+
+
+class Spans(NamedTuple):
+    """Pids the kernel may have handed out between two looks: inclusive (low, high) ranges."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __call__(self, pid: int) -> bool:
+        return any(low <= pid <= high for low, high in self.ranges)
+
+    def of(self, pids: list[int]) -> list[int]:
+        """The members of sorted `pids` that fall in these spans."""
+        found: list[int] = []
+        for low, high in self.ranges:
+            found += pids[bisect.bisect_left(pids, low) : bisect.bisect_right(pids, high)]
+        return found
+
+
+EVERY = Spans(((0, PID_LIMIT),))
+NONE = Spans(())
 
 
 class NewPids:
@@ -47,31 +75,23 @@ class NewPids:
     started since a read of ns_last_pid has a pid in the range from it to the next read. Run in
     the app's pid namespace, which the liveness checks need anyway. Where ns_last_pid cannot be
     read, every pid may be new. (A root process may set ns_last_pid, as CRIU does to restore
-    processes: a restore between two scrapes can escape this.)
+    processes: a restore between two scrapes can escape this; the app index's audit finds it.)
     """
 
     def __init__(self) -> None:
         self._last = _read_int(LAST_PID)
 
-    def since(self) -> Callable[[int], bool]:
-        """A test for "may this pid belong to a process started since the last call?"."""
+    def since(self) -> Spans:
+        """The pids that may belong to a process started since the last call."""
         now = _read_int(LAST_PID)
         last, self._last = self._last, now
         if now is None or last is None:
-            return _anything
+            return EVERY
         if now == last:
-            return _nothing
+            return NONE
         if now > last:
-            return lambda pid: last < pid <= now
-        return lambda pid: pid > last or pid <= now  # wrapped past pid_max
-
-
-def _anything(pid: int) -> bool:
-    return True
-
-
-def _nothing(pid: int) -> bool:
-    return False
+            return Spans(((last + 1, now),))
+        return Spans(((last + 1, PID_LIMIT), (0, now)))  # wrapped past pid_max
 
 
 def _read_int(path: str) -> int | None:
@@ -88,57 +108,136 @@ def _read_int(path: str) -> int | None:
 
 
 class Folded(NamedTuple):
-    read: int  # files read (and folded) by this update
-    bad: list[str]  # files that could not be read: left to the caller's own read and counting
-    vanished: bool  # a file went between the listing and its read
+    """A file as folded: what it held then, to tell whether it still does."""
+
+    prefix: str
+    ident: str
+    fingerprint: tuple[int, int]  # (length, hash) of its used bytes
 
 
-class DeadFiles:
-    """The in-memory fold of a directory's dead workers' files (module docstring)."""
+def fingerprint(data: bytes) -> tuple[int, int]:
+    return len(data), hash(data)
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._inodes: dict[str, tuple[int, int | None]] = {}  # name -> inode, pid: the fold's
-        self._accs: dict[str, Acc] = {}  # by file type (prefix)
+
+# Reads a folded file again: its raw entries and fingerprint now, or None if it is gone,
+# replaced or no longer readable (it then leaves the fold, and its owner looks at it again).
+Reader = Callable[[str], tuple[list[Raw], tuple[int, int]] | None]
+
+
+class _Bucket:
+    def __init__(self, position: int) -> None:
+        self.position = position  # its leaf in the tree
+        self.files: dict[str, Folded] = {}
+
+
+class DeadFold:
+    """The fold of dead processes' files (module docstring). `reread(name)` reads a file again
+    when its bucket is folded anew."""
+
+    def __init__(self, reread: Reader) -> None:
+        self.reread = reread
+        self._buckets: dict[int, _Bucket] = {}  # by pid // BUCKET
+        self._where: dict[str, int] = {}  # file name -> its bucket
+        self._levels: list[list[dict[str, Acc]]] = [[]]  # [0]: each bucket's fold, by prefix
         self._entries: list[tuple[DbName, list[Entry]]] | None = None
+        self.reads = 0  # files read again to fold a bucket anew
 
-    def update(self, dead: dict[str, tuple[int, DbName]], reused: Callable[[int], bool]) -> Folded:
-        """Fold the dead files (name -> inode, decoded name) not yet folded; start over if one
-        folded is no longer among them, or its pid may have been `reused` since the last call.
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
-        Take `reused` (NewPids.since) before judging the pids dead, so that it covers every
-        process started after this fold's reads."""
-        if any(
-            dead.get(name, (None,))[0] != inode or pid is None or reused(pid)
-            for name, (inode, pid) in self._inodes.items()
-        ):
-            self._inodes, self._accs, self._entries = {}, {}, None
-        read, bad, vanished = 0, [], False
-        for name, (inode, db) in dead.items():
-            if name in self._inodes:
-                continue
-            try:
-                entries = compaction.read_entries(os.path.join(self.path, name))
-            except FileNotFoundError:
-                vanished = True
-                continue
-            except BadFile:
-                bad.append(name)
-                continue
-            compaction.fold_into(self._accs.setdefault(db.prefix, {}), FOLD[db.prefix], db, entries)
-            self._inodes[name] = (inode, db.pid)
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, name: str, pid: int, db: DbName, raw: list[Raw], data: bytes) -> None:
+        """A dead process's file joins, as read (`raw` from `data`)."""
+        self.discard([name])
+        bucket = self._buckets.get(pid // BUCKET)
+        if bucket is None:
+            bucket = self._buckets[pid // BUCKET] = _Bucket(len(self._levels[0]))
+            self._levels[0].append({})
+            self._grown()
+        bucket.files[name] = Folded(db.prefix, db.ident, fingerprint(data))
+        self._where[name] = pid // BUCKET
+        how = DEAD_FOLD[db.prefix]
+        i = bucket.position
+        for level in self._levels:  # the leaf and each ancestor take the entries as they are
+            dbfile.fold(level[i].setdefault(db.prefix, {}), how, db.ident, raw)
+            i //= FAN
+        self._entries = None
+
+    def fingerprint(self, name: str) -> tuple[int, int] | None:
+        where = self._where.get(name)
+        return None if where is None else self._buckets[where].files[name].fingerprint
+
+    def discard(self, names: Iterable[str]) -> list[str]:
+        """These files leave; each bucket they leave is folded anew from its other files.
+        Returns the names that left with them because they could not be read again."""
+        touched: set[int] = set()
+        for name in names:
+            where = self._where.pop(name, None)
+            if where is not None:
+                del self._buckets[where].files[name]
+                touched.add(where)
+        dropped: list[str] = []
+        for where in touched:
+            dropped += self._refold(self._buckets[where])
+        if touched:
             self._entries = None
-            read += 1
-        return Folded(read, bad, vanished)
+        return dropped
+
+    def _refold(self, bucket: _Bucket) -> list[str]:
+        accs: dict[str, Acc] = {}
+        dropped = []
+        for name, was in list(bucket.files.items()):
+            self.reads += 1
+            now = self.reread(name)
+            if now is None:
+                del bucket.files[name]
+                del self._where[name]
+                dropped.append(name)
+                continue
+            raw, fp = now
+            bucket.files[name] = was._replace(fingerprint=fp)
+            dbfile.fold(accs.setdefault(was.prefix, {}), DEAD_FOLD[was.prefix], was.ident, raw)
+        self._levels[0][bucket.position] = accs
+        i = bucket.position
+        for k in range(1, len(self._levels)):
+            i //= FAN
+            self._levels[k][i] = _combine(self._levels[k - 1][i * FAN : (i + 1) * FAN])
+        return dropped
+
+    def _grown(self) -> None:
+        """A leaf was appended: give it ancestors, and the tree a new root when it needs one."""
+        i, k = len(self._levels[0]) - 1, 0
+        while len(self._levels[k]) > 1:
+            parent = i // FAN
+            if k + 1 == len(self._levels):
+                self._levels.append([])
+            children = _combine(self._levels[k][parent * FAN : (parent + 1) * FAN])
+            if parent == len(self._levels[k + 1]):
+                self._levels[k + 1].append(children)
+            else:
+                self._levels[k + 1][parent] = children
+            i, k = parent, k + 1
 
     def entries(self) -> list[tuple[DbName, list[Entry]]]:
         """One aggregate per file type, as if read from `<prefix>_aggregate.db`."""
         if self._entries is None:
+            top = self._levels[-1][0] if self._levels[-1] else {}
             self._entries = [
                 (_aggregate(prefix), [_entry(key, v, ts) for key, (v, ts) in acc.items()])
-                for prefix, acc in self._accs.items()
+                for prefix, acc in top.items()
+                if acc
             ]
         return self._entries
+
+
+def _combine(nodes: list[dict[str, Acc]]) -> dict[str, Acc]:
+    out: dict[str, Acc] = {}
+    for node in nodes:
+        for prefix, acc in node.items():
+            dbfile.merge(out.setdefault(prefix, {}), DEAD_FOLD[prefix], acc)
+    return out
 
 
 def _aggregate(prefix: str) -> DbName:
@@ -147,5 +246,10 @@ def _aggregate(prefix: str) -> DbName:
 
 
 def _entry(key: str, value: float, timestamp: float) -> Entry:
-    metric_name, name, labels, help_text = parse_key(key)
-    return Entry(key, metric_name, name, labels, help_text, value, timestamp)
+    # Every key folded was parsed when its file was read (or is one fold() made from one).
+    return Entry(key, *dbfile.parsed(key), value, timestamp)
+
+
+def foldable(db: DbName | None) -> bool:
+    """A process's file whose entries are final once the process is dead."""
+    return db is not None and db.pid is not None and db.prefix in DEAD_FOLD
