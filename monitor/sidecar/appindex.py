@@ -29,9 +29,9 @@ and a scrape after it appears.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
+import re
 import resource
 import stat
 import threading
@@ -42,12 +42,13 @@ from monitor.contract import state
 from monitor.contract.appfiles import DbName, parse_name
 from monitor.sidecar import dbfile
 from monitor.sidecar.dbfile import BadFile, Entry, Raw
-from monitor.sidecar.deadfiles import DeadFold, NewPids, fingerprint, foldable
+from monitor.sidecar.deadfiles import DeadFold, Folded, NewPids, fingerprint, foldable
 from monitor.sidecar.dirwatch import DirWatch
 
 log = logging.getLogger("gunicorn_monitor")
 
 RESCAN = 60.0  # seconds between audits: the bound on finding what no event reported
+BULK = 64  # pids past which one listing of /proc answers for all of them
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -57,12 +58,35 @@ def _max_open() -> int:
     return max(64, min(4096, (soft if soft > 0 else 1024) // 4))
 
 
+_proc_complete: bool | None = None
+
+
+def _proc_lists_all() -> bool:
+    """Does /proc list every process of our namespace? Not when mounted with hidepid=2
+    (invisible): then a process of another user is alive for kill(0) but missing there."""
+    global _proc_complete
+    if _proc_complete is None:
+        _proc_complete = False
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 4 and fields[4] == "/proc":
+                        options = line.split(" - ", 1)[-1]
+                        hidden = re.search(r"hidepid=(\w+)", options)
+                        shown = ("0", "off", "1", "noaccess")  # 1: listed, not readable
+                        _proc_complete = hidden is None or hidden[1] in shown
+        except OSError:
+            pass
+    return _proc_complete
+
+
 def in_glob(name: str) -> bool:
     """What the stock collector's glob('*.db') matches (no dotfiles)."""
     return name.endswith(".db") and not name.startswith(".")
 
 
-@dataclass
+@dataclass(slots=True)
 class File:
     """An unfolded file: read on every look."""
 
@@ -94,15 +118,12 @@ class AppFiles:
         self.dead_waiting = False  # dead processes' files left unfolded for the compaction
         self.vanished = False  # a file went between its event and its read (last look)
         self.looks = 0
-        self.progress = (0, 0)  # (files read, to read) of the look under way
+        self.progress = (0, 0)  # (files folded, names looked at) of the look under way
         self._watch = DirWatch(path, use_inotify)
         self._new_pids = NewPids()
         self._fold = DeadFold(self._reread)
         self._unfolded: dict[str, File] = {}
         self._live: dict[int, set[str]] = {}  # unfolded files by pid
-        self._folded: dict[int, list[str]] = {}  # folded files by pid
-        self._folded_pids: list[int] = []  # sorted
-        self._folded_ino: dict[str, tuple[int, int]] = {}  # name -> inode, pid
         self._suspect_names: set[str] = set()
         self._suspect_pids: set[int] = set()
         self._max_open = _max_open()
@@ -126,20 +147,26 @@ class AppFiles:
             self._forget()
             return
         spans = self._new_pids.since()  # before any liveness check: see deadfiles.NewPids
-        listing: dict[str, int | None] = {}
+        listing: dict[str, int | None] | None = None
         if changed is None:  # the first look, or events lost: the directory whole, once
             listing = self._list()
-            changed = set(listing) | set(self._unfolded) | set(self._folded_ino)
+            changed = set(listing) | set(self._unfolded)
+            changed.update(name for name, _ in self._fold.names())
         changed |= self._suspect_names
         suspects, self._suspect_names, self._suspect_pids = self._suspect_pids, set(), set()
         self.progress = (0, len(changed))
         discard: list[str] = []
+        new: dict[str, int] = {}
         for name in changed:
-            self._examine(name, listing, discard)
-        reused = set(spans.of(self._folded_pids)) | {p for p in suspects if p in self._folded}
-        for pid in reused:
-            self._recheck(pid, discard)
-        self._unfold(discard)
+            self._examine(name, listing, discard, new)
+        reused = self._fold.pids(spans)
+        for pid in suspects:
+            if pid not in reused and (names := self._fold.names_of(pid)):
+                reused[pid] = names
+        for pid, names in reused.items():
+            self._recheck(pid, names, discard)
+        self._unfold(discard, new)
+        self._join(new, fold)
         self._deaths(fold)
         self._read_unfolded()
 
@@ -152,11 +179,18 @@ class AppFiles:
                 if in_glob(e.name)
             }
 
-    def _examine(self, name: str, listing: dict[str, int | None], discard: list[str]) -> None:
-        """Compare one name with what the directory holds now: added, gone or replaced."""
+    def _examine(
+        self,
+        name: str,
+        listing: dict[str, int | None] | None,
+        discard: list[str],
+        new: dict[str, int],
+    ) -> None:
+        """Compare one name with what the directory holds now (`listing`, else its lstat):
+        gone or replaced (dropped, or into `discard` if folded), new (into `new`)."""
         if not in_glob(name):
             return
-        if listing:
+        if listing is not None:
             ino = listing.get(name)
         else:
             try:
@@ -165,7 +199,11 @@ class AppFiles:
             except FileNotFoundError:
                 ino = None
         f = self._unfolded.get(name)
-        known = f.ino if f is not None else self._folded_ino.get(name, (None,))[0]
+        if f is not None:
+            known: int | None = f.ino
+        else:
+            folded = self._fold.get(name)
+            known = folded.ino if folded is not None else None
         if ino == known:
             return
         if f is not None:
@@ -173,15 +211,43 @@ class AppFiles:
         elif known is not None:
             discard.append(name)  # leaves the fold with the others, below
         if ino is not None:
-            self._add(name, ino)
+            new[name] = ino
 
-    def _add(self, name: str, ino: int) -> None:
-        db = parse_name(name)
-        pid = db.pid if foldable(db) else None
+    def _join(self, new: dict[str, int], fold: bool) -> None:
+        """New files: a dead process's folded at once (`fold`), the others read from now on."""
+        if new:
+            self.generation += 1
+        by_pid: dict[int | None, list[tuple[str, DbName | None, int]]] = {}
+        for name, ino in new.items():
+            db = parse_name(name)
+            by_pid.setdefault(db.pid if foldable(db) else None, []).append((name, db, ino))
+        alive = self._alive([pid for pid in by_pid if pid is not None]) if fold else set()
+        for pid, files in by_pid.items():
+            dead = fold and pid is not None and pid not in alive
+            for name, db, ino in files:
+                if not (dead and self._fold_file(name, pid, db, ino)):  # type: ignore[arg-type]
+                    self._add(name, db, ino, pid)
+
+    def _add(self, name: str, db: DbName | None, ino: int, pid: int | None) -> None:
         self._unfolded[name] = File(db, ino, pid)
         if pid is not None:
             self._live.setdefault(pid, set()).add(name)
-        self.generation += 1
+
+    def _fold_file(self, name: str, pid: int, db: DbName, ino: int) -> bool:
+        """Read a dead process's file a last time and fold it; False if it cannot be (gone,
+        replaced, unreadable: then it is read, and counted, every time)."""
+        try:
+            # By name, as just looked at: if it was replaced since, its event says so at the
+            # next look, which reads it again (one fstat a file less on a directory's first read).
+            data, _ = dbfile.read_at(self._watch.fd, name, inode=False)
+            self.reads += 1
+            raw = dbfile.raw_entries(data)
+        except (FileNotFoundError, BadFile):
+            return False
+        self._fold.add(name, pid, db, raw, data, ino)
+        done, total = self.progress
+        self.progress = (done + 1, total)
+        return True
 
     def _drop(self, name: str) -> None:
         f = self._unfolded.pop(name)
@@ -199,76 +265,59 @@ class AppFiles:
             self._kept -= 1
             os.close(fd)
 
-    def _recheck(self, pid: int, discard: list[str]) -> None:
+    def _recheck(self, pid: int, names: list[str], discard: list[str]) -> None:
         """A folded pid the kernel may have given out again: its files leave the fold if its
         process lives (it may write), or if one of them now says something else."""
-        names = self._folded[pid]
         if self.is_alive(pid):
             discard += names
             return
         for name in names:
-            now = self._reread(name)
-            if now is None or now[1] != self._fold.fingerprint(name):
+            folded = self._fold.get(name)
+            now = self._reread(name, folded) if folded is not None else None
+            if now is None or now[1] != folded.fingerprint:  # type: ignore[union-attr]
                 discard.append(name)
 
-    def _unfold(self, names: list[str]) -> None:
+    def _unfold(self, names: list[str], new: dict[str, int]) -> None:
         """These leave the fold (their buckets are folded anew), and are examined again: each
-        still there joins the unfolded files, to be read now and folded again once dead."""
+        still there joins the new files (`new`)."""
         if not names:
             return
-        for name in names:
-            self._forget_folded(name)
         dropped = self._fold.discard(names)
-        for name in dropped:
-            self._forget_folded(name)
         self.generation += 1
         for name in set(names) | set(dropped):
-            self._examine(name, {}, [])
-
-    def _forget_folded(self, name: str) -> None:
-        found = self._folded_ino.pop(name, None)
-        if found is None:
-            return
-        pid = found[1]
-        names = self._folded[pid]
-        names.remove(name)
-        if not names:
-            del self._folded[pid]
-            del self._folded_pids[bisect.bisect_left(self._folded_pids, pid)]
+            self._examine(name, None, [], new)
 
     def _deaths(self, fold: bool) -> None:
         """The processes of unfolded files that are gone: their files are read a last time and
         folded (`fold`), or left for the compaction to stage."""
         self.dead_waiting = False
-        done = 0
-        for pid in [p for p in self._live if not self.is_alive(p)]:
+        alive = self._alive(list(self._live))
+        for pid in [p for p in self._live if p not in alive]:
             if not fold:
                 self.dead_waiting = True
                 continue
             for name in sorted(self._live[pid]):
                 f = self._unfolded[name]
-                try:
-                    data, ino = dbfile.read_at(self._watch.fd, name)
-                    self.reads += 1
-                    raw = dbfile.raw_entries(data)
-                except FileNotFoundError:
-                    self._drop(name)  # mark_process_dead, or staged: gone
-                    continue
-                except BadFile as e:
-                    f.entries = e  # stays unfolded: read, and counted, every time
-                    continue
-                if ino != f.ino:
-                    continue  # replaced since its event: examined at the next look
-                self._drop(name)
-                self._fold.add(name, pid, f.db, raw, data)  # type: ignore[arg-type]
-                self._folded_ino[name] = (ino, pid)
-                if pid not in self._folded:
-                    self._folded[pid] = []
-                    bisect.insort(self._folded_pids, pid)
-                self._folded[pid].append(name)
-                done += 1
-                if done % 1024 == 0:
-                    self.progress = (done, self.progress[1])
+                if f.entries is not None and f.data is not None and f.fd >= 0:
+                    # Unreadable when last parsed and not changed since: still not foldable.
+                    try:
+                        if dbfile.used_bytes(f.fd) == f.data and isinstance(f.entries, BadFile):
+                            continue
+                    except OSError:
+                        continue
+                if self._fold_file(name, pid, f.db, f.ino):  # type: ignore[arg-type]
+                    self._drop(name)
+
+    def _alive(self, pids: list[int]) -> set[int]:
+        """Which of `pids` have a process (a zombie has): kill(0) each, or, for many at once
+        (a directory's first read), one listing of /proc where it shows every process."""
+        if len(pids) > BULK and self.is_alive is state.pid_exists and _proc_lists_all():
+            try:
+                running = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+                return {pid for pid in pids if pid in running}
+            except OSError:
+                pass
+        return {pid for pid in pids if self.is_alive(pid)}
 
     def _read_unfolded(self) -> None:
         for name, f in list(self._unfolded.items()):
@@ -306,12 +355,12 @@ class AppFiles:
             f.data, f.entries = data, None
             self.generation += 1
 
-    def _reread(self, name: str) -> tuple[list[Raw], tuple[int, int]] | None:
+    def _reread(self, name: str, folded: Folded) -> tuple[list[Raw], int] | None:
         """A folded file read again, if it is still the same file and readable."""
         try:
             data, ino = dbfile.read_at(self._watch.fd, name)
             self.reads += 1
-            if ino != self._folded_ino[name][0]:
+            if ino != folded.ino:
                 return None
             return dbfile.raw_entries(data), fingerprint(data)
         except (FileNotFoundError, BadFile):
@@ -319,12 +368,11 @@ class AppFiles:
 
     def _forget(self) -> None:
         """The directory is gone: so is everything it held."""
-        if self._unfolded or self._folded_ino:
+        if self._unfolded or len(self._fold):
             self.generation += 1
         for f in self._unfolded.values():
             self._close(f)
         self._unfolded, self._live = {}, {}
-        self._folded, self._folded_pids, self._folded_ino = {}, [], {}
         self._fold = DeadFold(self._reread)
         self._watch.close()
 
@@ -351,7 +399,7 @@ class AppFiles:
 
     def counts(self) -> tuple[int, int]:
         """(unfolded files, folded files)."""
-        return len(self._unfolded), len(self._folded_ino)
+        return len(self._unfolded), len(self._fold)
 
     # -- the audit -------------------------------------------------------------------------
 
@@ -363,8 +411,8 @@ class AppFiles:
                 return
             fd = os.dup(self._watch.fd)  # the look may close its own meanwhile
             known = {n: f.ino for n, f in self._unfolded.items()}
-            known.update((n, ino) for n, (ino, _) in self._folded_ino.items())
-            pids = list(self._folded_pids)
+            known.update((n, f.ino) for n, f in self._fold.names())
+            pids = {int(f.ident) for _, f in self._fold.names()}
         try:
             with os.scandir(fd) as it:
                 found = {

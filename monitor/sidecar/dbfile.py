@@ -19,7 +19,7 @@ import os
 import struct
 from typing import NamedTuple
 
-from monitor.contract.appfiles import AGGREGATE_ID, MAX, MIN, PER_PID, RECENT, SUM
+from monitor.contract.appfiles import AGGREGATE_ID, MAX, MIN, RECENT, SUM
 from monitor.contract.store import parse_key
 
 _unpack_int = struct.Struct("i").unpack_from
@@ -59,9 +59,10 @@ def used_bytes(fd: int) -> bytes:
     return data[: max(used, 8)]  # the header, and what it counts: the rest is not yet written
 
 
-def read_at(dir_fd: int | None, name: str) -> tuple[bytes, int]:
-    """A file's bytes (as `used_bytes`) and inode, opened under `dir_fd` without following a
-    symlink or blocking on a FIFO. FileNotFoundError passes; other OSErrors are BadFile("io")."""
+def read_at(dir_fd: int | None, name: str, inode: bool = True) -> tuple[bytes, int]:
+    """A file's bytes (as `used_bytes`) and inode (0 unless asked), opened under `dir_fd`
+    without following a symlink or blocking on a FIFO. FileNotFoundError passes; other OSErrors
+    are BadFile("io")."""
     try:
         fd = os.open(name, _FILE, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -69,7 +70,11 @@ def read_at(dir_fd: int | None, name: str) -> tuple[bytes, int]:
     except OSError as e:
         raise BadFile("io", f"{name}: {e.strerror}") from e
     try:
-        return used_bytes(fd), os.fstat(fd).st_ino
+        data = os.read(fd, mmap.PAGESIZE)
+        used = _unpack_int(data)[0] if len(data) >= 4 else 0
+        if used > len(data):
+            data += os.read(fd, used - len(data))
+        return data[: max(used, 8)], os.fstat(fd).st_ino if inode else 0
     except OSError as e:
         raise BadFile("io", f"{name}: {e.strerror}") from e
     finally:
@@ -87,7 +92,13 @@ def raw_entries(data: bytes) -> list[Raw]:
         raise BadFile("corrupt", f"header says {used} bytes used")
     if used > len(data):
         raise BadFile("truncated", f"{len(data)} of {used} bytes")
+    layout = _layouts.get(used)
+    if layout is not None:
+        fields = layout.struct.unpack_from(data)
+        if fields[1::4] == layout.encoded and fields[0::4] == layout.lengths:
+            return list(zip(layout.keys, fields[2::4], fields[3::4], strict=True))
     out = []
+    shape: list[tuple[int, bytes]] = []
     pos, last = 8, 0
     try:
         while pos < used:
@@ -102,14 +113,43 @@ def raw_entries(data: bytes) -> list[Raw]:
             last = pos
             value, timestamp = _unpack_two_doubles(data, pos)
             text = key.decode("utf-8")
-            parsed(text)
+            if text not in _keys:
+                parsed(text)
+            elif isinstance(_keys[text], BadFile):
+                raise _keys[text]
             out.append((text, value, timestamp))
+            shape.append((n, key))
             pos += 16
     except struct.error as e:
         raise BadFile("corrupt", str(e)) from e
     except UnicodeDecodeError as e:
         raise BadFile("encoding", str(e)) from e
+    if layout is None and pos == used:
+        _remember(used, shape, [key for key, _, _ in out])
     return out
+
+
+class _Layout(NamedTuple):
+    """The entries of a file of this many used bytes, as last parsed: a file of the same size
+    whose lengths and keys read the same (one unpack) has the same entries at the same places,
+    so only its values are new. Workers of one app write the same keys in the same order."""
+
+    struct: struct.Struct
+    lengths: tuple[int, ...]
+    encoded: tuple[bytes, ...]
+    keys: tuple[str, ...]
+
+
+_layouts: dict[int, _Layout] = {}
+MAX_LAYOUTS = 256
+
+
+def _remember(used: int, shape: list[tuple[int, bytes]], keys: list[str]) -> None:
+    if len(_layouts) >= MAX_LAYOUTS:
+        _layouts.clear()
+    fmt = "=8x" + "".join(f"i{n}s{(8 - (n + 4) % 8)}xdd" for n, _ in shape)
+    lengths = tuple(n for n, _ in shape)
+    _layouts[used] = _Layout(struct.Struct(fmt), lengths, tuple(k for _, k in shape), tuple(keys))
 
 
 _keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str] | BadFile] = {}
@@ -142,25 +182,36 @@ Acc = dict[str, list[float]]
 
 def fold(acc: Acc, how: str, ident: str, raw: list[Raw]) -> None:
     """Reduce one file's entries into `acc` (appfiles.FOLD says `how`; `ident` is the file's
-    process identifier, which PER_PID keeps as a `pid` label, as the stock collector shows it)."""
-    for key, value, timestamp in raw:
-        if how == PER_PID and ident != AGGREGATE_ID:
-            metric_name, name, labels, help_text = parsed(key)
-            labelled = {**dict(labels), "pid": ident}
-            key = json.dumps([metric_name, name, labelled, help_text], sort_keys=True)
-        cur = acc.get(key)
-        if cur is None:
-            acc[key] = [value, timestamp]
-        elif how == SUM:
-            cur[0] += value
-        elif how == MIN:
-            cur[0] = min(cur[0], value)
-        elif how == MAX:
-            cur[0] = max(cur[0], value)
-        elif how == RECENT:
-            if timestamp > cur[1]:  # ties keep the first, as the stock collector does
+    process identifier, which PER_PID keeps as a `pid` label, as the stock collector shows it).
+    One loop a reduction: the fold of a directory runs this for every entry it ever read."""
+    get = acc.get
+    if how == SUM:
+        for key, value, timestamp in raw:
+            cur = get(key)
+            if cur is None:
                 acc[key] = [value, timestamp]
-        else:  # PER_PID: a later death of a reused pid replaces the earlier one
+            else:
+                cur[0] += value
+    elif how == MIN or how == MAX:
+        better = min if how == MIN else max
+        for key, value, timestamp in raw:
+            cur = get(key)
+            if cur is None:
+                acc[key] = [value, timestamp]
+            else:
+                cur[0] = better(cur[0], value)
+    elif how == RECENT:
+        for key, value, timestamp in raw:
+            cur = get(key)
+            # Ties keep the first, as the stock collector does.
+            if cur is None or timestamp > cur[1]:
+                acc[key] = [value, timestamp]
+    else:  # PER_PID: a later death of a reused pid replaces the earlier one
+        for key, value, timestamp in raw:
+            if ident != AGGREGATE_ID:
+                metric_name, name, labels, help_text = parsed(key)
+                labelled = {**dict(labels), "pid": ident}
+                key = json.dumps([metric_name, name, labelled, help_text], sort_keys=True)
             acc[key] = [value, timestamp]
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from monitor.contract.appfiles import AGGREGATE_ID, FOLD, MAX, MIN, PER_PID, RECENT, SUM, DbName
@@ -44,7 +44,7 @@ DEAD_FOLD = {
 }
 
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
-PID_LIMIT = 1 << 22  # the kernel's most pids (PID_MAX_LIMIT on 64-bit)
+PID_LIMIT = 1 << 31  # above any pid a file name may carry (appfiles.DbName.pid)
 
 
 class Spans(NamedTuple):
@@ -108,20 +108,22 @@ def _read_int(path: str) -> int | None:
 
 
 class Folded(NamedTuple):
-    """A file as folded: what it held then, to tell whether it still does."""
+    """A file as folded: what it held then (a hash of its used bytes), to tell whether it
+    still does, and which inode it was."""
 
     prefix: str
     ident: str
-    fingerprint: tuple[int, int]  # (length, hash) of its used bytes
+    fingerprint: int
+    ino: int
 
 
-def fingerprint(data: bytes) -> tuple[int, int]:
-    return len(data), hash(data)
+def fingerprint(data: bytes) -> int:
+    return hash(data)
 
 
 # Reads a folded file again: its raw entries and fingerprint now, or None if it is gone,
 # replaced or no longer readable (it then leaves the fold, and its owner looks at it again).
-Reader = Callable[[str], tuple[list[Raw], tuple[int, int]] | None]
+Reader = Callable[[str, Folded], tuple[list[Raw], int] | None]
 
 
 class _Bucket:
@@ -131,43 +133,65 @@ class _Bucket:
 
 
 class DeadFold:
-    """The fold of dead processes' files (module docstring). `reread(name)` reads a file again
-    when its bucket is folded anew."""
+    """The fold of dead processes' files (module docstring). `reread(name, folded)` reads a
+    file again when its bucket is folded anew."""
 
     def __init__(self, reread: Reader) -> None:
         self.reread = reread
         self._buckets: dict[int, _Bucket] = {}  # by pid // BUCKET
+        self._ids: list[int] = []  # the buckets' ids, sorted
         self._where: dict[str, int] = {}  # file name -> its bucket
         self._levels: list[list[dict[str, Acc]]] = [[]]  # [0]: each bucket's fold, by prefix
+        self._dirty: set[int] = set()  # leaves whose ancestors are to be combined again
         self._entries: list[tuple[DbName, list[Entry]]] | None = None
         self.reads = 0  # files read again to fold a bucket anew
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
 
     def __len__(self) -> int:
         return len(self._where)
 
-    def add(self, name: str, pid: int, db: DbName, raw: list[Raw], data: bytes) -> None:
-        """A dead process's file joins, as read (`raw` from `data`)."""
-        self.discard([name])
+    def get(self, name: str) -> Folded | None:
+        where = self._where.get(name)
+        return None if where is None else self._buckets[where].files[name]
+
+    def names(self) -> Iterator[tuple[str, Folded]]:
+        for bucket in self._buckets.values():
+            yield from bucket.files.items()
+
+    def pids(self, spans: Spans) -> dict[int, list[str]]:
+        """The folded files of the pids in `spans`, by pid."""
+        found: dict[int, list[str]] = {}
+        for low, high in spans.ranges:
+            ids = self._ids[
+                bisect.bisect_left(self._ids, low // BUCKET) : bisect.bisect_right(
+                    self._ids, high // BUCKET
+                )
+            ]
+            for where in ids:
+                for name, f in self._buckets[where].files.items():
+                    if low <= int(f.ident) <= high:
+                        found.setdefault(int(f.ident), []).append(name)
+        return found
+
+    def names_of(self, pid: int) -> list[str]:
         bucket = self._buckets.get(pid // BUCKET)
         if bucket is None:
-            bucket = self._buckets[pid // BUCKET] = _Bucket(len(self._levels[0]))
-            self._levels[0].append({})
-            self._grown()
-        bucket.files[name] = Folded(db.prefix, db.ident, fingerprint(data))
-        self._where[name] = pid // BUCKET
-        how = DEAD_FOLD[db.prefix]
-        i = bucket.position
-        for level in self._levels:  # the leaf and each ancestor take the entries as they are
-            dbfile.fold(level[i].setdefault(db.prefix, {}), how, db.ident, raw)
-            i //= FAN
-        self._entries = None
+            return []
+        return [name for name, f in bucket.files.items() if int(f.ident) == pid]
 
-    def fingerprint(self, name: str) -> tuple[int, int] | None:
-        where = self._where.get(name)
-        return None if where is None else self._buckets[where].files[name].fingerprint
+    def add(self, name: str, pid: int, db: DbName, raw: list[Raw], data: bytes, ino: int) -> None:
+        """A dead process's file joins, as read (`raw` from `data`)."""
+        where = pid // BUCKET
+        bucket = self._buckets.get(where)
+        if bucket is None:
+            bucket = self._buckets[where] = _Bucket(len(self._levels[0]))
+            bisect.insort(self._ids, where)
+            self._levels[0].append({})
+        bucket.files[name] = Folded(db.prefix, db.ident, fingerprint(data), ino)
+        self._where[name] = where
+        leaf = self._levels[0][bucket.position]
+        dbfile.fold(leaf.setdefault(db.prefix, {}), DEAD_FOLD[db.prefix], db.ident, raw)
+        self._dirty.add(bucket.position)
+        self._entries = None
 
     def discard(self, names: Iterable[str]) -> list[str]:
         """These files leave; each bucket they leave is folded anew from its other files.
@@ -181,8 +205,6 @@ class DeadFold:
         dropped: list[str] = []
         for where in touched:
             dropped += self._refold(self._buckets[where])
-        if touched:
-            self._entries = None
         return dropped
 
     def _refold(self, bucket: _Bucket) -> list[str]:
@@ -190,7 +212,7 @@ class DeadFold:
         dropped = []
         for name, was in list(bucket.files.items()):
             self.reads += 1
-            now = self.reread(name)
+            now = self.reread(name, was)
             if now is None:
                 del bucket.files[name]
                 del self._where[name]
@@ -200,30 +222,36 @@ class DeadFold:
             bucket.files[name] = was._replace(fingerprint=fp)
             dbfile.fold(accs.setdefault(was.prefix, {}), DEAD_FOLD[was.prefix], was.ident, raw)
         self._levels[0][bucket.position] = accs
-        i = bucket.position
-        for k in range(1, len(self._levels)):
-            i //= FAN
-            self._levels[k][i] = _combine(self._levels[k - 1][i * FAN : (i + 1) * FAN])
+        self._dirty.add(bucket.position)
+        self._entries = None
         return dropped
 
-    def _grown(self) -> None:
-        """A leaf was appended: give it ancestors, and the tree a new root when it needs one."""
-        i, k = len(self._levels[0]) - 1, 0
+    def _settle(self) -> None:
+        """Combine again the ancestors of the leaves that changed, level by level: once a
+        node, however many of its leaves changed."""
+        if not self._dirty:
+            return
+        changed, k = self._dirty, 0
+        self._dirty = set()
         while len(self._levels[k]) > 1:
-            parent = i // FAN
             if k + 1 == len(self._levels):
                 self._levels.append([])
-            children = _combine(self._levels[k][parent * FAN : (parent + 1) * FAN])
-            if parent == len(self._levels[k + 1]):
-                self._levels[k + 1].append(children)
-            else:
-                self._levels[k + 1][parent] = children
-            i, k = parent, k + 1
+            above = self._levels[k + 1]
+            parents = {i // FAN for i in changed}
+            for parent in sorted(parents):
+                node = _combine(self._levels[k][parent * FAN : (parent + 1) * FAN])
+                if parent < len(above):
+                    above[parent] = node
+                else:
+                    above.append(node)  # in order: the leaves grow at the end
+            changed, k = parents, k + 1
 
     def entries(self) -> list[tuple[DbName, list[Entry]]]:
         """One aggregate per file type, as if read from `<prefix>_aggregate.db`."""
+        self._settle()
         if self._entries is None:
-            top = self._levels[-1][0] if self._levels[-1] else {}
+            levels = [level for level in self._levels if level]
+            top = levels[-1][0] if levels else {}
             self._entries = [
                 (_aggregate(prefix), [_entry(key, v, ts) for key, (v, ts) in acc.items()])
                 for prefix, acc in top.items()

@@ -48,10 +48,11 @@ except ImportError:  # pragma: no cover - a dependency; stat mode if it is missi
     INotify = None  # type: ignore[assignment,misc]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # the clock of file times; 5 in <linux/time.h>
 try:
-    _TICK = time.clock_getres(time.CLOCK_REALTIME_COARSE) * 1e9
-except (AttributeError, OSError):  # not Linux
-    _TICK = 10e6
+    _TICK = time.clock_getres(_COARSE) * 1e9
+except OSError:
+    _TICK = 10e6  # the coarsest jiffy (HZ=100)
 
 
 class DirWatch:
@@ -96,7 +97,7 @@ class DirWatch:
         key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if key == self._listed:
             return set()
-        fresh = time.clock_gettime_ns(time.CLOCK_REALTIME_COARSE) - max(key[:2]) < 2 * _TICK
+        fresh = time.clock_gettime_ns(_COARSE) - max(key[:2]) < 2 * _TICK
         self._listed = None if fresh else key
         return None
 
