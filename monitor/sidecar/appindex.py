@@ -11,8 +11,9 @@ and a scrape that lists them all and checks every pid costs what the history cos
    else (a process with a reused pid writes on into the old file; it may live and die between
    two looks).
 3. Which processes of the unfolded files are gone (kill(0), one a pid): their files are read a
-   last time and folded (monitor/sidecar/deadfiles.py), unless the collector stages them
-   (folding on). An unreadable file is never folded: it is read, and counted, every time.
+   last time and folded (monitor/sidecar/deadfiles.py); folding on, the collector then moves
+   them to the on-disk aggregates in batches. An unreadable file is never folded: it is read,
+   and counted, every time.
 4. The bytes of every unfolded file (a pread on a descriptor kept open): prometheus_client writes
    through mmap, which moves no timestamp, so bytes are the only sign of a counter that moved.
 A dead process's folded file costs nothing more, until one of the above names it.
@@ -29,6 +30,7 @@ and a scrape after it appears.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -42,7 +44,14 @@ from monitor.contract import state
 from monitor.contract.appfiles import DbName, parse_name
 from monitor.sidecar import dbfile
 from monitor.sidecar.dbfile import BadFile, Entry, Raw
-from monitor.sidecar.deadfiles import DeadFold, Folded, NewPids, fingerprint, foldable
+from monitor.sidecar.deadfiles import (
+    DEAD_FOLD,
+    DeadFold,
+    Folded,
+    NewPids,
+    fingerprint,
+    foldable,
+)
 from monitor.sidecar.dirwatch import DirWatch
 
 log = logging.getLogger("gunicorn_monitor")
@@ -99,30 +108,30 @@ class File:
 
 
 class AppFiles:
-    """The index (module docstring). `fold_dead`: fold dead processes' files in memory; off,
-    they are left for the compaction to stage (folding on), and `dead_waiting` says so."""
+    """The index (module docstring). `how` is how a dead process's file folds, by file type
+    (deadfiles.DEAD_FOLD; folding on, FOLDING_ON drops live-mode gauges)."""
 
     def __init__(
         self,
         path: str,
         *,
-        fold_dead: bool = True,
+        how: dict[str, str] = DEAD_FOLD,
         is_alive: Callable[[int], bool] = state.pid_exists,
         use_inotify: bool = True,
     ) -> None:
         self.path = path
-        self.fold_dead = fold_dead
+        self.how = how
         self.is_alive = is_alive
         self.generation = 0
         self.reads = 0  # file reads, for the collector's files_read
-        self.dead_waiting = False  # dead processes' files left unfolded for the compaction
         self.vanished = False  # a file went between its event and its read (last look)
         self.looks = 0
         self.progress = (0, 0)  # (files folded, names looked at) of the look under way
         self._watch = DirWatch(path, use_inotify)
         self._new_pids = NewPids()
-        self._fold = DeadFold(self._reread)
+        self._fold = DeadFold(self._reread, how)
         self._unfolded: dict[str, File] = {}
+        self._dead_unfoldable: set[str] = set()  # unfolded: their process is gone, unreadable
         self._live: dict[int, set[str]] = {}  # unfolded files by pid
         self._suspect_names: set[str] = set()
         self._suspect_pids: set[int] = set()
@@ -132,14 +141,21 @@ class AppFiles:
 
     # -- a look --------------------------------------------------------------------------
 
-    def look(self, fold: bool | None = None) -> int:
+    def look(self) -> int:
         """Bring the index up to date (module docstring); returns `generation`."""
         with self.lock:
-            self._look(self.fold_dead if fold is None else fold)
+            self._look()
             self.looks += 1
             return self.generation
 
-    def _look(self, fold: bool) -> None:
+    def dead(self, limit: int) -> list[str]:
+        """Up to `limit` names of dead processes' files in the glob (folded ones in pid order,
+        then unreadable ones), for a compaction to stage."""
+        found = list(itertools.islice((name for name, _ in self._fold.names()), limit))
+        found += sorted(self._dead_unfoldable)[: max(0, limit - len(found))]
+        return found
+
+    def _look(self) -> None:
         self.vanished = False
         try:
             changed = self._watch.look()
@@ -166,8 +182,8 @@ class AppFiles:
         for pid, names in reused.items():
             self._recheck(pid, names, discard)
         self._unfold(discard, new)
-        self._join(new, fold)
-        self._deaths(fold)
+        self._join(new)
+        self._deaths()
         self._read_unfolded()
 
     def _list(self) -> dict[str, int | None]:
@@ -213,20 +229,22 @@ class AppFiles:
         if ino is not None:
             new[name] = ino
 
-    def _join(self, new: dict[str, int], fold: bool) -> None:
-        """New files: a dead process's folded at once (`fold`), the others read from now on."""
+    def _join(self, new: dict[str, int]) -> None:
+        """New files: a dead process's folded at once, the others read from now on."""
         if new:
             self.generation += 1
         by_pid: dict[int | None, list[tuple[str, DbName | None, int]]] = {}
         for name, ino in new.items():
             db = parse_name(name)
             by_pid.setdefault(db.pid if foldable(db) else None, []).append((name, db, ino))
-        alive = self._alive([pid for pid in by_pid if pid is not None]) if fold else set()
+        alive = self._alive([pid for pid in by_pid if pid is not None])
         for pid, files in by_pid.items():
-            dead = fold and pid is not None and pid not in alive
+            dead = pid is not None and pid not in alive
             for name, db, ino in files:
                 if not (dead and self._fold_file(name, pid, db, ino)):  # type: ignore[arg-type]
                     self._add(name, db, ino, pid)
+                    if dead:
+                        self._dead_unfoldable.add(name)
 
     def _add(self, name: str, db: DbName | None, ino: int, pid: int | None) -> None:
         self._unfolded[name] = File(db, ino, pid)
@@ -250,6 +268,7 @@ class AppFiles:
         return True
 
     def _drop(self, name: str) -> None:
+        self._dead_unfoldable.discard(name)
         f = self._unfolded.pop(name)
         if f.pid is not None:
             names = self._live[f.pid]
@@ -287,15 +306,11 @@ class AppFiles:
         for name in set(names) | set(dropped):
             self._examine(name, None, [], new)
 
-    def _deaths(self, fold: bool) -> None:
+    def _deaths(self) -> None:
         """The processes of unfolded files that are gone: their files are read a last time and
-        folded (`fold`), or left for the compaction to stage."""
-        self.dead_waiting = False
+        folded."""
         alive = self._alive(list(self._live))
         for pid in [p for p in self._live if p not in alive]:
-            if not fold:
-                self.dead_waiting = True
-                continue
             for name in sorted(self._live[pid]):
                 f = self._unfolded[name]
                 if f.entries is not None and f.data is not None and f.fd >= 0:
@@ -307,6 +322,8 @@ class AppFiles:
                         continue
                 if self._fold_file(name, pid, f.db, f.ino):  # type: ignore[arg-type]
                     self._drop(name)
+                else:
+                    self._dead_unfoldable.add(name)
 
     def _alive(self, pids: list[int]) -> set[int]:
         """Which of `pids` have a process (a zombie has): kill(0) each, or, for many at once
@@ -372,8 +389,8 @@ class AppFiles:
             self.generation += 1
         for f in self._unfolded.values():
             self._close(f)
-        self._unfolded, self._live = {}, {}
-        self._fold = DeadFold(self._reread)
+        self._unfolded, self._live, self._dead_unfoldable = {}, {}, set()
+        self._fold = DeadFold(self._reread, self.how)
         self._watch.close()
 
     # -- what a collection reads ---------------------------------------------------------
@@ -396,6 +413,19 @@ class AppFiles:
                 except BadFile as e:
                     f.entries = e
             yield name, f.db, f.entries
+
+    def suspect(self, names: list[str]) -> None:
+        """These files' pids are checked again at the next look, as if given out again: a
+        compaction left them in the glob (their process lives again: it put them back)."""
+        with self.lock:
+            for name in names:
+                db = parse_name(name)
+                if db is not None and db.pid is not None:
+                    self._suspect_pids.add(db.pid)
+
+    def dead_count(self) -> int:
+        """Dead processes' files in the glob (folded, or unreadable)."""
+        return len(self._fold) + len(self._dead_unfoldable)
 
     def counts(self) -> tuple[int, int]:
         """(unfolded files, folded files)."""

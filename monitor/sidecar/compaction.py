@@ -218,11 +218,14 @@ def recover(path: str) -> None:
             os.unlink(os.path.join(state, name))
 
 
-def _stage_dead(path: str, is_alive: AliveCheck, report: CompactionReport) -> None:
+def _stage_dead(
+    path: str, is_alive: AliveCheck, report: CompactionReport, names: list[str] | None
+) -> None:
+    """Stage the dead pids' files among `names` (every file of the glob when None)."""
     _, staged, _ = dirs(path)
     token, alive = new_token(), {}
     moved = False
-    for name in os.listdir(path):
+    for name in os.listdir(path) if names is None else names:
         db = parse_name(name)
         if db is None or db.pid is None or db.prefix not in FOLD:
             continue
@@ -378,15 +381,21 @@ def has_pending(path: str) -> bool:
 
 
 def compact(
-    path: str, is_alive: AliveCheck = pid_alive, *, stage_dead: bool = True
+    path: str,
+    is_alive: AliveCheck = pid_alive,
+    *,
+    stage_dead: bool = True,
+    names: list[str] | None = None,
 ) -> CompactionReport:
     """Recover, stage every dead pid's files (unless `stage_dead` is False: folding off, see
-    above), fold all pending files. Hold directory_lock."""
+    above; only those among `names` when given: a caller that knows which files are dead
+    spares the listing, and bounds the work of one compaction), fold all pending files. Hold
+    directory_lock."""
     report = CompactionReport()
     started = time.perf_counter()
     recover(path)
     if stage_dead:
-        _stage_dead(path, is_alive, report)
+        _stage_dead(path, is_alive, report, names)
     _, staged, _ = dirs(path)
     pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
     if pending:

@@ -26,7 +26,17 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from monitor.contract.appfiles import AGGREGATE_ID, FOLD, MAX, MIN, PER_PID, RECENT, SUM, DbName
+from monitor.contract.appfiles import (
+    AGGREGATE_ID,
+    DROP,
+    FOLD,
+    MAX,
+    MIN,
+    PER_PID,
+    RECENT,
+    SUM,
+    DbName,
+)
 from monitor.sidecar import dbfile
 from monitor.sidecar.dbfile import Acc, Entry, Raw
 
@@ -42,6 +52,9 @@ DEAD_FOLD = {
     "gauge_livemax": MAX,
     "gauge_livemostrecent": RECENT,
 }
+
+# Folding on, a dead pid's live-mode gauges go as the compaction drops them (mark_process_dead).
+FOLDING_ON = {**DEAD_FOLD, **{p: DROP for p in DEAD_FOLD if p.startswith("gauge_live")}}
 
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
 PID_LIMIT = 1 << 31  # above any pid a file name may carry (appfiles.DbName.pid)
@@ -134,10 +147,12 @@ class _Bucket:
 
 class DeadFold:
     """The fold of dead processes' files (module docstring). `reread(name, folded)` reads a
-    file again when its bucket is folded anew."""
+    file again when its bucket is folded anew; `how` says how each file type folds (DROP:
+    kept track of, never served)."""
 
-    def __init__(self, reread: Reader) -> None:
+    def __init__(self, reread: Reader, how: dict[str, str] = DEAD_FOLD) -> None:
         self.reread = reread
+        self.how = how
         self._buckets: dict[int, _Bucket] = {}  # by pid // BUCKET
         self._ids: list[int] = []  # the buckets' ids, sorted
         self._where: dict[str, int] = {}  # file name -> its bucket
@@ -154,8 +169,9 @@ class DeadFold:
         return None if where is None else self._buckets[where].files[name]
 
     def names(self) -> Iterator[tuple[str, Folded]]:
-        for bucket in self._buckets.values():
-            yield from bucket.files.items()
+        """Every folded file, by bucket in pid order."""
+        for where in self._ids:
+            yield from self._buckets[where].files.items()
 
     def pids(self, spans: Spans) -> dict[int, list[str]]:
         """The folded files of the pids in `spans`, by pid."""
@@ -188,8 +204,10 @@ class DeadFold:
             self._levels[0].append({})
         bucket.files[name] = Folded(db.prefix, db.ident, fingerprint(data), ino)
         self._where[name] = where
-        leaf = self._levels[0][bucket.position]
-        dbfile.fold(leaf.setdefault(db.prefix, {}), DEAD_FOLD[db.prefix], db.ident, raw)
+        how = self.how[db.prefix]
+        if how != DROP:
+            leaf = self._levels[0][bucket.position]
+            dbfile.fold(leaf.setdefault(db.prefix, {}), how, db.ident, raw)
         self._dirty.add(bucket.position)
         self._entries = None
 
@@ -220,7 +238,9 @@ class DeadFold:
                 continue
             raw, fp = now
             bucket.files[name] = was._replace(fingerprint=fp)
-            dbfile.fold(accs.setdefault(was.prefix, {}), DEAD_FOLD[was.prefix], was.ident, raw)
+            how = self.how[was.prefix]
+            if how != DROP:
+                dbfile.fold(accs.setdefault(was.prefix, {}), how, was.ident, raw)
         self._levels[0][bucket.position] = accs
         self._dirty.add(bucket.position)
         self._entries = None
@@ -239,7 +259,7 @@ class DeadFold:
             above = self._levels[k + 1]
             parents = {i // FAN for i in changed}
             for parent in sorted(parents):
-                node = _combine(self._levels[k][parent * FAN : (parent + 1) * FAN])
+                node = _combine(self._levels[k][parent * FAN : (parent + 1) * FAN], self.how)
                 if parent < len(above):
                     above[parent] = node
                 else:
@@ -260,11 +280,11 @@ class DeadFold:
         return self._entries
 
 
-def _combine(nodes: list[dict[str, Acc]]) -> dict[str, Acc]:
+def _combine(nodes: list[dict[str, Acc]], how: dict[str, str]) -> dict[str, Acc]:
     out: dict[str, Acc] = {}
     for node in nodes:
         for prefix, acc in node.items():
-            dbfile.merge(out.setdefault(prefix, {}), DEAD_FOLD[prefix], acc)
+            dbfile.merge(out.setdefault(prefix, {}), how[prefix], acc)
     return out
 
 

@@ -39,8 +39,11 @@ from monitor.contract.appfiles import AGGREGATE_ID, STATE_DIR, DbName, parse_nam
 from monitor.sidecar import compaction
 from monitor.sidecar.appindex import RESCAN, AppFiles
 from monitor.sidecar.compaction import BadFile, pid_alive
+from monitor.sidecar.deadfiles import DEAD_FOLD, FOLDING_ON
 
 log = logging.getLogger(__name__)
+
+BATCH = 1024  # dead files a compaction stages at most, folding on: what one scrape may wait for
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,10 @@ class AppMetricsCollector:
         self._last: list[Metric] | None = None
         self._last_started = float("-inf")
         self._staged_reads = 0
-        self.files = AppFiles(
-            path, fold_dead=not compact, is_alive=is_alive, use_inotify=use_inotify
-        )
+        how = FOLDING_ON if compact else DEAD_FOLD
+        self.files = AppFiles(path, how=how, is_alive=is_alive, use_inotify=use_inotify)
         self.warming = False
+        self._draining = False  # a background thread moves dead files to disk (folding on)
         self._stop = threading.Event()
 
     def stats(self) -> AppMetricsStats:
@@ -111,6 +114,7 @@ class AppMetricsCollector:
         """Read the directory now, in the background (`warming` until done), then audit it
         every `rescan` seconds (appindex.AppFiles.audit)."""
         self.warming = True
+        self._draining = self._compact
         threading.Thread(target=self._run, args=(rescan,), name="app-files", daemon=True).start()
 
     def stop(self) -> None:
@@ -140,6 +144,16 @@ class AppMetricsCollector:
             log.error("event=app_files_read_failed dir=%s error=%r", self._path, e)
         finally:
             self.warming = False
+        # Folding on: what the first read folded in memory goes to disk a batch at a time,
+        # each under the lock, so that a scrape waits for one batch at most.
+        while self._compact and self.files.dead_count() and not self._stop.wait(0.01):
+            try:
+                with self._lock, self.files.lock:
+                    self._prepare(drain=True)
+            except Exception as e:
+                log.error("event=app_files_compaction_failed dir=%s error=%r", self._path, e)
+                break
+        self._draining = False
         while not self._stop.wait(rescan):
             try:
                 self.files.audit()
@@ -179,34 +193,41 @@ class AppMetricsCollector:
         (log.error if kind not in self._errors else log.debug)(line)
         self._error(kind)
 
-    def _prepare(self) -> list[tuple[DbName | None, str, str]]:
-        """Bring the index up to date, compacting first when there is anything to fold on
-        disk: files staged (by the hooks, or an earlier fold-on run), or, folding on, dead
-        processes' files or a file that went from under the look (a hook staged it). Returns
-        the staged files a failed compaction left outside the aggregates, to read as they are.
+    def _prepare(self, drain: bool = False) -> list[tuple[DbName | None, str, str]]:
+        """Bring the index up to date, then compact when there is anything to fold on disk:
+        files staged (by the hooks, or an earlier fold-on run), or, folding on, a file that
+        went from under the look (a hook staged it) or dead processes' files (BATCH at most:
+        the rest are served from the in-memory fold meanwhile; left to the background thread
+        while it drains a backlog, `drain` being its own call). Returns the staged files a
+        failed compaction left outside the aggregates, to read as they are.
         """
         files = self.files
-        files.look(fold=not self._compact)
+        files.look()
         pending = compaction.has_pending(self._path)
-        if not (pending or self._compact and (files.dead_waiting or files.vanished)):
+        dead = files.dead_count() and (drain or not self._draining)
+        if not (pending or self._compact and (dead or files.vanished)):
             return []
         try:
             with compaction.directory_lock(self._path):
-                folded = self._run_compaction()
-                files.look(fold=True)  # what could not be staged folds in memory instead
+                dead = files.dead(BATCH)
+                folded = self._run_compaction(dead)
+                files.suspect(dead)  # any left in the glob: their pid lives again
+                files.look()  # the staged files leave the glob, the aggregates change
                 if folded or not self._recovered():
                     return []
                 return self._staged()
         except OSError as e:
             # e.g. a read-only mount: still serve, just without compaction.
             self._failed("lock", f"event=compaction_unavailable dir={self._path} error={e!r}")
-            files.look(fold=True)
             return []
 
-    def _run_compaction(self) -> bool:
-        """Compact; False if it failed and staged files may be waiting outside the aggregates."""
+    def _run_compaction(self, dead: list[str]) -> bool:
+        """Compact, staging the `dead` files (folding on); False if it failed and staged files
+        may be waiting outside the aggregates."""
         try:
-            report = compaction.compact(self._path, self._is_alive, stage_dead=self._compact)
+            report = compaction.compact(
+                self._path, self._is_alive, stage_dead=self._compact, names=dead
+            )
         except Exception as e:  # never fail the scrape; the files stay where the protocol left them
             self._failed("compaction", f"event=compaction_failed dir={self._path} error={e!r}")
             return False
