@@ -135,15 +135,20 @@ class AppFiles:
         self._live: dict[int, set[str]] = {}  # unfolded files by pid
         self._suspect_names: set[str] = set()
         self._suspect_pids: set[int] = set()
+        self._exists = is_alive  # this look's liveness check
         self._max_open = _max_open()
         self._kept = 0
         self.lock = threading.RLock()
 
     # -- a look --------------------------------------------------------------------------
 
-    def look(self) -> int:
-        """Bring the index up to date (module docstring); returns `generation`."""
+    def look(self, exists: Callable[[int], bool] | None = None) -> int:
+        """Bring the index up to date (module docstring); returns `generation`. `exists`
+        answers for pids in this look instead of kill(0), when the caller has one that shares
+        its answers (one kill(0) a pid for the whole scrape)."""
         with self.lock:
+            default = self.is_alive is state.pid_exists
+            self._exists = exists if exists is not None and default else self.is_alive
             self._look()
             self.looks += 1
             return self.generation
@@ -287,7 +292,7 @@ class AppFiles:
     def _recheck(self, pid: int, names: list[str], discard: list[str]) -> None:
         """A folded pid the kernel may have given out again: its files leave the fold if its
         process lives (it may write), or if one of them now says something else."""
-        if self.is_alive(pid):
+        if self._exists(pid):
             discard += names
             return
         for name in names:
@@ -334,7 +339,7 @@ class AppFiles:
                 return {pid for pid in pids if pid in running}
             except OSError:
                 pass
-        return {pid for pid in pids if self.is_alive(pid)}
+        return {pid for pid in pids if self._exists(pid)}
 
     def _read_unfolded(self) -> None:
         for name, f in list(self._unfolded.items()):

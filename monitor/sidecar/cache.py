@@ -180,7 +180,7 @@ class DirectoryInputs:
                     continue
                 own_files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         self._files.keep_only(own_files)
-        app = self.app.inputs() if self.app is not None else None
+        app = self.app.inputs(exists) if self.app is not None else None
         masters = self._live_masters(own_files, exists)
         here = (own_files, masters)
         sampled = None

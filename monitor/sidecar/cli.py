@@ -58,7 +58,7 @@ def _fold_switch(text: str) -> bool:
 # environment twin GUNICORN_MONITOR_COLLECTOR_<NAME> (true/false). All on by default: what they
 # cost is in the README's "Series per pod".
 COLLECTORS = {
-    "smaps": "pss, uss and swap of each worker and the master (smaps_rollup, once a minute)",
+    "smaps": "pss, uss and swap of each worker and the master (smaps_rollup, every 5 minutes)",
     "lifetime": "the worker lifetime histogram, by cause",
     "exit_memory": "the memory-at-exit histogram, by cause",
     "app": "the app's own prometheus_client multiprocess metrics in the shared directory",

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
@@ -160,11 +161,12 @@ class AppMetricsCollector:
             except Exception as e:  # e.g. the directory is gone; the looks say so
                 log.debug("event=app_files_audit_failed dir=%s error=%r", self._path, e)
 
-    def inputs(self) -> int:
+    def inputs(self, exists: Callable[[int], bool] | None = None) -> int:
         """What a collection would read, brought up to date, as one value: the index's
-        generation (monitor/sidecar/appindex.py), for the kept-body cache."""
+        generation (monitor/sidecar/appindex.py), for the kept-body cache. `exists`: the
+        caller's liveness check, shared with its own (see AppFiles.look)."""
         with self._lock, self.files.lock:
-            self._prepare()
+            self._prepare(exists=exists)
             return self.files.generation
 
     def collect(self) -> list[Metric]:
@@ -193,7 +195,9 @@ class AppMetricsCollector:
         (log.error if kind not in self._errors else log.debug)(line)
         self._error(kind)
 
-    def _prepare(self, drain: bool = False) -> list[tuple[DbName | None, str, str]]:
+    def _prepare(
+        self, drain: bool = False, exists: Callable[[int], bool] | None = None
+    ) -> list[tuple[DbName | None, str, str]]:
         """Bring the index up to date, then compact when there is anything to fold on disk:
         files staged (by the hooks, or an earlier fold-on run), or, folding on, a file that
         went from under the look (a hook staged it) or dead processes' files (BATCH at most:
@@ -202,7 +206,7 @@ class AppMetricsCollector:
         failed compaction left outside the aggregates, to read as they are.
         """
         files = self.files
-        files.look()
+        files.look(exists)
         pending = compaction.has_pending(self._path)
         dead = files.dead_count() and (drain or not self._draining)
         if not (pending or self._compact and (dead or files.vanished)):

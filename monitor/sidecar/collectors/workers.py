@@ -42,12 +42,13 @@ log = logging.getLogger("gunicorn_monitor")
 
 TYPES = ("rss", "pss", "uss", "swap")
 SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
-# Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which costs about ten
-# times what stat and statm do, and moves slowly) every FULL_EVERY samples: once a minute.
-# Measured with 64 workers scraped every second (benchmarks/exporter_cost.py), this keeps the
-# sidecar just under 1 % of a core.
+# Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which walks the
+# process's page tables: about 0.7 ms of kernel time for a Python worker, some forty times a
+# stat read, and moves slowly) every FULL_EVERY samples: every 5 minutes, each process in its
+# own turn (by slot), so that the cost is spread evenly instead of one burst. With 64 workers
+# (benchmarks/exporter_cost.py) smaps_rollup once a minute was most of the sidecar's CPU.
 INTERVAL = 2.0
-FULL_EVERY = 30
+FULL_EVERY = 150
 # How long a worker's last sample is kept after it was last seen, for its exit record: a sample
 # taken between its death and the journal's record of it no longer sees it.
 KEEP_GONE = 60.0
@@ -219,7 +220,6 @@ class WorkerSampler:
     def _sample(self) -> None:
         self._seen_change = state.last_change(self.layout)
         self._tick += 1
-        full = self.smaps and self._tick % FULL_EVERY == 1
         # Malformed files and rejected pids are counted by the lifecycle collector, which
         # reads the same files on every scrape; here they are only left out.
         masters = sorted(
@@ -230,12 +230,12 @@ class WorkerSampler:
         by_pid: dict[int, Sample] = {}
         for m in masters:
             key = (m.pid, m.start_time)
-            snap.master = self._measure(key, -1, full, snap) or snap.master
+            snap.master = self._measure(key, -1, snap) or snap.master
             snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
             for w in sorted(live.get(m.pid, ()), key=lambda w: w.spawned or 0):
-                s = self._measure((w.pid, w.spawned), w.slot, full, snap)
+                s = self._measure((w.pid, w.spawned), w.slot, snap)
                 if s is not None:
                     by_pid[s.pid] = s
                     snap.workers[s.slot] = s
@@ -256,7 +256,7 @@ class WorkerSampler:
         self._stat.keep(self._procs)
         self.snapshot = snap
 
-    def _measure(self, key: tuple, slot: int, full: bool, snap: Snapshot) -> Sample | None:
+    def _measure(self, key: tuple, slot: int, snap: Snapshot) -> Sample | None:
         """`key` is (pid, start): a pid reused by a new worker gets a new psutil.Process."""
         pid = key[0]
         try:
@@ -271,6 +271,7 @@ class WorkerSampler:
         except (psutil.AccessDenied, PermissionError):
             self._warn("access", f"event=worker_unreadable pid={pid} reason=access_denied")
             return None
+        full = (self._tick + slot) % FULL_EVERY == 0  # this process's turn
         if self.smaps and (full or pid not in self._full):
             self._full[pid] = self._full_memory(proc, snap)
         sample.memory.update(self._full.get(pid, {}))
