@@ -26,6 +26,7 @@ read is done, and /-/ready says so.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -133,6 +134,9 @@ class AppMetricsCollector:
         try:
             started = time.monotonic()
             self.inputs()
+            # What the first read made lives as long as the sidecar: out of the cyclic
+            # collector's way, or every full collection would scan it again.
+            gc.freeze()
             unfolded, folded = self.files.counts()
             log.info(
                 "event=app_files_read dir=%s files=%d dead_folded=%d seconds=%.3f",
@@ -147,13 +151,17 @@ class AppMetricsCollector:
             self.warming = False
         # Folding on: what the first read folded in memory goes to disk a batch at a time,
         # each under the lock, so that a scrape waits for one batch at most.
-        while self._compact and self.files.dead_count() and not self._stop.wait(0.01):
+        left = self.files.dead_count() if self._compact else 0
+        while left and not self._stop.wait(0.01):
             try:
                 with self._lock, self.files.lock:
                     self._prepare(drain=True)
             except Exception as e:
                 log.error("event=app_files_compaction_failed dir=%s error=%r", self._path, e)
                 break
+            left, before = self.files.dead_count(), left
+            if left >= before:
+                break  # none moved (a read-only directory, say): the scrapes go on trying
         self._draining = False
         while not self._stop.wait(rescan):
             try:
