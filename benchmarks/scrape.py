@@ -100,6 +100,17 @@ def build(directory: Path, size: int, real: int) -> int:
     return max(0, size - real)
 
 
+def dead_left(directory: Path) -> int:
+    """Dead workers' files still in the glob (their pids are above pid_max)."""
+    first = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return sum(1 for name in os.listdir(directory) if _pid(name) > first)
+
+
+def _pid(name: str) -> int:
+    ident = name[:-3].rpartition("_")[2]
+    return int(ident) if name.endswith(".db") and ident.isdigit() else 0
+
+
 def live_counter(directory: Path) -> Callable[[], None]:
     """A counter in `directory` owned by this (live) process, written by the library's own
     mmap path; returns its inc()."""
@@ -172,6 +183,9 @@ def measure_http(stock_dir: Path, fold_dir: Path, repeat: int) -> dict[str, floa
             procs.append(proc)
             first_s, _ = timed(functools.partial(http_scrape, ours_port), 1)
             result[f"{mode}_start_ms"] = (time.perf_counter() - spawned) * 1e3
+            if fold:  # the backlog goes to disk in the background: measured once it is there
+                wait_for(lambda d=directory: dead_left(d) == 0, 1800, "the backlog folded")
+                result["fold_drained_s"] = time.perf_counter() - spawned
             steady_s, steady_out = timed(functools.partial(http_scrape, ours_port), max(repeat, 50))
             # Nothing moved since the stock scrapes above: a quiet app's scrape.
             same = same and app_samples(steady_out) == app_samples(stock_out)
@@ -284,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         ("fold", "Over HTTP, --app-metrics.fold (dead workers' files folded on disk)"),
     ):
         out(f"{title}, end to end (request to last byte, OpenMetrics + gzip), same run:\n")
+        if mode == "fold":
+            drained = ", ".join(f"{r['files']:,}: {r['fold_drained_s']:.1f} s" for r in rows)
+            out(
+                "(its first scrape serves the backlog from memory; the backlog then goes to "
+                f"disk in the background, done after: {drained}; the rest is measured after)\n"
+            )
         out(
             f"{'dead workers':>12} {'stock ms':>9} {'ours ms':>8} {'changed ms':>11} "
             f"{'stock/ours':>10} {'stock/changed':>13} {'1st ms':>8} {'stock/1st':>9} "

@@ -236,8 +236,9 @@ def _serve(args: argparse.Namespace) -> int:
         problem = gate.problem()
         if problem is not None:
             return False, problem
-        if inputs.app is not None and inputs.app.warming:
-            return False, inputs.app.warming_reason()
+        busy = inputs.app.busy if inputs.app is not None else None
+        if busy is not None:
+            return False, busy
         if not any(m.alive for m in state.read(layout)[0]):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."

@@ -122,13 +122,23 @@ class AppMetricsCollector:
     def stop(self) -> None:
         self._stop.set()
 
-    def warming_reason(self) -> str:
-        """Why a scrape now would wait, in one line (for /-/ready)."""
-        done, total = self.files.progress
-        return (
-            f"reading the app's metric files in {self._path} once ({done} of {total} "
-            "dead processes' files folded so far); scrapes wait for it"
-        )
+    @property
+    def busy(self) -> str | None:
+        """Why a scrape now would wait, in one line (for /-/ready), or None: the first read
+        of the directory under way, or (folding on) a backlog of dead workers' files being
+        moved to disk, a batch at a time."""
+        if self.warming:
+            done, total = self.files.progress
+            return (
+                f"reading the app's metric files in {self._path} once ({done} of {total} "
+                "dead processes' files folded so far); scrapes wait for it"
+            )
+        if self._draining:
+            return (
+                f"moving {self.files.dead_count()} dead workers' app files in {self._path} to "
+                f"the aggregates, {BATCH} at a time; a scrape may wait for one batch"
+            )
+        return None
 
     def _run(self, rescan: float) -> None:
         try:

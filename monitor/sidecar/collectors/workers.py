@@ -8,7 +8,7 @@ predecessor's slot, so cardinality stays bounded however many workers come and g
 
 Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
 a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
-the last sample before a worker dies is at most one interval (2 s) old. That sample is what the
+the last sample before a worker dies is at most one interval (5 s) old. That sample is what the
 memory-at-exit histogram records, when the journal reports the exit and its cause.
 
 The histogram is kept in memory and served as a plain metric family: a prometheus_client
@@ -46,9 +46,11 @@ SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
 # process's page tables: about 0.7 ms of kernel time for a Python worker, some forty times a
 # stat read, and moves slowly) every FULL_EVERY samples: every 5 minutes, each process in its
 # own turn (by slot), so that the cost is spread evenly instead of one burst. With 64 workers
-# (benchmarks/exporter_cost.py) smaps_rollup once a minute was most of the sidecar's CPU.
-INTERVAL = 2.0
-FULL_EVERY = 150
+# scraped every second (benchmarks/exporter_cost.py), smaps_rollup once a minute was most of
+# the sidecar's CPU, and rss and CPU every 2 s (reading every master's state and every worker's
+# stat, some 20 us a worker) most of the rest: more than the stock exporter's whole cost.
+INTERVAL = 5.0
+FULL_EVERY = 60
 # How long a worker's last sample is kept after it was last seen, for its exit record: a sample
 # taken between its death and the journal's record of it no longer sees it.
 KEEP_GONE = 60.0
