@@ -115,20 +115,73 @@ class RenderedMetrics:
     def _render(self, encoder: Callable, content_type: str, families: list[Metric]) -> bytes:
         trailer = encoder(_Families([]))  # b"" for text, b"# EOF\n" for OpenMetrics
         last = self._texts.get(content_type, {})
-        texts: dict[str, tuple[tuple, bytes]] = {}
+        texts: dict[str, tuple[tuple, bytes, dict | bool | None]] = {}
         parts = []
         for f in families:
             key = (f.name, f.documentation, f.type, f.unit, tuple(f.samples))  # a copy
             kept = last.get(f.name)
             if kept is not None and kept[0] == key:
-                text = kept[1]
+                text, lines = kept[1], kept[2]
             else:
-                text = encoder(_Families([f]))
-                text = text[: len(text) - len(trailer)]
-            texts[f.name] = (key, text)
+                text, lines = self._family(encoder, trailer, f, kept)
+            texts[f.name] = (key, text, lines)
             parts.append(text)
         self._texts[content_type] = texts
         return b"".join(parts) + trailer
+
+    @staticmethod
+    def _family(
+        encoder: Callable, trailer: bytes, f: Metric, kept: tuple | None
+    ) -> tuple[bytes, dict | bool | None]:
+        """One family's text, and its lines by sample for the next time (None: not known yet
+        whether the family renders line by line; False: it does not).
+
+        Both exposition formats write a family as its header and then one line a sample, each
+        line from that sample alone, so a family of 256 worker samples of which two moved
+        renders two lines, each by the library itself (a family of that one sample, less its
+        header). A family renders whole when a sample is one the text format moves to a
+        section of its own (`_created`, `_gsum`, `_gcount`) or carries an exemplar or a native
+        histogram, and when its lines did not add up to the library's own text the first time
+        it had several samples (checked once a family)."""
+        known = kept[2] if kept is not None else None
+        separable = known is not False and all(_line_key(s) is not None for s in f.samples)
+        if separable and isinstance(known, dict):
+            lines = _lines(encoder, trailer, f, known)
+            return lines.pop(None) + b"".join(lines[_line_key(s)] for s in f.samples), lines
+        whole = encoder(_Families([f]))
+        whole = whole[: len(whole) - len(trailer)]
+        if not separable or len(f.samples) < 2:
+            return whole, known if separable else False
+        lines = _lines(encoder, trailer, f, {})
+        joined = lines.pop(None) + b"".join(lines[_line_key(s)] for s in f.samples)
+        return whole, lines if joined == whole else False
+
+
+def _line_key(s: Any) -> tuple | None:
+    """What a sample's line is made of, hashable; None for one that may not be a line alone."""
+    if s.exemplar is not None or getattr(s, "native_histogram", None) is not None:
+        return None
+    if s.name.endswith(("_created", "_gsum", "_gcount")):
+        return None
+    return (s.name, tuple(s.labels.items()), s.value, s.timestamp)
+
+
+def _lines(encoder: Callable, trailer: bytes, f: Metric, known: dict) -> dict:
+    """{line key: its line} for `f`'s samples (those in `known` reused), and {None: header}."""
+    empty = Metric(f.name, f.documentation, f.type, f.unit)
+    header = encoder(_Families([empty]))
+    header = header[: len(header) - len(trailer)]
+    lines: dict = {None: header}
+    for sample in f.samples:
+        key = _line_key(sample)
+        line = known.get(key)
+        if line is None:
+            one = Metric(f.name, f.documentation, f.type, f.unit)
+            one.samples = [sample]
+            text = encoder(_Families([one]))
+            line = text[len(header) : len(text) - len(trailer)]
+        lines[key] = line
+    return lines
 
 
 class DirectoryInputs:
