@@ -68,13 +68,6 @@ class Spans(NamedTuple):
     def __call__(self, pid: int) -> bool:
         return any(low <= pid <= high for low, high in self.ranges)
 
-    def of(self, pids: list[int]) -> list[int]:
-        """The members of sorted `pids` that fall in these spans."""
-        found: list[int] = []
-        for low, high in self.ranges:
-            found += pids[bisect.bisect_left(pids, low) : bisect.bisect_right(pids, high)]
-        return found
-
 
 EVERY = Spans(((0, PID_LIMIT),))
 NONE = Spans(())
