@@ -46,6 +46,7 @@ from monitor.sidecar.deadfiles import DEAD_FOLD, FOLDING_ON
 log = logging.getLogger(__name__)
 
 BATCH = 1024  # dead files a compaction stages at most, folding on: what one scrape may wait for
+DRAIN_AFTER = 10.0  # seconds after the first read that the backlog goes to disk, if no scrape
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class AppMetricsCollector:
         self.warming = False
         self._draining = False  # a background thread moves dead files to disk (folding on)
         self._stop = threading.Event()
+        self._scraped = threading.Event()  # a scrape took inputs (or collected)
 
     def stats(self) -> AppMetricsStats:
         """A snapshot of the counts (safe to call during a scrape)."""
@@ -143,7 +145,8 @@ class AppMetricsCollector:
     def _run(self, rescan: float) -> None:
         try:
             started = time.monotonic()
-            self.inputs()
+            with self._lock, self.files.lock:
+                self._prepare()
             # What the first read made lives as long as the sidecar: out of the cyclic
             # collector's way, or every full collection would scan it again.
             gc.freeze()
@@ -160,7 +163,10 @@ class AppMetricsCollector:
         finally:
             self.warming = False
         # Folding on: what the first read folded in memory goes to disk a batch at a time,
-        # each under the lock, so that a scrape waits for one batch at most.
+        # each under the lock, so that a scrape waits for one batch at most; from the first
+        # scrape on (or after DRAIN_AFTER seconds), so that the first scrape waits for none.
+        if self._compact:
+            self._scraped.wait(DRAIN_AFTER)
         left = self.files.dead_count() if self._compact else 0
         while left and not self._stop.wait(0.01):
             try:
@@ -185,6 +191,7 @@ class AppMetricsCollector:
         caller's liveness check, shared with its own (see AppFiles.look)."""
         with self._lock, self.files.lock:
             self._prepare(exists=exists)
+            self._scraped.set()
             return self.files.generation
 
     def collect(self) -> list[Metric]:
@@ -197,6 +204,7 @@ class AppMetricsCollector:
             with self.files.lock:
                 staged = self._prepare()
                 families = self._families(staged)
+            self._scraped.set()
             self._last, self._last_started = families, started
             self._bump(scrapes=1)
             return list(families)
