@@ -1,7 +1,9 @@
 """Captures: the stacks and requests of a worker the master gave up on, kept on disk, bounded.
 
 `gunicorn-monitor/captures/<microseconds since the epoch>-<pid>.json`, one JSON object each,
-written by the master (tmp file, then rename: a reader sees whole files only). The exit record
+written by the master (tmp file, then rename: a reader sees whole files only), every name
+relative to the fd of `captures/` it checked (contract/directory.py), never through a symlink:
+nothing outside it is ever listed, written or removed. The exit record
 in the journal names its capture (`"capture": "<file name>"`), and `gunicorn-monitor events
 --stacks` prints them.
 
@@ -13,10 +15,13 @@ stack in one capture is cut at MAX_STACK bytes (it says so: `truncated`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import stat
 
+from monitor.contract import directory as directories
 from monitor.contract.directory import Layout
 
 DIR = "captures"
@@ -56,28 +61,37 @@ def _names(path: str) -> list[str]:
         return []
 
 
-def save(layout: Layout, record: dict) -> tuple[str, int]:
-    """Write one capture; returns its file name and how many old ones were dropped for it."""
-    path = directory(layout)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+def save(captures_fd: int, record: dict) -> tuple[str, int]:
+    """Write one capture into the checked directory `captures_fd`; returns its file name and
+    how many old ones were dropped for it. OSError when it cannot be written."""
     data = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     fname = name(record["time"], record["pid"])
     existing = []
-    for n in _names(path):
+    for n in sorted(n for n in os.listdir(captures_fd) if _NAME.match(n)):
         with contextlib.suppress(OSError):
-            existing.append((n, os.stat(os.path.join(path, n)).st_size))
+            st = os.stat(n, dir_fd=captures_fd, follow_symlinks=False)
+            existing.append((n, st.st_size if stat.S_ISREG(st.st_mode) else 0))
     total = sum(size for _, size in existing)
     dropped = 0
     while existing and (len(existing) >= MAX_COUNT or total + len(data) > MAX_BYTES):
         old, size = existing.pop(0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, old))
+        with contextlib.suppress(OSError):
+            os.unlink(old, dir_fd=captures_fd)
         total -= size
         dropped += 1
-    tmp = os.path.join(path, f".{fname}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(path, fname))
+    tmp = f".{fname}.{os.getpid()}.tmp"
+    fd = directories.create_file(captures_fd, tmp, size=len(data))
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            os.close(fd)
+        os.rename(tmp, fname, src_dir_fd=captures_fd, dst_dir_fd=captures_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=captures_fd)
+        raise
     return fname, dropped
 
 
