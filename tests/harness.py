@@ -35,6 +35,10 @@ BIN = Path(sys.executable).parent
 # would fight over; older releases have neither the socket nor the flag (and reject the flag).
 NO_CONTROL_SOCKET = ("--no-control-socket",) if gunicorn.version_info >= (25, 1) else ()
 
+# Run as the unprivileged user `nobody` (as root: setpriv drops to it): another user than the
+# directory's owner, or the owner of a directory the tests give it.
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
 CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers"]
 WORKER_CLASSES = {
     "sync": ("sync", "examples.app:app"),
@@ -71,6 +75,16 @@ FAILING_WORKER_HOOK = (
     "    raise RuntimeError('injected fault')\n"
     "monitor.hooks.worker.instrument = _boom\n"
 )
+
+
+def ident_of(pid: int) -> str:
+    """The incarnation name a master of this pid gives its files."""
+    from monitor.contract import incarnation
+
+    try:
+        return f"{pid}-{incarnation.start_ticks(pid)}-{os.stat(f'/proc/{pid}/ns/pid').st_ino}"
+    except FileNotFoundError:
+        return f"{pid}-gone"
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
@@ -175,6 +189,7 @@ class Master:
             self.cmd[self.cmd.index(str(CONFIG))] = str(config)
         self.proc: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
+        self._ident: str | None = None
 
     @property
     def pid(self) -> int:
@@ -194,8 +209,22 @@ class Master:
             wait_for(lambda: http_get(self.url + "/", timeout=2)[0] == 200, 15, "app answers")
         return self
 
+    @property
+    def ident(self) -> str:
+        """The name its files carry (monitor/contract/incarnation.py): pid, start, namespace."""
+        if self._ident is None:  # while it runs: a gone process has no start time to read
+            self._ident = ident_of(self.pid)
+        return self._ident
+
+    def file(self, kind: str) -> Path:
+        """Its file of `kind`: counter, histogram, gauge_max, or master (its state file)."""
+        own = self.dir / "gunicorn-monitor"
+        if kind == "master":
+            return own / f"master-{self.ident}.json"
+        return own / f"{kind}_{self.ident}.db"
+
     def state(self) -> dict:
-        path = self.dir / "gunicorn-monitor" / f"master-{self.pid}.json"
+        path = self.file("master")
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):

@@ -31,6 +31,7 @@ from tests.harness import (
     ROOT,
     exits,
     http_get,
+    ident_of,
     kill_all,
     value,
     wait_for,
@@ -151,7 +152,7 @@ def test_removing_the_directory_costs_no_request_and_recording_resumes(
     remove(m.dir)
     assert serve(20) == 20
     # Recreated by the hooks on their next event, private.
-    wait_for(lambda: (own(m) / f"master-{m.pid}.json").exists(), 10, "the directory recreated")
+    wait_for(lambda: m.file("master").exists(), 10, "the directory recreated")
     assert own(m).stat().st_mode & 0o777 == 0o700
     e = make_exporter()
     spawned = value(e.scrape(), SPAWNS)
@@ -179,7 +180,10 @@ def test_a_hup_and_a_usr2_upgrade_work_with_the_directory_gone(
 
     def new_master() -> int | None:
         for child in psutil.Process(m.pid).children():
-            if child.pid not in old_workers and (own(m) / f"master-{child.pid}.json").exists():
+            if (
+                child.pid not in old_workers
+                and (own(m) / f"master-{ident_of(child.pid)}.json").exists()
+            ):
                 return child.pid
         return None
 
@@ -288,7 +292,7 @@ def test_a_read_only_directory_costs_no_request_and_a_hup_still_reloads(
 def test_garbage_in_place_of_a_count_file_is_never_adopted(make_master, make_exporter):
     m = make_master(workers=2, args=RECYCLE_EVERY_REQUEST).start()
     assert answered(m, 10) == 10
-    counter = own(m) / f"counter_{m.pid}.db"
+    counter = m.file("counter")
     garbage = own(m) / "garbage"
     garbage.write_bytes(b"\xff" * 8 + os.urandom(4096))
     garbage.rename(counter)
@@ -307,12 +311,12 @@ def test_a_symlink_or_fifo_in_place_of_a_file_is_never_written_through(make_mast
     victim = m.dir.parent / "victim"
     victim.write_bytes(b"precious\n")
     victim.chmod(0o600)
-    counter = own(m) / f"counter_{m.pid}.db"
+    counter = m.file("counter")
     journal = own(m) / "events.jsonl"
     for path in (counter, journal):
         path.unlink()
         path.symlink_to(victim)
-    deploy = own(m) / f"gauge_max_{m.pid}.db"
+    deploy = m.file("gauge_max")
     deploy.unlink()
     os.mkfifo(deploy)  # opening a FIFO nobody reads would hang: never opened that way
     assert answered(m, 10) == 10
@@ -487,7 +491,7 @@ def test_a_master_killed_mid_recycling_leaves_whole_counts(make_master, delay):
         stop.set()
         t.join(10)
     out = m.output()
-    entries = read_entries(str(own(m) / f"counter_{m.pid}.db"))  # whole, or BadFile
+    entries = read_entries(str(m.file("counter")))  # whole, or BadFile
     exited = sum(e.value for e in entries if e.name == "gunicorn_worker_exits_total")
     spawned = sum(e.value for e in entries if e.name == SPAWNS)
     # The log line of an exit comes just before its write: at most that one is missing.

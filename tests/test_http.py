@@ -189,7 +189,7 @@ def test_the_served_body_follows_gunicorn_at_the_very_next_scrape(make_master, m
     for n in range(2, 7):  # start() made one request
         assert http_get(m.url + "/")[0] == 200
         assert value(e.scrape(), "demo_requests_total", endpoint="/") == n
-    state = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
+    state = m.file("master")
     victim = m.worker_pids()[0]
     os.kill(victim, 9)
     wait_for(lambda: str(victim) not in state.read_text(), 10, "the master recorded the exit")

@@ -15,7 +15,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from tests.harness import CLASSES, ROOT, exits, http_get, value, wait_for
+from tests.harness import CLASSES, ROOT, exits, http_get, ident_of, value, wait_for
 
 
 def _background_get(url: str) -> threading.Thread:
@@ -196,7 +196,9 @@ def test_a_usr2_upgrade_retires_the_old_workers_as_reload(make_master, make_expo
         for child in psutil.Process(old.pid).children():
             if (
                 child.pid not in old_workers
-                and (old.dir / "gunicorn-monitor").joinpath(f"master-{child.pid}.json").exists()
+                and (old.dir / "gunicorn-monitor")
+                .joinpath(f"master-{ident_of(child.pid)}.json")
+                .exists()
             ):
                 return child.pid
         return None

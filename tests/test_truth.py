@@ -74,7 +74,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     m.wait_workers(2, exclude={pid})
     wait_for(lambda: value(e.scrape(), "gunicorn_worker_spawns_total") == 3, 10, "3 spawns")
     own = nobody_dir / "gunicorn-monitor"
-    counter = own / f"counter_{m.pid}.db"
+    counter = m.file("counter")
 
     def changed(n: int) -> None:
         """Any change to the directory makes the sidecar collect anew (cache.py); a chmod
@@ -97,7 +97,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     assert value(back, "gunicorn_worker_spawns_total") == 3
     assert exits(back) == {("killed", "SIGKILL"): 1.0}
 
-    master_state = own / f"master-{m.pid}.json"
+    master_state = m.file("master")
     master_state.chmod(0o000)  # whether the master is up can no longer be read
     changed(3)
     unsure = e.scrape()
@@ -121,7 +121,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
 
 def _forge_state(m, **changes) -> None:
     """Rewrite the live master's state file (the master rewrites it only when it changes)."""
-    path = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
+    path = m.file("master")
     forged = {**json.loads(path.read_text()), **changes}
     tmp = path.with_suffix(".forged")
     tmp.write_text(json.dumps(forged))

@@ -4,10 +4,14 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
 
 - `*.db` at the top: the application's own prometheus_client multiprocess files (served as is).
 - `gunicorn-monitor/`: what the hooks record, and nothing else writes there:
-  - `counter_<master pid>.db`, `histogram_<master pid>.db`, `gauge_max_<id>.db`: lifecycle
-    counts in prometheus_client's own file format, one writer per file;
-  - `master-<pid>.json`: the live state of one master (its workers, their slots);
-  - `events.jsonl` (+ `events.jsonl.1`): the journal, one JSON record per event;
+  - `counter_<ident>.db`, `histogram_<ident>.db`, `gauge_max_<ident>.db`: lifecycle counts in
+    prometheus_client's own file format, one writer per file, named for the master's
+    incarnation (contract/incarnation.py: pid, start tick, pid namespace), and
+    `gauge_max_deploy.db` (mark-deploy);
+  - `master-<ident>.json`: the live state of one master (its workers, their slots);
+  - `retired.json`: the counts of masters that are gone, folded by the sidecar
+    (sidecar/retirement.py), which then removes their files;
+  - `events.jsonl` (+ `events.jsonl.<rotated>`): the journal, one JSON record per event;
   - `notes/<worker pid>`: what a worker says about itself on its way out.
 
 Trust (README, "The directory's trust model"): `gunicorn-monitor/` and `notes/` must belong to
@@ -70,8 +74,9 @@ class Layout:
     def journal(self) -> str:
         return os.path.join(self.own, "events.jsonl")
 
-    def master_state(self, pid: int) -> str:
-        return os.path.join(self.own, f"master-{pid}.json")
+    def master_state(self, ident: str) -> str:
+        """The state file of the master incarnation `ident` (contract/incarnation.py)."""
+        return os.path.join(self.own, f"master-{ident}.json")
 
 
 def check_private(st: os.stat_result, path: str, top: bool = False) -> None:

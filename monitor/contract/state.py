@@ -19,9 +19,9 @@ import psutil
 from monitor.contract.directory import Layout, open_private
 
 
-def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> tuple[int, int]:
-    """Replace the state file atomically; returns its (st_dev, st_ino), for the writer to notice
-    when it is later removed or replaced.
+def write(layout: Layout, ident: str, state: dict, dir_fd: int | None = None) -> tuple[int, int]:
+    """Replace the state file of the incarnation `ident` (contract/incarnation.py) atomically;
+    returns its (st_dev, st_ino), for the writer to notice when it is later removed or replaced.
 
     Written relative to the checked `dir_fd` of `gunicorn-monitor/` (opened here when not
     given), never following a symlink: a temporary file created O_EXCL, then renamed.
@@ -29,10 +29,10 @@ def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> t
     if dir_fd is None:
         own = open_private(layout, create=True)
         try:
-            return write(layout, pid, state, own)
+            return write(layout, ident, state, own)
         finally:
             os.close(own)
-    name = os.path.basename(layout.master_state(pid))
+    name = os.path.basename(layout.master_state(ident))
     tmp = f"{name}.{os.getpid()}.tmp"
     data = json.dumps(state, separators=(",", ":")).encode()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -118,7 +118,8 @@ MAX_WORKERS = 10_000
 SLOT_CAP = 64
 _VERSION = re.compile(r"[0-9][0-9A-Za-z.+!-]{0,31}")  # PEP 440, bounded
 _WORKER_CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}")
-_NAME = re.compile(r"master-([0-9]{1,7})\.json")
+# master-<pid>.json (earlier versions) or master-<pid>-<start>-<pid namespace>.json
+_NAME = re.compile(r"master-([0-9]{1,7})(?:-[0-9]{1,20}-[0-9]{1,20})?\.json")
 
 
 class Malformed(ValueError):
@@ -167,7 +168,7 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
     masters, malformed, unreadable = [], 0, 0
     for path in sorted(glob.glob(os.path.join(layout.own, "master-*.json"))):
         name = _NAME.fullmatch(os.path.basename(path))
-        if name is None:  # not master-<pid>.json
+        if name is None:  # not master-<ident>.json
             malformed += 1
             continue
         try:

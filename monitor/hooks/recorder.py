@@ -37,7 +37,7 @@ import gunicorn
 import gunicorn.arbiter
 from prometheus_client import multiprocess
 
-from monitor.contract import appfiles, causes, directory, journal, metrics, state
+from monitor.contract import appfiles, causes, directory, incarnation, journal, metrics, state
 from monitor.contract.store import Store
 from monitor.hooks import classify, notes, oom, settings
 from monitor.hooks import contain as contain_module
@@ -75,7 +75,10 @@ class Monitor:
         self.server = server
         self.pid = os.getpid()
         self.layout = directory.Layout(directory.resolve())
-        self.store = Store(str(self.pid))
+        # Every file of ours is named for this process (pid, start, pid namespace): no later
+        # master continues it, and the sidecar retires it once we are gone.
+        self.ident = str(incarnation.own())
+        self.store = Store(self.ident)
         self._declare()
         self.disk = Disk(self.layout, self._count_fault)
         self.journal = journal.Journal(self.layout)
@@ -103,7 +106,7 @@ class Monitor:
         self.state_fields: Callable[[], dict] = dict
         os.register_at_fork(after_in_child=self._forked)
         self._wrap_arbiter()
-        self.disk.session(self._write_counts)  # adopt what an earlier master of our pid left
+        self.disk.session(self._write_counts)  # the first write (adopts a file of our own name)
 
     def _declare(self) -> None:
         """The usual series exist from the start at 0: recording one is then an in-place write,
@@ -222,7 +225,7 @@ class Monitor:
 
     def _write_state(self, fd: int) -> None:
         if not self.dirty and self.state_id is not None:
-            name = os.path.basename(self.layout.master_state(self.pid))
+            name = os.path.basename(self.layout.master_state(self.ident))
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 same = (st.st_dev, st.st_ino) == self.state_id
@@ -231,7 +234,7 @@ class Monitor:
             if same:
                 return
             self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
-        self.state_id = state.write(self.layout, self.pid, self._state(), fd)
+        self.state_id = state.write(self.layout, self.ident, self._state(), fd)
         self.dirty = False
 
     def _count_fault(self, fault: str) -> None:
