@@ -136,10 +136,20 @@ class RenderedMetrics:
 class DirectoryInputs:
     """The inputs of a collection over `layout` (see the module docstring), as one value."""
 
-    def __init__(self, layout: Layout, sampler: Any = None, gate: Any = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        sampler: Any = None,
+        gate: Any = None,
+        retirement: Callable[[], object] | None = None,
+    ) -> None:
+        """`retirement`: the state of the sidecar's retirement of gone masters' files
+        (retirement.Retirer.generation), an input of the lifecycle counts: the first
+        collection after its first pass serves counts the ones during it left out."""
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
+        self.retirement = retirement
         self._files = _UsedBytes()
         self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
@@ -187,6 +197,7 @@ class DirectoryInputs:
                         continue
                     files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         app_files, own_files = by_dir.values()
+        retiring = self.retirement() if self.retirement is not None else None
         self._files.keep_only({**app_files, **own_files})
         self._pids = pids
         alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
@@ -203,10 +214,10 @@ class DirectoryInputs:
         with self._parts_lock:
             self._parts = {
                 "app": (app_files, alive),
-                "lifecycle": (own_files, masters),
+                "lifecycle": (own_files, masters, retiring),
                 "workers": (own_files, masters, sampled),
             }
-        return (app_files, alive, *here, sampled)
+        return (app_files, alive, *here, sampled, retiring)
 
     def take_parts(self) -> dict[str, object]:
         """Each source's inputs as of the last call, once: for the collection that follows

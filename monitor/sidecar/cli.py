@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from monitor.contract import appfiles, directory, journal, metrics, state
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import cache, doctor, readiness, stacks, status, webconfig
+from monitor.sidecar import cache, doctor, readiness, retirement, stacks, status, webconfig
 from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
@@ -197,15 +197,17 @@ def build_registry(
     on = {name: True for name in COLLECTORS} | (enabled or {})
     sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"])
     sampler.start()
+    retirer = retirement.Retirer(layout)  # gone masters' files: folded, then removed
+    retirer.start()
     sources = {
-        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"]),
+        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"], retirer=retirer),
         "workers": WorkersCollector(sampler),
     }
     if on["app"]:
         sources["app"] = AppMetricsCollector(layout.root, compact=fold)
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, lambda: retirer.generation)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs

@@ -68,6 +68,7 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -127,15 +128,26 @@ class BadFile(Exception):
         self.kind = kind
 
 
-def read_entries(path: str) -> list[Entry]:
+def read_entries(path: str, dir_fd: int | None = None) -> list[Entry]:
     """Every entry of one file, fully validated, or BadFile; FileNotFoundError passes through.
 
     The library's reader has no error isolation and trusts the header: a negative `used` reads as
     an empty file and a negative entry length can walk backwards. So the header is checked here
-    and the library's entry parser (`_read_all_values`) is driven with bounds.
+    and the library's entry parser (`_read_all_values`) is driven with bounds. With `dir_fd`,
+    `path` is a name in that directory, opened without following a symlink, and only a regular
+    file is read (a FIFO would hang the reader).
     """
     try:
-        with open(path, "rb") as f:
+        if dir_fd is not None:
+            fd = os.open(
+                path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise BadFile("io", f"{path} is not a regular file")
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             data = f.read(mmap.PAGESIZE)  # what the library reads first, see mmap_dict.py
             if len(data) < 8:
                 raise BadFile("empty" if not data else "truncated", "no header")
