@@ -25,7 +25,11 @@ from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from tests.harness import ROOT, exits, value, wait_for
 
 NS = incarnation.namespace()
-LATER = time.time() + retirement.GRACE + 10  # a pass run after every state file's grace
+
+
+def later() -> float:
+    """The time of a pass run after every state file's grace."""
+    return time.time() + retirement.GRACE + 10
 
 
 def gone_ident(i: int) -> str:
@@ -83,7 +87,7 @@ def test_gone_masters_are_folded_once_and_their_files_removed(layout):
     assert value(before, "gunicorn_worker_spawns_total") == 302
     assert exits(before) == {("crash", "none"): 300.0}
 
-    report = retirement.retire(layout, now=LATER)
+    report = retirement.retire(layout, now=later())
     assert (report.folded, report.unreadable, report.waiting) == (800, 0, 0)  # 100 no histogram
     assert served(layout) == before  # not one sample moved
     assert names(layout) == {f"counter_{live}.db", f"gauge_max_{live}.db"} | {
@@ -95,7 +99,7 @@ def test_gone_masters_are_folded_once_and_their_files_removed(layout):
 
     write_master(layout, gone_ident(300), spawns=5)  # another master came and went
     before = served(layout)
-    assert retirement.retire(layout, now=LATER).folded == 2  # no crash: no histogram
+    assert retirement.retire(layout, now=later()).folded == 2  # no crash: no histogram
     assert served(layout) == before
     assert value(before, "gunicorn_worker_spawns_total") == 307
     assert len(names(layout)) == 6  # however many masters came and went
@@ -107,7 +111,7 @@ def test_files_of_another_namespace_or_a_running_master_are_never_retired(layout
     for ident in (own, other_ns):
         write_master(layout, ident)
     before = names(layout)
-    assert retirement.retire(layout, now=LATER).folded == 0
+    assert retirement.retire(layout, now=later()).folded == 0
     assert names(layout) == before | {retirement.LOCK}
 
 
@@ -117,10 +121,10 @@ def test_files_named_by_an_earlier_version_are_retired_once_this_namespace_is_pr
     proc = subprocess.Popen(["true"])
     proc.wait()  # a pid no process has now
     write_master(layout, str(proc.pid), spawns=4)
-    assert retirement.retire(layout, now=LATER).folded == 0  # cannot tell: kept
+    assert retirement.retire(layout, now=later()).folded == 0  # cannot tell: kept
     write_master(layout, str(incarnation.own()), spawns=1)
     before = served(layout)
-    assert retirement.retire(layout, now=LATER).folded == 2  # no crash: no histogram
+    assert retirement.retire(layout, now=later()).folded == 2  # no crash: no histogram
     assert served(layout) == before and value(before, "gunicorn_worker_spawns_total") == 5
     assert f"counter_{proc.pid}.db" not in names(layout)
 
@@ -138,12 +142,12 @@ def test_a_state_file_stays_while_its_orphans_run_and_for_its_grace(layout):
             os.close(fd)
         name = f"master-{ident}.json"
         assert retirement.retire(layout).waiting == 1  # within its grace
-        assert retirement.retire(layout, now=LATER).waiting == 1  # its orphan runs
+        assert retirement.retire(layout, now=later()).waiting == 1  # its orphan runs
         assert name in names(layout)
     finally:
         orphan.kill()
         orphan.wait()
-    assert retirement.retire(layout, now=LATER).waiting == 0
+    assert retirement.retire(layout, now=later()).waiting == 0
     assert name not in names(layout)
 
 
@@ -167,13 +171,13 @@ def test_a_retirement_killed_at_any_step_loses_and_doubles_nothing(layout, point
     expected = served(layout)
     for _ in range(2):  # killed, then killed again in the recovery's own pass
         result = subprocess.run(
-            [sys.executable, "-c", CRASHING_RETIREMENT, layout.root, point, str(LATER)],
+            [sys.executable, "-c", CRASHING_RETIREMENT, layout.root, point, str(later())],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             timeout=60,
         )
         assert result.returncode == -signal.SIGKILL, f"never reached {point}"
         assert served(layout) == expected  # what a reader sees right after the crash
-    retirement.retire(layout, now=LATER)
+    retirement.retire(layout, now=later())
     assert served(layout) == expected
     assert not [n for n in names(layout) if "1-1-" in n or n.endswith(".tmp")]
 

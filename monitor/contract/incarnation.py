@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import psutil
 
 _IDENT = re.compile(r"([0-9]{1,7})(?:-([0-9]{1,20})-([0-9]{1,20}))?")
+_STATE_FILE = re.compile(r"master-([0-9-]{1,50})\.json")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ def parse(ident: str) -> Incarnation | None:
     if found.group(2) is None:
         return Incarnation(int(found.group(1)), None, None)
     return Incarnation(int(found.group(1)), int(found.group(2)), int(found.group(3)))
+
+
+def of_state_file(name: str) -> Incarnation | None:
+    """The incarnation whose state file (`master-<ident>.json`) this is, or None."""
+    found = _STATE_FILE.fullmatch(name)
+    return parse(found.group(1)) if found is not None else None
 
 
 def namespace() -> int | None:

@@ -21,11 +21,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from monitor.contract import appfiles, directory, journal, metrics, state
+from monitor.contract import appfiles, directory, journal, metrics
 from monitor.contract.store import set_max_locked
 from monitor.sidecar import cache, doctor, readiness, retirement, stacks, status, webconfig
 from monitor.sidecar.collectors import scrape
@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
         problem = gate.problem()
         if problem is not None:
             return False, problem
-        if not any(m.alive for m in state.read(layout)[0]):
+        if not readiness.master_recorded(layout):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
@@ -272,17 +272,24 @@ def _events(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        records, _ = journal.read(layout)
-    except OSError as e:
-        sys.stderr.write(f"gunicorn-monitor: cannot read the journal: {e.filename}: {e.strerror}\n")
-        return 2
-    try:
-        for rec in records[-args.last :] if args.last > 0 else records:
-            sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
-        sys.stdout.flush()
+        # --last N reads from the end; all of it streams: memory never grows with the journal.
+        if args.last > 0:
+            records: Iterable[dict] = journal.last(layout, args.last)[0]
+            _write_records(records)
+        else:
+            with journal.Reader(layout) as reader:
+                _write_records(reader.records())
     except BrokenPipeError:  # `events | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        raise directory.DirectoryError(e.errno, directory.cannot_read(layout.own, e)) from None
     return 0
+
+
+def _write_records(records: Iterable[dict]) -> None:
+    for rec in records:
+        sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+    sys.stdout.flush()
 
 
 def _status(args: argparse.Namespace) -> int:

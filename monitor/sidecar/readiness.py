@@ -13,13 +13,15 @@ a master may be running there. Its scrapes carry only `gunicorn_exporter_errors_
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import directory, metrics
+from monitor.contract import directory, incarnation, metrics, state
 from monitor.contract.directory import Layout
 from monitor.sidecar.collectors.scrape import errors_family
 
@@ -63,6 +65,32 @@ class DirectoryGate:
             log.info("event=directory_missing dir=%s", self.layout.root)
         else:
             log.warning("event=directory_refused dir=%s reason=%r", self.layout.root, why)
+
+
+def master_recorded(layout: Layout) -> bool:
+    """A live master is recorded in the directory. Whatever the number of gone masters' state
+    files, only those whose name names a running process are read (contract/incarnation.py):
+    /-/ready answers in a listing and a /proc read per file, not a parse of each."""
+    try:
+        names = os.listdir(layout.own)
+    except OSError:
+        return False
+    candidates = {}
+    for name in names:
+        inc = incarnation.of_state_file(name)
+        if inc is not None:
+            candidates[name] = inc
+    judge = incarnation.Judge(candidates.values())
+    for name, inc in candidates.items():
+        if judge.running(inc) is False:
+            continue
+        try:
+            with open(os.path.join(layout.own, name), "rb") as f:
+                if state.parse(json.loads(f.read(1 << 20)), inc.pid).alive:
+                    return True
+        except (OSError, ValueError):
+            continue  # unreadable or malformed: says no master is live
+    return False
 
 
 class GatedCollector:

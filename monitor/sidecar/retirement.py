@@ -91,7 +91,6 @@ PERIOD = 30.0  # seconds between passes while a state file waits for its GRACE
 MAX_AGGREGATE = 16 * 1024 * 1024  # far above what the contract's series and one batch take
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_STATE = re.compile(r"master-([0-9]{1,7}(?:-[0-9]{1,20}-[0-9]{1,20})?)\.json")
 # Temporary files a writer of an incarnation leaves when it dies mid-write (store.py, state.py).
 _TEMPORARY = re.compile(
     r"\.(?:counter|histogram|gauge_max)_([0-9-]+)\.db\.[0-9]+\.tmp|master-([0-9-]+)\.json\.[0-9]+\.tmp"
@@ -248,10 +247,8 @@ def listing(
             db = parse_name(name)
             if db is not None:
                 count_files[name] = incarnation.parse(db.ident)
-        elif (found := _STATE.fullmatch(name)) is not None:
-            inc = incarnation.parse(found.group(1))
-            if inc is not None:
-                state_files[name] = inc
+        elif (inc := incarnation.of_state_file(name)) is not None:
+            state_files[name] = inc
         elif (found := _TEMPORARY.fullmatch(name)) is not None:
             inc = incarnation.parse(found.group(1) or found.group(2))
             if inc is not None:
