@@ -88,6 +88,7 @@ LOCK = ".retire.lock"
 BATCH = 5000  # count files folded per commit: what retired.json lists at most
 GRACE = 60.0  # seconds a gone master's state file stays after its last write (see `settled`)
 PERIOD = 30.0  # seconds between passes while a state file waits for its GRACE
+IDLE_PERIOD = 300.0  # and otherwise, when no scrape saw a gone master's file meanwhile
 MAX_AGGREGATE = 16 * 1024 * 1024  # far above what the contract's series and one batch take
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -448,7 +449,8 @@ def _unlink_all(dir_fd: int, names: Iterator[str] | frozenset[str] | list[str]) 
 
 class Retirer:
     """Runs retirement passes on a thread of its own: at start, when `wake()`d (a scrape saw a
-    gone master's files), and every PERIOD while a state file waits for its GRACE.
+    gone master's files), every PERIOD while a state file waits for its GRACE, and every
+    IDLE_PERIOD otherwise (a sidecar nobody scrapes still keeps the directory small).
 
     `writing` says whether this sidecar retires (False: it may not write the directory, or
     retired.json cannot be read; the collector then folds in memory). `first_pass` is True
@@ -478,7 +480,7 @@ class Retirer:
     def _run(self) -> None:
         while True:
             report = self.run_once()
-            self._wake.wait(PERIOD if report is not None and report.waiting else None)
+            self._wake.wait(PERIOD if report is not None and report.waiting else IDLE_PERIOD)
             self._wake.clear()
 
     def run_once(self) -> Report | None:
