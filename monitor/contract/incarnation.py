@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import psutil
 
@@ -38,8 +38,7 @@ _IDENT = re.compile(r"([0-9]{1,7})(?:-([0-9]{1,20})-([0-9]{1,20}))?")
 _STATE_FILE = re.compile(r"master-([0-9-]{1,50})\.json")
 
 
-@dataclass(frozen=True)
-class Incarnation:
+class Incarnation(NamedTuple):  # a tuple: hashed in C, for listings of thousands of them
     pid: int
     start: int | None  # clock ticks since boot; None for a file named by an earlier version
     namespace: int | None  # inode of its pid namespace
@@ -62,6 +61,8 @@ def parse(ident: str) -> Incarnation | None:
 
 def of_state_file(name: str) -> Incarnation | None:
     """The incarnation whose state file (`master-<ident>.json`) this is, or None."""
+    if not name.startswith("master-"):  # most names: no regex needed
+        return None
     found = _STATE_FILE.fullmatch(name)
     return parse(found.group(1)) if found is not None else None
 
@@ -76,6 +77,12 @@ def namespace() -> int | None:
 
 def start_ticks(pid: int) -> int | None:
     """When `pid` started, in clock ticks since boot; None if it has no process, or a zombie."""
+    try:
+        os.kill(pid, 0)  # a tenth of what a failed open of /proc/<pid>/stat costs
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

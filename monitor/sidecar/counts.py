@@ -63,23 +63,22 @@ def of_entries(typ: str, mode: str, entries: list[Entry]) -> FileCounts:
     counts = FileCounts(typ)
     tainted: set[tuple[str, Labels]] = set()
     foreign: list[tuple[metrics.Spec, Entry]] = []
+    gauge = typ == "gauge"
     for e in entries:
-        spec = SPECS.get(e.metric_name)
-        labels = dict(e.labels)
-        why = _invalid(spec, typ, e.name, labels, e.value)
-        if typ == "gauge" and mode != GAUGE_MODE and not why:
-            why = "rejected"  # a mode the hooks never write: its merge is not ours to guess
+        why, key, taint = _checked(typ, mode, e.key or (e.metric_name, e.name, e.labels), e)
+        value = e.value
+        if not why and not (value == value and abs(value) != math.inf and (gauge or value >= 0)):
+            why = "malformed"  # counts are finite and never negative
+            taint = _taint(SPECS[e.metric_name], e.labels)
         if why == "foreign":
-            foreign.append((spec, e))
+            foreign.append((SPECS[e.metric_name], e))
             continue
         if why:
             counts.error(why)
-            if spec is not None and spec.kind == "histogram":
-                labels.pop("le", None)
-                tainted.add((spec.name, tuple(sorted(labels.items()))))
+            if taint is not None:
+                tainted.add(taint)
             continue
-        key = (spec.name, e.name, e.labels)
-        counts.samples[key] = counts.samples.get(key, 0.0) + e.value
+        counts.samples[key] = counts.samples.get(key, 0.0) + value
     if foreign:
         _rebucket(counts, tainted, entries, foreign)
     if tainted:
@@ -88,6 +87,33 @@ def of_entries(typ: str, mode: str, entries: list[Entry]) -> FileCounts:
         for key in [k for k in counts.samples if (k[0], _without_le(k[2])) in tainted]:
             del counts.samples[key]
     return counts
+
+
+_CHECKED: dict[tuple, tuple[str, Key | None, tuple | None]] = {}
+
+
+def _checked(typ: str, mode: str, ident: object, e: Entry) -> tuple[str, Key | None, tuple | None]:
+    """What the contract says of an entry's key, whatever its value: why it may not be served
+    ("" if it may), its sample key, and the histogram label set it taints if it may not.
+    Kept by key: thousands of files repeat the same few dozen keys."""
+    known = _CHECKED.get((typ, mode, ident))
+    if known is None:
+        spec = SPECS.get(e.metric_name)
+        why = _invalid(spec, typ, e.name, dict(e.labels))
+        if typ == "gauge" and mode != GAUGE_MODE and not why:
+            why = "rejected"  # a mode the hooks never write: its merge is not ours to guess
+        key = (spec.name, e.name, e.labels) if spec is not None else None
+        taint = _taint(spec, e.labels) if why and why != "foreign" else None
+        known = (why, key, taint)
+        if len(_CHECKED) < 1 << 16:  # the contract's keys fit many times over; forged ones stop
+            _CHECKED[(typ, mode, ident)] = known
+    return known
+
+
+def _taint(spec: metrics.Spec | None, labels: Labels) -> tuple[str, Labels] | None:
+    if spec is None or spec.kind != "histogram":
+        return None
+    return spec.name, _without_le(labels)
 
 
 def _without_le(labels: Labels) -> Labels:
@@ -169,13 +195,11 @@ def families(
             yield family
 
 
-def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict, value: float) -> str:
-    """Why an entry may not be served ("rejected" or "malformed"), or "" if it may; "foreign"
-    for a well-formed bucket whose bound is not one of ours."""
+def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict) -> str:
+    """Why an entry's key may not be served ("rejected"), or "" if it may; "foreign" for a
+    well-formed bucket whose bound is not one of ours."""
     if spec is None or typ not in KINDS or typ != spec.kind:
         return "rejected"  # not a family of the contract, or in the wrong type of file
-    if not math.isfinite(value) or (spec.kind != "gauge" and value < 0):
-        return "malformed"  # counts are finite and never negative
     names, foreign = set(spec.labels), False
     if spec.kind == "counter":
         ok_name = name == spec.name + "_total"

@@ -70,16 +70,20 @@ class DirectoryGate:
 def master_recorded(layout: Layout) -> bool:
     """A live master is recorded in the directory. Whatever the number of gone masters' state
     files, only those whose name names a running process are read (contract/incarnation.py):
-    /-/ready answers in a listing and a /proc read per file, not a parse of each."""
+    /-/ready answers in a listing and a kill(0) per file, not a parse of each."""
     try:
         names = os.listdir(layout.own)
     except OSError:
         return False
     candidates = {}
     for name in names:
-        inc = incarnation.of_state_file(name)
-        if inc is not None:
-            candidates[name] = inc
+        if not name.startswith("master-") or not name.endswith(".json"):
+            continue
+        pid = name[len("master-") : -len(".json")].partition("-")[0]
+        if pid.isascii() and pid.isdigit() and len(pid) < 8 and state.pid_exists(int(pid)):
+            inc = incarnation.of_state_file(name)
+            if inc is not None:
+                candidates[name] = inc
     judge = incarnation.Judge(candidates.values())
     for name, inc in candidates.items():
         if judge.running(inc) is False:

@@ -369,6 +369,14 @@ def _pass(dir_fd: int, now: float, commits: contextlib.AbstractContextManager) -
     for name, pid in found.own_temporaries:
         if pid == os.getpid() or not state.pid_exists(pid):
             report.removed += _unlink(dir_fd, name)
+    # State files first: every reader of the directory reads each of them (a scrape, the
+    # sampler, /-/ready), the count files are read once.
+    for name, inc in found.state_files.items():
+        if found.judge.gone(inc):
+            if settled(dir_fd, name, now):
+                report.removed += _unlink(dir_fd, name)
+            else:
+                report.waiting += 1
     gone = sorted(n for n in found.count_files if n not in current.listed and found.gone(n))
     for start in range(0, len(gone), BATCH):
         total = dict(current.samples)
@@ -392,12 +400,6 @@ def _pass(dir_fd: int, now: float, commits: contextlib.AbstractContextManager) -
             report.folded += len(folded)
             report.removed += _unlink_all(dir_fd, folded)  # 4.
         current = Retired(total, frozenset(folded))
-    for name, inc in found.state_files.items():
-        if found.judge.gone(inc):
-            if settled(dir_fd, name, now):
-                report.removed += _unlink(dir_fd, name)
-            else:
-                report.waiting += 1
     for name, inc in found.temporaries:
         if found.judge.gone(inc):
             report.removed += _unlink(dir_fd, name)
