@@ -27,6 +27,10 @@ import psutil
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.contract import causes, directory, incarnation, metrics, state
+from monitor.contract.directory import Layout
+from monitor.contract.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "gunicorn.conf.py"
 BIN = Path(sys.executable).parent
@@ -79,8 +83,6 @@ FAILING_WORKER_HOOK = (
 
 def ident_of(pid: int) -> str:
     """The incarnation name a master of this pid gives its files."""
-    from monitor.contract import incarnation
-
     try:
         return f"{pid}-{incarnation.start_ticks(pid)}-{os.stat(f'/proc/{pid}/ns/pid').st_ino}"
     except FileNotFoundError:
@@ -370,6 +372,27 @@ def write_multiprocess_file(path: Path, entries: list[tuple[Any, str, dict, floa
             f.write_value(key, v, 0.0)
     finally:
         f.close()
+
+
+def write_master(layout: Layout, ident: str, spawns: int = 1, crashes: int = 0) -> None:
+    """A master's counts and state, as the recorder writes them (its usual series declared)."""
+    fd = directory.open_private(layout)
+    try:
+        s = Store(ident)
+        for spec in (metrics.WORKER_SPAWNS, metrics.WORKER_RESTARTS, metrics.MASTER_RELOADS):
+            s.declare(spec)
+        for cause, sig in causes.KNOWN_EXITS:
+            s.declare(metrics.WORKER_EXITS, cause=cause, signal=sig)
+        s.inc(metrics.WORKER_SPAWNS, spawns)
+        if crashes:
+            s.inc(metrics.WORKER_EXITS, crashes, cause="crash", signal="none")
+            s.observe(metrics.WORKER_LIFETIME, 5.0, cause="crash")
+        s.set_max(metrics.LAST_DEPLOY, 1_700_000_000.0 + spawns)
+        s.write(fd)
+        pid = int(ident.split("-")[0])
+        state.write(layout, ident, {"pid": pid, "start_time": 1.0, "workers": {}}, fd)
+    finally:
+        os.close(fd)
 
 
 def promtool_path() -> str | None:

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from monitor.contract import causes, directory, incarnation, metrics, state
+from monitor.contract import directory, incarnation, state
 from monitor.contract.directory import Layout
-from monitor.contract.store import Store
 from monitor.sidecar import retirement
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
-from tests.harness import ROOT, exits, value, wait_for
+from tests.harness import ROOT, exits, value, wait_for, write_master
 
 NS = incarnation.namespace()
 
@@ -36,27 +35,6 @@ def gone_ident(i: int) -> str:
     """An incarnation of this namespace that no process has: start tick 1 (none but the first
     processes of the boot started then) of a pid above what this test will meet."""
     return f"{1_000_000 + i}-1-{NS}"
-
-
-def write_master(layout: Layout, ident: str, spawns: int = 1, crashes: int = 0) -> None:
-    """A master's counts and state, as the recorder writes them (its usual series declared)."""
-    fd = directory.open_private(layout)
-    try:
-        s = Store(ident)
-        for spec in (metrics.WORKER_SPAWNS, metrics.WORKER_RESTARTS, metrics.MASTER_RELOADS):
-            s.declare(spec)
-        for cause, sig in causes.KNOWN_EXITS:
-            s.declare(metrics.WORKER_EXITS, cause=cause, signal=sig)
-        s.inc(metrics.WORKER_SPAWNS, spawns)
-        if crashes:
-            s.inc(metrics.WORKER_EXITS, crashes, cause="crash", signal="none")
-            s.observe(metrics.WORKER_LIFETIME, 5.0, cause="crash")
-        s.set_max(metrics.LAST_DEPLOY, 1_700_000_000.0 + spawns)
-        s.write(fd)
-        pid = int(ident.split("-")[0])
-        state.write(layout, ident, {"pid": pid, "start_time": 1.0, "workers": {}}, fd)
-    finally:
-        os.close(fd)
 
 
 def served(layout: Layout) -> dict:
