@@ -37,6 +37,18 @@ def gone_ident(i: int) -> str:
     return f"{1_000_000 + i}-1-{NS}"
 
 
+def retire_settled(layout: Layout) -> retirement.Report:
+    """Retirement passes as the sidecar runs them after every grace: the state files go too
+    (a second pass, GRACE after the first saw their workers gone)."""
+    quiet: dict[str, float] = {}
+    report = retirement.retire(layout, now=later(), quiet=quiet)
+    again = retirement.retire(layout, now=later() + retirement.GRACE, quiet=quiet)
+    report.folded += again.folded
+    report.removed += again.removed
+    report.waiting = again.waiting
+    return report
+
+
 def served(layout: Layout) -> dict:
     """Every sample the lifecycle collector serves, read in memory (it retires nothing)."""
     out = {}
@@ -65,7 +77,7 @@ def test_gone_masters_are_folded_once_and_their_files_removed(layout):
     assert value(before, "gunicorn_worker_spawns_total") == 302
     assert exits(before) == {("crash", "none"): 300.0}
 
-    report = retirement.retire(layout, now=later())
+    report = retire_settled(layout)
     assert (report.folded, report.unreadable, report.waiting) == (800, 0, 0)  # 100 no histogram
     assert served(layout) == before  # not one sample moved
     assert names(layout) == {f"counter_{live}.db", f"gauge_max_{live}.db"} | {
@@ -77,7 +89,7 @@ def test_gone_masters_are_folded_once_and_their_files_removed(layout):
 
     write_master(layout, gone_ident(300), spawns=5)  # another master came and went
     before = served(layout)
-    assert retirement.retire(layout, now=later()).folded == 2  # no crash: no histogram
+    assert retire_settled(layout).folded == 2  # no crash: no histogram
     assert served(layout) == before
     assert value(before, "gunicorn_worker_spawns_total") == 307
     assert len(names(layout)) == 6  # however many masters came and went
@@ -102,15 +114,18 @@ def test_files_named_by_an_earlier_version_are_retired_once_this_namespace_is_pr
     assert retirement.retire(layout, now=later()).folded == 0  # cannot tell: kept
     write_master(layout, str(incarnation.own()), spawns=1)
     before = served(layout)
-    assert retirement.retire(layout, now=later()).folded == 2  # no crash: no histogram
+    assert retire_settled(layout).folded == 2  # no crash: no histogram
     assert served(layout) == before and value(before, "gunicorn_worker_spawns_total") == 5
     assert f"counter_{proc.pid}.db" not in names(layout)
 
 
-def test_a_state_file_stays_while_its_orphans_run_and_for_its_grace(layout):
+def test_a_state_file_stays_while_its_orphans_run_and_for_its_grace_after(layout):
+    """Whoever counts a dead master's orphans' exits reads them from its state file: the file
+    stays while one runs, and GRACE seconds after the retirement first saw none running."""
     ident = gone_ident(0)
     write_master(layout, ident)
     orphan = subprocess.Popen(["sleep", "60"])  # started before the state file's last write
+    quiet: dict[str, float] = {}
     try:
         fd = directory.open_private(layout)
         try:
@@ -119,14 +134,17 @@ def test_a_state_file_stays_while_its_orphans_run_and_for_its_grace(layout):
         finally:
             os.close(fd)
         name = f"master-{ident}.json"
-        assert retirement.retire(layout).waiting == 1  # within its grace
-        assert retirement.retire(layout, now=later()).waiting == 1  # its orphan runs
+        assert retirement.retire(layout, quiet=quiet).waiting == 1  # within its grace
+        assert retirement.retire(layout, now=later(), quiet=quiet).waiting == 1  # orphan runs
         assert name in names(layout)
     finally:
         orphan.kill()
         orphan.wait()
-    assert retirement.retire(layout, now=later()).waiting == 0
-    assert name not in names(layout)
+    now = later()
+    assert retirement.retire(layout, now=now, quiet=quiet).waiting == 1  # seen gone just now
+    grace = now + retirement.GRACE
+    assert retirement.retire(layout, now=grace, quiet=quiet).waiting == 0
+    assert name not in names(layout) and quiet == {}
 
 
 CRASHING_RETIREMENT = """
@@ -155,7 +173,7 @@ def test_a_retirement_killed_at_any_step_loses_and_doubles_nothing(layout, point
         )
         assert result.returncode == -signal.SIGKILL, f"never reached {point}"
         assert served(layout) == expected  # what a reader sees right after the crash
-    retirement.retire(layout, now=later())
+    retire_settled(layout)
     assert served(layout) == expected
     assert not [n for n in names(layout) if "1-1-" in n or n.endswith(".tmp")]
 

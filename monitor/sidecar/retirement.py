@@ -27,10 +27,11 @@ what it has. Never the hooks: Gunicorn never waits on this, reads these files, o
 Which: a file is retired when the incarnation it is named for is gone, as judged by this
 sidecar in the same pid namespace (incarnation.Judge; a file of another namespace is never
 judged). Counts go at once. A state file goes once GRACE seconds have passed since its master
-last wrote it and none of the workers it lists still runs (an orphan that outlived its
-master: whoever counts the exits of a dead master's orphans reads them from that file, and
-GRACE is the time it has to do so; `settled`). A file that cannot be read is left where it is
-(collectors/lifecycle.py skips and counts it), never folded half and never removed.
+last wrote it and since this sidecar first saw none of the workers it lists running (an orphan
+that outlived its master: whoever counts the exits of a dead master's orphans reads them from
+that file, and has GRACE seconds after the last one exits; `settled`). A file that cannot be
+read is left where it is (collectors/lifecycle.py skips and counts it), never folded half and
+never removed.
 
 The protocol (a retirement killed at any instruction neither loses nor doubles a count):
   1. roll forward: every name the current retired.json lists is unlinked if still there (a
@@ -87,6 +88,7 @@ AGGREGATE = "retired.json"
 LOCK = ".retire.lock"
 BATCH = 5000  # count files folded per commit: what retired.json lists at most
 GRACE = 60.0  # seconds a gone master's state file stays after its last write (see `settled`)
+ANCIENT = 3600.0  # a state file last written this long ago: its orphans had their time
 PERIOD = 30.0  # seconds between passes while a state file waits for its GRACE
 IDLE_PERIOD = 300.0  # and otherwise, when no scrape saw a gone master's file meanwhile
 MAX_AGGREGATE = 16 * 1024 * 1024  # far above what the contract's series and one batch take
@@ -287,10 +289,12 @@ def _read_json(dir_fd: int, name: str) -> object:
         os.close(fd)
 
 
-def settled(dir_fd: int, name: str, now: float) -> bool:
-    """A gone master's state file may go: GRACE seconds since it was last written, and none of
-    the workers it lists runs a process that started before that write (an orphan: the file
-    is how its exit can still be counted). A file that says nothing readable goes after GRACE.
+def settled(dir_fd: int, name: str, now: float, quiet: dict[str, float]) -> bool:
+    """A gone master's state file may go: GRACE seconds since it was last written, and GRACE
+    since this sidecar first saw (`quiet`: name -> then) none of the workers it lists run a
+    process that started before that write: an orphan, whose exit is counted from this file
+    by whoever outlived the master. A file last written ANCIENT ago needs no such sighting.
+    A file that says nothing readable goes after GRACE.
     """
     try:
         mtime = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
@@ -302,8 +306,11 @@ def settled(dir_fd: int, name: str, now: float) -> bool:
     recorded = raw.get("workers") if isinstance(raw, dict) else None
     for pid in recorded if isinstance(recorded, dict) else ():
         if isinstance(pid, str) and pid.isascii() and pid.isdigit() and _orphan(int(pid), mtime):
+            quiet.pop(name, None)
             return False
-    return True
+    if now - mtime >= ANCIENT:
+        return True
+    return now - quiet.setdefault(name, now) >= GRACE
 
 
 def _orphan(pid: int, written: float) -> bool:
@@ -329,11 +336,15 @@ class NotOurs(Exception):
 
 
 def retire(
-    layout: Layout, now: float | None = None, commits: threading.Lock | None = None
+    layout: Layout,
+    now: float | None = None,
+    commits: threading.Lock | None = None,
+    quiet: dict[str, float] | None = None,
 ) -> Report:
     """One retirement pass (the module docstring's protocol); NotOurs if this process may not
     write the directory, Unreadable if retired.json cannot be read. `commits` is held around
-    each commit and its unlinks: a reader in this process that holds it never reads again."""
+    each commit and its unlinks: a reader in this process that holds it never reads again.
+    `quiet`: what earlier passes saw of state files' orphans (`settled`), kept by the caller."""
     try:
         dir_fd = directory.open_private(layout, create=False)
     except OSError as e:
@@ -341,12 +352,15 @@ def retire(
             return Report()  # no Gunicorn has run here yet: nothing to retire
         raise NotOurs(str(e)) from None
     try:
-        return _locked(dir_fd, time.time() if now is None else now, commits)
+        when = time.time() if now is None else now
+        return _locked(dir_fd, when, commits, {} if quiet is None else quiet)
     finally:
         os.close(dir_fd)
 
 
-def _locked(dir_fd: int, now: float, commits: threading.Lock | None) -> Report:
+def _locked(
+    dir_fd: int, now: float, commits: threading.Lock | None, quiet: dict[str, float]
+) -> Report:
     try:
         lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=dir_fd)
     except OSError as e:
@@ -356,12 +370,14 @@ def _locked(dir_fd: int, now: float, commits: threading.Lock | None) -> Report:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return Report(busy=True)  # another sidecar is retiring: its work, not ours
-        return _pass(dir_fd, now, commits or contextlib.nullcontext())
+        return _pass(dir_fd, now, commits or contextlib.nullcontext(), quiet)
     finally:
         os.close(lock)
 
 
-def _pass(dir_fd: int, now: float, commits: contextlib.AbstractContextManager) -> Report:
+def _pass(
+    dir_fd: int, now: float, commits: contextlib.AbstractContextManager, quiet: dict[str, float]
+) -> Report:
     report = Report()
     current = read(dir_fd)
     report.removed += _unlink_all(dir_fd, current.listed)  # 1. roll forward
@@ -371,12 +387,16 @@ def _pass(dir_fd: int, now: float, commits: contextlib.AbstractContextManager) -
             report.removed += _unlink(dir_fd, name)
     # State files first: every reader of the directory reads each of them (a scrape, the
     # sampler, /-/ready), the count files are read once.
+    waiting = set()
     for name, inc in found.state_files.items():
         if found.judge.gone(inc):
-            if settled(dir_fd, name, now):
+            if settled(dir_fd, name, now, quiet):
                 report.removed += _unlink(dir_fd, name)
             else:
-                report.waiting += 1
+                waiting.add(name)
+    for name in set(quiet) - waiting:
+        del quiet[name]  # removed, or no longer there: nothing to remember
+    report.waiting = len(waiting)
     gone = sorted(n for n in found.count_files if n not in current.listed and found.gone(n))
     for start in range(0, len(gone), BATCH):
         total = dict(current.samples)
@@ -471,6 +491,7 @@ class Retirer:
         self._wake = threading.Event()
         self._said: str | None = None
         self.errors: dict[str, int] = {}
+        self._quiet: dict[str, float] = {}  # state files whose orphans were last seen gone
         self._thread = threading.Thread(target=self._run, name="retirement", daemon=True)
 
     def start(self) -> None:
@@ -488,7 +509,7 @@ class Retirer:
     def run_once(self) -> Report | None:
         started = time.monotonic()
         try:
-            report = retire(self.layout, commits=self.lock)
+            report = retire(self.layout, commits=self.lock, quiet=self._quiet)
             self._state(None)
         except NotOurs as e:
             report = None
