@@ -8,7 +8,8 @@ Files, in `gunicorn-monitor/`:
 
     events.jsonl                 the live file: every record is appended here
     events.jsonl.<ns>-<pid>      rotated files, <ns> the rotation's time (20 digits: they sort
-                                 in the order they were rotated)
+                                 in the order they were rotated, unless the wall clock was set
+                                 back in between)
     events.jsonl.1               rotated by an earlier version: the oldest, if there
 
 The rules:

@@ -4,8 +4,9 @@ Counts come from the prometheus_client files in the monitor's subdirectory, one 
 incarnation (contract/incarnation.py), each checked against the contract by sidecar/counts.py,
 plus `retired.json`: the counts of masters that are gone, whose files the sidecar's retirement
 (sidecar/retirement.py) folded and removed. A file that retired.json names is skipped (it is
-being removed); retired.json is read first and checked again after the files, and the read is
-made again if it was replaced meanwhile, so a retirement in any process never makes a count
+being removed); retired.json is opened first and held open while the files are listed and
+read, and the read is made again if a retirement renamed another over it meanwhile (an open
+file's inode is never given to another), so a retirement in any process never makes a count
 appear twice or go missing.
 
 A gone master's files are final: each is read once and folded into a sum kept in memory (made
@@ -23,15 +24,15 @@ user's, a FIFO or a symlink in its place) is skipped and counted
 "unreadable"}`), and every other file and family is still served. But never a drop: the counts
 are sums over files, and a sum that goes down is a counter reset to Prometheus, from which
 increase() would invent as many exits as the file held. So a file this sidecar read good before
-(a live master's, or retired.json) that now cannot be read, or that vanished while its master
-runs (the master writes it again within a loop turn), is served with the values last read from
-it, for as long as it stays so: the closest thing to the truth there is, since the master
-only ever adds to them. What is left is said plainly: a file never read good is simply
-missing from the sums, so while one of a type is missing, no series of that type starts at 0
-(counts._with_defaults): it may be the one that file holds. (One case is not covered: a gone
-master's file that became unreadable after it was folded, when the fold must be made again
-because another gone master's file vanished: the rebuild leaves it out. Folds are made again
-only when a retirement removed files, promptly after the master's death.)
+(a live master's, one of a master since gone, retired.json) that now cannot be read, or that
+vanished while its master runs (the master writes it again within a loop turn), is served with
+the values last read from it, for as long as it stays so: the closest thing to the truth there
+is, since the master only ever adds to them. What is left is said plainly: a file never read
+good is simply missing from the sums, so while one of a type is missing, no series of that type
+starts at 0 (counts._with_defaults): it may be the one that file holds. (One case is not
+covered: a gone master's file that became unreadable after it was folded, when the fold must be
+made again because another gone master's file vanished: the rebuild leaves it out. Folds are
+made again only when a retirement removed files, promptly after the master's death.)
 
 A directory that cannot be listed or opened leaves out everything here.
 
