@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PROMETHEUS_MULTIPROC_DIR=/run/gunicorn-monitor \
     XDG_RUNTIME_DIR=/run/gunicorn \
-    HEALTHCHECK_URL=http://127.0.0.1:8000/
+    HEALTHCHECK_URL=tcp://127.0.0.1:8000
 
 WORKDIR /srv/app
 
@@ -43,8 +43,11 @@ USER 10001:10001
 
 EXPOSE 8000 9971
 
-# curl is not in slim images; the sidecar sets HEALTHCHECK_URL to its /-/healthy endpoint.
+# The app's health is its master: a connection to the port the master listens on, which the
+# kernel accepts into the backlog even while every worker is busy (a timeout storm must not
+# make the app "unhealthy" for an orchestrator to restart). Set HEALTHCHECK_URL with
+# GUNICORN_BIND. The sidecar sets an http:// URL, its /-/healthy. (curl is not in slim images.)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=3)"]
+    CMD ["python", "-c", "import os, socket, urllib.parse, urllib.request; u = urllib.parse.urlsplit(os.environ['HEALTHCHECK_URL']); socket.create_connection((u.hostname, u.port), 3).close() if u.scheme == 'tcp' else urllib.request.urlopen(u.geturl(), timeout=3)"]
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "examples.app:app"]

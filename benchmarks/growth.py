@@ -1,15 +1,16 @@
 """Bounded growth: the sidecar over 50,000 gone masters' files, and the CLI over a 200 MB journal.
 
-Part 1, gone masters. A real Gunicorn master (the project's gunicorn.conf.py, 2 sync workers)
-runs in a directory that also holds the files of --masters gone master incarnations (counts,
-histogram, deploy gauge and state file each, as the recorder writes them, last written a day
-ago): what months of restarts, or a crash loop without a sidecar, leave. In the same run:
+Part 1, dead masters. A real Gunicorn master (the project's gunicorn.conf.py, 2 sync workers)
+runs in a directory that also holds the files of --masters dead masters (counts, histogram,
+deploy gauge and state file saying `stopped` each, as the recorder leaves them at a clean exit,
+last written a day ago): what months of restarts, or of a Gunicorn without a sidecar, leave.
+In the same run:
 
 - the baseline, prometheus_client's own multiprocess exporter (`MultiProcessCollector` behind
   `start_http_server`) serving a hard-linked copy of the same counts files, as the one existing
   kind of exporter would: time to its first answer, its scrapes, its CPU;
 - `gunicorn-monitor serve`: time from its start to /-/ready answering 200, its first scrape,
-  the time until the counts are served (its first retirement pass folds the gone masters'
+  the time until the counts are served (its first retirement pass folds the dead masters'
   files into retired.json and removes them), the files left, its scrapes after that (as
   Prometheus asks: OpenMetrics, gzip; "unchanged" as a quiet app's, "changed" after a worker
   exit), and its CPU while scraped every --interval seconds (Prometheus' default 15 s).
@@ -47,7 +48,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.exporter_cost import BASELINE, HEADERS, start_exporter  # noqa: E402
-from monitor.contract import directory, incarnation  # noqa: E402
+from monitor.contract import directory  # noqa: E402
 from tests.harness import (  # noqa: E402
     BIN,
     Master,
@@ -64,32 +65,31 @@ SPAWNS = "gunicorn_worker_spawns_total"
 
 
 def gone_masters(shared: Path, n: int) -> int:
-    """The files of `n` gone master incarnations, a day old; returns the spawns they hold.
+    """The files of `n` dead masters, each accounted for (its state file says `stopped`, as a
+    clean exit leaves it), a day old; returns the spawns they hold.
 
     Four kinds of master (some crashed workers, some not) written by the recorder's own
-    writer once, then copied byte for byte under further names: a file's bytes do not name
-    its master. No process has their pid (above the kernel's pid_max) and start tick (1)."""
+    writer once, then copied byte for byte under further pids (only the state file names its
+    pid). No process has their pid: above the kernel's pid_max here."""
     layout = directory.Layout(str(shared))
     own = Path(layout.own)
-    ns = incarnation.namespace()
     templates = []
     for kind in range(4):
-        ident = f"{4_000_000 + kind}-1-{ns}"
-        write_master(layout, ident, spawns=1 + kind, crashes=kind % 2)
+        pid = 4_000_000 + kind
+        write_master(layout, pid, spawns=1 + kind, crashes=kind % 2)
         files = {}
-        for path in own.glob(f"*{ident}*"):
-            files[path.name.replace(ident, "{}")] = path.read_bytes()
+        for path in own.glob(f"*{pid}*"):
+            files[path.name.replace(str(pid), "{}")] = path.read_bytes()
             path.unlink()
         templates.append(files)
     day_ago = time.time() - 86400
     spawns = 0
     for i in range(n):
-        kind = i % 4
-        ident = f"{100_000 + i}-1-{ns}"
+        kind, pid = i % 4, 100_000 + i
         for pattern, data in templates[kind].items():
-            name = pattern.format(ident)
+            name = pattern.format(pid)
             if name.startswith("master-"):
-                data = data.replace(b'"pid":%d' % (4_000_000 + kind), b'"pid":%d' % (100_000 + i))
+                data = data.replace(b'"pid":%d' % (4_000_000 + kind), b'"pid":%d' % pid)
             fd = os.open(own / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, data)
             os.close(fd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import heatmap as hm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from monitor.contract import causes
 
 OUTPUT = Path(__file__).resolve().parent / "gunicorn.json"
 UID = "gunicorn-monitor"
@@ -196,7 +199,9 @@ def up_stat() -> stat.Panel:
             "Masters up",
             "none",
             q_instant(f"min by (instance) ({sel('gunicorn_up')})", "{{instance}}"),
+            w=4,
         )
+        .description("0 when no master is alive, or when the live one is stopped or wedged.")
         .mappings(
             [
                 dm.ValueMap(
@@ -216,10 +221,70 @@ def up_stat() -> stat.Panel:
     )
 
 
-def exits_rate(by: str, extra: str = "") -> str:
+def exits_in(window: str, extra: str = "") -> str:
+    """Worker exits in `window`, as the alerts count them (rules.yml, increase15m): a series
+    first seen inside the window counts whole, since increase() never sees a series born at 1
+    (the first exit of a kind the sidecar does not pre-create) move. First seen: fewer samples
+    in the window than the instance's exit series with the most."""
+    exits = sel("gunicorn_worker_exits_total", extra)
+    every = sel("gunicorn_worker_exits_total")
     return (
-        f"sum by ({by}) (increase({sel('gunicorn_worker_exits_total', extra)}[$__rate_interval]))"
+        f"({exits} and (count_over_time({exits}[{window}]) < on (job, instance) group_left "
+        f"max by (job, instance) (count_over_time({every}[{window}])))) "
+        f"or increase({exits}[{window}])"
     )
+
+
+def exits_rate(by: str, extra: str = "") -> str:
+    return f"sum by ({by}) ({exits_in('$__rate_interval', extra)})"
+
+
+def _any_of(values: frozenset[str]) -> str:
+    """A regex alternation of exactly these label values, in the contract's order."""
+    order = {v: i for i, v in enumerate(causes.CAUSES)}
+    return "|".join(sorted(values, key=lambda v: (order.get(v, len(order)), v)))
+
+
+# Every exit falls in exactly one group: what it means to an operator, and which alert acts on
+# it (dashboards/RUNBOOK.md). Each group is a regex over "cause:signal", tried in this order on
+# what the previous ones left: stray kills take their `signal` exits before crashes take the
+# rest. tests/test_dashboard.py holds the groups to the contract, through promtool.
+EXIT_GROUPS: tuple[tuple[str, str], ...] = (
+    ("stray kills", f"{causes.KILLED}:.*|{causes.SIGNAL}:({_any_of(causes.STOP_SIGNALS)})"),
+    ("crashes", f"({_any_of(causes.CRASHES)}):.*|{causes.SIGNAL}:.*"),
+    # Unplanned, neither a crash nor a stray kill: timeouts, OOM kills, boot failures.
+    (
+        "other unplanned",
+        f"({_any_of(causes.UNPLANNED - causes.CRASHES - {causes.KILLED, causes.SIGNAL})}):.*",
+    ),
+    ("planned", f"({_any_of(causes.PLANNED)}):.*"),
+    ("missing evidence", f"({_any_of(causes.MISSING_EVIDENCE)}):.*"),
+    ("after master death", f"({_any_of(causes.AFTER_MASTER_DEATH)}):.*"),
+)
+GROUPS_HELP = (
+    "Exits by what they mean: crashes (crash, clean_exit, a fault signal: page), stray kills "
+    "(killed, a stop signal the master did not send), other unplanned (timeout, oom, boot "
+    "failures), planned (reload, shutdown, scale_down, max_requests), missing evidence "
+    "(unknown: the monitor could not tell), after master death (orphaned)."
+)
+
+
+def group_of(cause: str, signal_label: str) -> str:
+    """The group `exits_by_group` gives an exit, as Prometheus applies the regexes (anchored)."""
+    label = f"{cause}:{signal_label}"
+    for name, regex in EXIT_GROUPS:
+        if re.fullmatch(regex, label):
+            label = name
+    return label
+
+
+def exits_by_group(window: str) -> str:
+    """Exits in `window` by group: a `group` label made of "cause:signal", then renamed by each
+    group's regex in turn (label_replace leaves a label its regex does not match as it was)."""
+    expr = f'label_join({exits_in(window)}, "group", ":", "cause", "signal")'
+    for name, regex in EXIT_GROUPS:
+        expr = f'label_replace({expr}, "group", "{name}", "group", "{regex}")'
+    return f"sum by (group) ({expr})"
 
 
 def per_slot_memory(kind: str) -> timeseries.Panel:
@@ -231,9 +296,20 @@ def per_slot_memory(kind: str) -> timeseries.Panel:
 
 def overview(d: dashboard.Dashboard) -> dashboard.Dashboard:
     """Is Gunicorn up, with all its workers, and since when."""
+    heartbeat = f"max by (instance) ({sel('gunicorn_master_heartbeat_age_seconds')})"
+    heartbeat_help = (
+        "Seconds since the master's main loop last turned, the largest over live masters. Past "
+        "the sidecar's bound a stopped or wedged master counts as down (gunicorn_up 0, alert "
+        "GunicornMasterDown)."
+    )
     return (
         d.with_row(dashboard.Row("Overview"))
         .with_panel(up_stat())
+        .with_panel(
+            single_stat(
+                "Master heartbeat age", "s", q_instant(heartbeat, "{{instance}}"), w=4
+            ).description(heartbeat_help)
+        )
         .with_panel(
             single_stat(
                 "Live / desired workers",
@@ -241,6 +317,7 @@ def overview(d: dashboard.Dashboard) -> dashboard.Dashboard:
                 q_instant(
                     f"sum({sel('gunicorn_workers')}) / sum({sel('gunicorn_workers_desired')})"
                 ),
+                w=4,
             )
             .description("Live workers as a share of the configured worker count.")
             .thresholds(
@@ -260,6 +337,7 @@ def overview(d: dashboard.Dashboard) -> dashboard.Dashboard:
                 "Since last deploy",
                 "s",
                 q_instant(f"time() - max({sel('gunicorn_last_deploy_timestamp_seconds')})"),
+                w=4,
             )
         )
         .with_panel(
@@ -270,6 +348,7 @@ def overview(d: dashboard.Dashboard) -> dashboard.Dashboard:
                     f"count by (version, worker_class) ({sel('gunicorn_build_info')})",
                     "{{version}} {{worker_class}}",
                 ),
+                w=8,
             ).text_mode(cm.BigValueTextMode.NAME)
         )
         .with_panel(
@@ -282,8 +361,12 @@ def overview(d: dashboard.Dashboard) -> dashboard.Dashboard:
                     "desired {{instance}}",
                     "B",
                 ),
-                w=24,
             ).min(0)
+        )
+        .with_panel(
+            graph("Master heartbeat age", "s", q(heartbeat, "{{instance}}"))
+            .min(0)
+            .description(heartbeat_help)
         )
     )
 
@@ -292,11 +375,17 @@ def exits(d: dashboard.Dashboard) -> dashboard.Dashboard:
     """Every worker exit by cause and by signal, and the spawns that replaced them."""
     return (
         d.with_row(dashboard.Row("Worker exits"))
+        .with_panel(
+            stacked_bars(
+                "Worker exits by group", q(exits_by_group("$__rate_interval"), "{{group}}")
+            ).description(GROUPS_HELP)
+        )
         .with_panel(stacked_bars("Worker exits by cause", q(exits_rate("cause"), "{{cause}}")))
         .with_panel(
             stacked_bars(
                 "Worker exits by signal",
                 q(exits_rate("signal", 'signal!="none"'), "{{signal}}"),
+                w=8,
             ).description(
                 "Exits that ended by a signal: SIGTERM (stop), SIGABRT (Gunicorn timeout), "
                 "SIGKILL (timeout escalation, OOM killer, kill -9)."
@@ -339,14 +428,18 @@ def exits(d: dashboard.Dashboard) -> dashboard.Dashboard:
         )
         .with_panel(
             bars(
+                "Exits in range by group",
+                "short",
+                q_instant(f"sort_desc({exits_by_group('$__range')})", "{{group}}"),
+                w=12,
+            ).description(GROUPS_HELP)
+        )
+        .with_panel(
+            bars(
                 "Exits in range by cause",
                 "short",
-                q_instant(
-                    "sort_desc(sum by (cause) "
-                    f"(increase({sel('gunicorn_worker_exits_total')}[$__range])))",
-                    "{{cause}}",
-                ),
-                w=8,
+                q_instant(f"sort_desc(sum by (cause) ({exits_in('$__range')}))", "{{cause}}"),
+                w=12,
             )
         )
     )

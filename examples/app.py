@@ -4,6 +4,9 @@
 /sleep?s=N   sleep N seconds (a long request: a timeout under the sync worker); with
              &ignore_abort=1 it ignores SIGABRT first, so the master must SIGKILL it
 /spin?s=N    hold the GIL in C code for about N seconds (a timeout on every worker class)
+/asleep?s=N  (ASGI) await asyncio.sleep(N): a long request that leaves the event loop free
+/busy?s=N    run Python bytecode for N seconds without yielding (a timeout on gevent and
+             eventlet, whose patched sleep yields; unlike /spin, a SIGABRT handler still runs)
 /exit?code=N os._exit(N) from inside the request (a crash)
 /alloc?mb=N  allocate N MiB and keep it (an OOM kill under a memory limit)
 
@@ -22,7 +25,7 @@ from prometheus_client import Counter
 # The app's own metrics, in prometheus_client's multiprocess mode (gunicorn.conf.py points
 # PROMETHEUS_MULTIPROC_DIR at the shared directory): the sidecar serves them beside its own.
 REQUESTS = Counter("demo_requests", "Requests the demo app answered, by endpoint.", ["endpoint"])
-ENDPOINTS = {"/", "/sleep", "/spin", "/exit", "/alloc", "/pid"}
+ENDPOINTS = {"/", "/sleep", "/asleep", "/spin", "/busy", "/exit", "/alloc", "/pid"}
 
 _hoard = []
 
@@ -46,6 +49,12 @@ def _spin(seconds: float) -> None:
     sum(range(int(seconds * 2e7)))
 
 
+def _busy(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
 def _sleep(query: str) -> None:
     if _number(query, "ignore_abort", 0):
         signal.signal(signal.SIGABRT, signal.SIG_IGN)
@@ -58,6 +67,8 @@ def _act(path: str, query: str) -> bytes:
         _sleep(query)
     elif path == "/spin":
         _spin(_number(query, "s", 1))
+    elif path == "/busy":
+        _busy(_number(query, "s", 1))
     elif path == "/exit":
         os._exit(int(_number(query, "code", 1)))
     elif path == "/alloc":
@@ -87,6 +98,10 @@ async def asgi_app(scope, receive, send):
         # Blocks the event loop on purpose: the heartbeat stops, as with any blocking call.
         REQUESTS.labels(path).inc()
         _sleep(query)
+        body = b"ok\n"
+    elif path == "/asleep":
+        REQUESTS.labels(path).inc()
+        await asyncio.sleep(_number(query, "s", 1))
         body = b"ok\n"
     else:
         body = _act(path, query)

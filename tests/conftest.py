@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,22 @@ def promtool() -> str:
     if not found:
         pytest.fail("promtool not found: run `source scripts/prometheus.sh` first", pytrace=False)
     return found
+
+
+@pytest.fixture
+def mount():
+    """mount(path, options): a tmpfs there for the test, lazily unmounted at its end."""
+    mounted: list[Path] = []
+
+    def do(path: Path, options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield do
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture

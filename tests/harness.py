@@ -7,6 +7,7 @@ test starts is killed by pid when the test ends.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import psutil
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.contract import causes, directory, incarnation, metrics, state
+from monitor.contract import causes, directory, metrics, state
 from monitor.contract.directory import Layout
 from monitor.contract.store import Store
 
@@ -43,13 +44,25 @@ NO_CONTROL_SOCKET = ("--no-control-socket",) if gunicorn.version_info >= (25, 1)
 # directory's owner, or the owner of a directory the tests give it.
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
-CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers"]
+# The worker classes the README declares supported, each run through the whole cause table.
+# eventlet: Gunicorn 22.0 to 25.x only (26.0 removed its worker), so on the oldest end.
+EVENTLET = gunicorn.version_info < (26,) and importlib.util.find_spec("eventlet") is not None
+CLASSES = ["sync", "gthread", "uvicorn", "uvicorn.workers", "gevent", "tornado"]
+CLASSES += ["eventlet"] if EVENTLET else []
+# Subclasses in a user's own module, as uvicorn-gunicorn-docker and many apps ship: resolved
+# through the worker-class table as their base (tests/user_workers.py).
+SUBCLASSES = ["uvicorn.subclass", "uvicorn.workers.subclass"]
 WORKER_CLASSES = {
     "sync": ("sync", "examples.app:app"),
     "gthread": ("gthread", "examples.app:app"),
     "uvicorn": ("uvicorn_worker.UvicornWorker", "examples.app:asgi_app"),
     # uvicorn's own, deprecated, still the most common in existing configs
     "uvicorn.workers": ("uvicorn.workers.UvicornWorker", "examples.app:asgi_app"),
+    "gevent": ("gevent", "examples.app:app"),
+    "tornado": ("tornado", "examples.app:app"),
+    "eventlet": ("eventlet", "examples.app:app"),
+    "uvicorn.subclass": ("tests.user_workers.AppWorker", "examples.app:asgi_app"),
+    "uvicorn.workers.subclass": ("tests.user_workers.LegacyAppWorker", "examples.app:asgi_app"),
 }
 
 
@@ -79,14 +92,6 @@ FAILING_WORKER_HOOK = (
     "    raise RuntimeError('injected fault')\n"
     "monitor.hooks.worker.instrument = _boom\n"
 )
-
-
-def ident_of(pid: int) -> str:
-    """The incarnation name a master of this pid gives its files."""
-    try:
-        return f"{pid}-{incarnation.start_ticks(pid)}-{os.stat(f'/proc/{pid}/ns/pid').st_ino}"
-    except FileNotFoundError:
-        return f"{pid}-gone"
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
@@ -191,7 +196,6 @@ class Master:
             self.cmd[self.cmd.index(str(CONFIG))] = str(config)
         self.proc: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
-        self._ident: str | None = None
 
     @property
     def pid(self) -> int:
@@ -211,19 +215,12 @@ class Master:
             wait_for(lambda: http_get(self.url + "/", timeout=2)[0] == 200, 15, "app answers")
         return self
 
-    @property
-    def ident(self) -> str:
-        """The name its files carry (monitor/contract/incarnation.py): pid, start, namespace."""
-        if self._ident is None:  # while it runs: a gone process has no start time to read
-            self._ident = ident_of(self.pid)
-        return self._ident
-
     def file(self, kind: str) -> Path:
         """Its file of `kind`: counter, histogram, gauge_max, or master (its state file)."""
         own = self.dir / "gunicorn-monitor"
         if kind == "master":
-            return own / f"master-{self.ident}.json"
-        return own / f"{kind}_{self.ident}.db"
+            return own / f"master-{self.pid}.json"
+        return own / f"{kind}_{self.pid}.db"
 
     def state(self) -> dict:
         path = self.file("master")
@@ -261,6 +258,17 @@ class Master:
 
         return wait_for(ready, timeout, f"{n} workers")
 
+    def heartbeating(self) -> None:
+        """Every worker has notified once: Gunicorn never times out a worker before its first
+        heartbeat (the file's first mtime is wall-clock time, compared with the monotonic
+        clock), and tornado's first one comes a second after it starts serving."""
+
+        def old_enough() -> bool:
+            ages = [time.time() - psutil.Process(p).create_time() for p in self.worker_pids()]
+            return bool(ages) and min(ages) > 1.5
+
+        wait_for(old_enough, 10, "workers past their first heartbeat")
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
@@ -276,7 +284,13 @@ class Master:
             return
         self.worker_pids()
         # Every process the master started, recorded or not (a worker forked after the last
-        # state read, a USR2 master): by pid, taken before the master goes and they are orphans.
+        # state read, a USR2 master): by pid, taken before the master goes and they are orphans,
+        # and with the master stopped first, so that it forks none after the list is taken (a
+        # HUP's new workers).
+        try:
+            os.kill(self.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
         try:
             spawned = [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:
@@ -374,11 +388,14 @@ def write_multiprocess_file(path: Path, entries: list[tuple[Any, str, dict, floa
         f.close()
 
 
-def write_master(layout: Layout, ident: str, spawns: int = 1, crashes: int = 0) -> None:
-    """A master's counts and state, as the recorder writes them (its usual series declared)."""
+def write_master(
+    layout: Layout, pid: int, spawns: int = 1, crashes: int = 0, stopped: bool = True
+) -> None:
+    """A master's counts and state, as the recorder writes them (its usual series declared);
+    `stopped`: its state says so, as a master's on_exit (or its orphans' counter) leaves it."""
     fd = directory.open_private(layout)
     try:
-        s = Store(ident)
+        s = Store(str(pid))
         for spec in (metrics.WORKER_SPAWNS, metrics.WORKER_RESTARTS, metrics.MASTER_RELOADS):
             s.declare(spec)
         for cause, sig in causes.KNOWN_EXITS:
@@ -389,8 +406,9 @@ def write_master(layout: Layout, ident: str, spawns: int = 1, crashes: int = 0) 
             s.observe(metrics.WORKER_LIFETIME, 5.0, cause="crash")
         s.set_max(metrics.LAST_DEPLOY, 1_700_000_000.0 + spawns)
         s.write(fd)
-        pid = int(ident.split("-")[0])
-        state.write(layout, ident, {"pid": pid, "start_time": 1.0, "workers": {}}, fd)
+        recorded = {"pid": pid, "start_time": 1.0, "start_ticks": 1, "version": "27.0.1"}
+        recorded |= {"worker_class": "sync", "workers": {}}
+        state.write(layout, pid, {**recorded, "stopped": stopped}, fd)
     finally:
         os.close(fd)
 

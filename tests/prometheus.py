@@ -1,9 +1,11 @@
-"""A real Prometheus server on loopback, for end-to-end tests of the rules and the dashboard.
+"""A real Prometheus and Alertmanager on loopback, and a webhook receiver, for end-to-end tests of
+the rules, their delivery and the dashboard.
 
-The binary is Debian's (`source scripts/prometheus.sh` puts it on PATH, extracted into .tools/);
-`binary()` finds it there even when PATH was not set up. The server gets a free port, storage in
-a temporary directory, a 1 s scrape and evaluation interval, and logs to a file whose tail
-`Prometheus.tail()` returns for assertion messages. It is killed by pid in `stop()`.
+The binaries are Debian's (`source scripts/prometheus.sh` puts them on PATH, extracted into
+.tools/); `binary()` finds them there even when PATH was not set up. Each server gets a free
+port, storage in a temporary directory, and logs to a file whose tail `tail()` returns for
+assertion messages. Each is killed by pid in `stop()`. Prometheus scrapes and evaluates every
+second.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import json
 import re
 import shutil
 import subprocess
+import threading
+import time
 import urllib.parse
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 from tests.harness import ROOT, free_port, http_get, kill_all, wait_for
 
@@ -50,47 +56,53 @@ def parse_duration(text: str) -> int:
     return sum(int(n) * units[u] for n, u in parts)
 
 
-class Prometheus:
-    def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path], job: str) -> None:
+S = TypeVar("S", bound="Server")
+
+
+class Server:
+    """One Debian server binary on loopback: its config, its log, and its process."""
+
+    name = "server"
+    storage_flag = "--storage.path"  # where its data goes, in the workdir
+    extra_args: tuple[str, ...] = ()
+
+    def __init__(self, workdir: Path, config: dict) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.config = self.workdir / "prometheus.yml"
-        self.log_path = self.workdir / "prometheus.log"
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
-        }
+        self.config = self.workdir / f"{self.name}.yml"
+        self.log_path = self.workdir / f"{self.name}.log"
         # JSON is YAML: no YAML writer needed for a config this small.
         self.config.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
-    def start(self, exe: str) -> Prometheus:
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self: S, exe: str) -> S:
+        args = [
+            f"--config.file={self.config}",
+            f"{self.storage_flag}={self.workdir / 'data'}",
+            f"--web.listen-address={self.address}",
+            "--log.level=info",
+            *self.extra_args,
+        ]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [
-                exe,
-                f"--config.file={self.config}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=info",
-            ],
-            stdout=self.log,
-            stderr=self.log,
-            cwd=self.workdir,
+            [exe, *args], stdout=self.log, stderr=self.log, cwd=self.workdir
         )
-        wait_for(self._ready, 20, "prometheus /-/ready")
+        wait_for(self._ready, 20, f"{self.name} /-/ready")
         return self
 
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {self.proc.returncode}\n{self.tail()}")
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.tail()}")
         return http_get(self.url + "/-/ready", timeout=2)[0] == 200
 
     def stop(self) -> None:
@@ -107,8 +119,32 @@ class Prometheus:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no prometheus log)"
-        return "--- prometheus log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+            return f"(no {self.name} log)"
+        return f"--- {self.name} log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Prometheus(Server):
+    name = "prometheus"
+    storage_flag = "--storage.tsdb.path"
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        rule_files: list[Path],
+        job: str,
+        alertmanager: str | None = None,
+    ) -> None:
+        config: dict = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+        }
+        if alertmanager:
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]
+            }
+        super().__init__(workdir, config)
 
     # -- HTTP API ---------------------------------------------------------------------------
 
@@ -154,3 +190,92 @@ def _unix(rfc3339: str) -> float:
     # fromisoformat takes at most microseconds: cut the fraction to six digits.
     text = re.sub(r"(\.\d{6})\d+", r"\1", rfc3339)
     return datetime.fromisoformat(text).timestamp()
+
+
+# Where Debian's build of Alertmanager reads its templates (compiled in); put there by
+# scripts/prometheus.sh.
+ALERTMANAGER_TEMPLATES = [
+    Path("/usr/share/prometheus/alertmanager") / name for name in ("default.tmpl", "email.tmpl")
+]
+
+
+class Alertmanager(Server):
+    """Every alert its own notification (group_by ...), sent a second after it arrives, with
+    its resolution, to one webhook. No cluster: nothing listens beyond loopback."""
+
+    name = "alertmanager"
+    extra_args = ("--cluster.listen-address=",)  # no gossip cluster: nothing beyond loopback
+
+    def __init__(self, workdir: Path, webhook_url: str) -> None:
+        config = {
+            "route": {
+                "receiver": "webhook",
+                "group_by": ["..."],
+                "group_wait": "1s",
+                "group_interval": "1s",
+                "repeat_interval": "1h",
+            },
+            "receivers": [
+                {
+                    "name": "webhook",
+                    "webhook_configs": [{"url": webhook_url, "send_resolved": True}],
+                }
+            ],
+        }
+        super().__init__(workdir, config)
+
+
+class Webhook:
+    """An Alertmanager webhook receiver: every notification's alerts, each with the time it came.
+
+    A stdlib HTTP server on a thread of the test process: the receiver is the test's own ear,
+    and needs nothing the standard library lacks.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, dict]] = []  # (arrival, one alert of a notification)
+        self._lock = threading.Lock()
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                arrived = time.time()
+                try:
+                    alerts = json.loads(body).get("alerts", [])
+                except ValueError:
+                    alerts = [{"status": "unparseable", "labels": {}, "body": body[:200]}]
+                with webhook._lock:
+                    webhook.received.extend((arrived, alert) for alert in alerts)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass  # the test asserts on what arrived; no access log
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> Webhook:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alerts(self, status: str = "firing", **labels: str) -> list[tuple[float, dict]]:
+        """(arrival, alert) of every alert received with this status and these labels."""
+        with self._lock:
+            return [
+                (at, a)
+                for at, a in self.received
+                if a.get("status") == status
+                and all(a.get("labels", {}).get(k) == v for k, v in labels.items())
+            ]
+
+    def first(self, status: str = "firing", **labels: str) -> float | None:
+        """When the first alert with this status and these labels arrived, or None."""
+        found = self.alerts(status, **labels)
+        return min(at for at, _ in found) if found else None

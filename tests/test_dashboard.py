@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from monitor.contract import causes, metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "dashboards" / "build_dashboard.py"
 COMMITTED = ROOT / "dashboards" / "gunicorn.json"
@@ -41,6 +43,7 @@ GAUGES = {
     "gunicorn_build_info": {"version", "worker_class"},
     "gunicorn_exporter_scrape_duration_seconds": set(),
     "gunicorn_workers_stuck_booting": set(),
+    "gunicorn_master_heartbeat_age_seconds": set(),
 }
 HISTOGRAMS = {
     "gunicorn_worker_lifetime_seconds": {"cause"},
@@ -99,6 +102,11 @@ def bare_names(expr: str) -> list[str]:
 def grouping_labels(expr: str) -> set[str]:
     found = re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
     return {label.strip() for group in found for label in group.split(",") if label.strip()}
+
+
+def made_labels(expr: str) -> set[str]:
+    """Labels the expression itself makes, with label_join or label_replace."""
+    return set(re.findall(r'\blabel_(?:join|replace)\(.*?,\s*"(\w+)"', expr))
 
 
 def matcher_labels(matchers: str) -> set[str]:
@@ -229,16 +237,113 @@ def test_queries_group_only_by_labels_the_metrics_have():
         labels = set(COMMON_LABELS)
         for name, _ in selectors(expr):
             labels |= CONTRACT[name]
-        assert grouping_labels(expr) <= labels, expr
+        assert grouping_labels(expr) <= labels | made_labels(expr), expr
 
 
-def test_the_exits_panel_is_the_documented_query(dash):
+def test_the_exits_panels_count_exits_as_the_alerts_do(dash):
+    """increase() alone, and a series born at 1 (a first SIGILL) newborn inside the window."""
     (panel,) = [p for p in panels(dash) if p["title"] == "Worker exits by cause"]
-    assert panel["targets"][0]["expr"] == (
-        'sum by (cause) (increase(gunicorn_worker_exits_total{job=~"$job",instance=~"$instance"}'
-        "[$__rate_interval]))"
-    )
+    expr = panel["targets"][0]["expr"]
+    assert expr == builder.exits_rate("cause")
+    exits = 'gunicorn_worker_exits_total{job=~"$job",instance=~"$instance"}'
+    assert f"increase({exits}[$__rate_interval])" in expr
+    assert f"count_over_time({exits}[$__rate_interval]) < on (job, instance)" in expr
     assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    for title in ("Worker exits by group", "Exits in range by group"):
+        (panel,) = [p for p in panels(dash) if p["title"] == title]
+        assert "count_over_time(" in panel["targets"][0]["expr"], title
+
+
+def test_the_heartbeat_age_is_shown(dash):
+    shown = [p["title"] for p in panels(dash) if "heartbeat_age" in json.dumps(p["targets"])]
+    assert shown == ["Master heartbeat age", "Master heartbeat age"]  # the stat and the graph
+
+
+# -- (c2) the exit groups are the contract's ----------------------------------------------------
+
+
+def contract_group(cause: str, signal_label: str) -> str:
+    """The group an exit belongs to, by monitor/contract/causes.py."""
+    if causes.crashed(cause, signal_label):
+        return "crashes"
+    if causes.stray(cause, signal_label):
+        return "stray kills"
+    for name, group in (
+        ("planned", causes.PLANNED),
+        ("missing evidence", causes.MISSING_EVIDENCE),
+        ("after master death", causes.AFTER_MASTER_DEATH),
+        ("other unplanned", causes.UNPLANNED),
+    ):
+        if cause in group:
+            return name
+    raise AssertionError(f"{cause} is in no group of the contract")
+
+
+PAIRS = [(c, s) for c in causes.CAUSES for s in sorted(metrics.SIGNALS)]
+
+
+def test_every_exit_falls_in_the_group_the_contract_gives_it():
+    wrong = [(c, s, builder.group_of(c, s)) for c, s in PAIRS]
+    wrong = [(c, s, g) for c, s, g in wrong if g != contract_group(c, s)]
+    assert wrong == []
+    assert {name for name, _ in builder.EXIT_GROUPS} == {contract_group(c, s) for c, s in PAIRS}
+
+
+def test_prometheus_groups_the_exits_as_the_contract_does(promtool, tmp_path):
+    """The group panel's own PromQL, by promtool, on every (cause, signal) pair, each rising by
+    one a minute on its own instance; and a SIGILL born at 1 on another instance."""
+    series = [
+        {
+            "series": f'gunicorn_worker_exits_total{{job="g", instance="{c}/{s}", cause="{c}", '
+            f'signal="{s}"}}',
+            "values": "0+1x10",
+        }
+        for c, s in PAIRS
+    ]
+    series += [
+        {
+            "series": 'gunicorn_worker_exits_total{job="g", instance="new", cause="unknown", '
+            'signal="none"}',
+            "values": "0x10",
+        },
+        {
+            "series": 'gunicorn_worker_exits_total{job="g", instance="new", cause="signal", '
+            'signal="SIGILL"}',
+            "values": "_x9 1",
+        },
+    ]
+    sizes: dict[str, int] = {}
+    for c, s in PAIRS:
+        sizes[contract_group(c, s)] = sizes.get(contract_group(c, s), 0) + 1
+    # Each pair rose by 5 in the 5 minutes; the SIGILL, born inside them, counts its 1.
+    expected = [
+        {"labels": f'{{group="{name}"}}', "value": n * 5 + (1 if name == "crashes" else 0)}
+        for name, n in sizes.items()
+    ]
+    # 5m windows ($__rate_interval, $__range) over samples a minute apart: increase() is exact.
+    case = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": builder.substitute(builder.exits_by_group("$__range")),
+                        "eval_time": "10m",
+                        "exp_samples": expected,
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "groups_test.yml"
+    path.write_text(yaml.safe_dump(case))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
 
 # -- (d) every expression parses --------------------------------------------------------------

@@ -15,6 +15,10 @@ import pytest
 
 from tests.harness import CLASSES, PLAIN_APP, ROOT, WORKER_CLASSES, exits, wait_for
 
+# Gunicorn's TornadoWorker.run() sets `alive = True` as it starts serving, which forgets a
+# SIGTERM handled while it booted: that worker keeps running, and there is no exit to count.
+EARLY = [c for c in CLASSES if c != "tornado"]
+
 # The worker signals itself from its own post_fork hook: the earliest moment user code runs in a
 # new worker, 0 ms after the fork, before Gunicorn's worker has installed any handler.
 SELF_KILL = """
@@ -28,7 +32,7 @@ def post_fork(server, worker):
 """
 
 
-@pytest.mark.parametrize("worker", CLASSES)
+@pytest.mark.parametrize("worker", EARLY)
 def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(worker, make_master, make_exporter):
     m = make_master(worker=worker, workers=2, user_hooks=SELF_KILL).start()
     e = make_exporter()
@@ -40,7 +44,7 @@ def test_a_sigterm_at_0_ms_after_the_fork_is_a_stray_sigterm(worker, make_master
 SLOW_APP = "import time\n\ntime.sleep(1.5)\n" + PLAIN_APP
 
 
-@pytest.mark.parametrize("worker", CLASSES)
+@pytest.mark.parametrize("worker", EARLY)
 def test_a_sigterm_while_the_app_imports_is_a_stray_sigterm(
     worker, tmp_path, make_master, make_exporter
 ):

@@ -21,7 +21,7 @@ from monitor.contract import captures, inflight
 from monitor.contract.directory import Layout
 from monitor.contract.inflight import Request, Snapshot
 from monitor.hooks import forensics
-from tests.harness import BIN, alive, exits, http_get, value, wait_for
+from tests.harness import BIN, EVENTLET, alive, exits, http_get, value, wait_for
 
 
 def _snap(ready=True, tracks=True, requests=(), unreadable=0, overflow=0) -> Snapshot:
@@ -79,7 +79,7 @@ def test_the_table_is_read_back_as_written_and_a_torn_slot_is_a_gap(tmp_path):
     table = inflight.Table.create(layout, os.getpid(), 2, tracks=True)
     assert inflight.read(layout, os.getpid()).ready is False
     table.armed()
-    table.ready()
+    table.ready(True)
     a = table.acquire("GET", "/x" * 200)  # cut at the slot's size, not an error
     b = table.acquire("POST", "/y")
     assert table.acquire("GET", "/z") == -1  # more requests than slots: counted
@@ -137,20 +137,31 @@ def _in_background(url: str) -> None:
     threading.Thread(target=http_get, args=(url, 60), daemon=True).start()
 
 
-@pytest.mark.parametrize(
-    "worker,path,stuck_in,signal_name",
-    [
-        ("sync", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
-        # gthread heartbeats from its main thread: only a GIL-holding C call stops it, and
-        # then no Python handler runs either, so the SIGKILL escalation ends the worker.
-        ("gthread", "/spin?s=300&token=secret", "_spin", "SIGKILL"),
-    ],
-)
+# Per worker class: a request that stalls the heartbeat, the function it is stuck in, and the
+# signal that ends the worker.
+TIMEOUTS = [
+    ("sync", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
+    # gthread heartbeats from its main thread: only a GIL-holding C call stops it, and
+    # then no Python handler runs either, so the SIGKILL escalation ends the worker.
+    ("gthread", "/spin?s=300&token=secret", "_spin", "SIGKILL"),
+    # gevent and eventlet yield in sleep: a greenlet that never yields stalls them.
+    ("gevent", "/busy?s=60&token=secret", "_busy", "SIGABRT"),
+    ("tornado", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
+    # Both UvicornWorkers die by SIGABRT itself: the stack is written before it is sent.
+    ("uvicorn", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
+    ("uvicorn.workers", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
+    ("uvicorn.subclass", "/sleep?s=60&token=secret", "_sleep", "SIGABRT"),
+]
+TIMEOUTS += [("eventlet", "/busy?s=60&token=secret", "_busy", "SIGABRT")] if EVENTLET else []
+
+
+@pytest.mark.parametrize("worker,path,stuck_in,signal_name", TIMEOUTS, ids=lambda v: str(v))
 def test_a_timed_out_request_leaves_its_stack_path_and_phase(
     worker, path, stuck_in, signal_name, make_master, make_exporter
 ):
     m = make_master(worker=worker, workers=1, env={"GUNICORN_TIMEOUT": "2"}).start()
     e = make_exporter()
+    m.heartbeating()
     _in_background(m.url + path)
     cap = _capture(m, "timeout")
     assert f"in {stuck_in}" in cap["stack"], cap["stack"]
@@ -173,18 +184,39 @@ def test_a_timed_out_request_leaves_its_stack_path_and_phase(
     assert f"capture={cap['name']}" in line and "phase=request" in line
     assert "secret" not in line and "secret" not in json.dumps(cap)
     assert f"in {stuck_in}" in log.split(line, 1)[1]  # the stack on the following lines
+    assert "not tracked" not in _events_stacks(m)
 
 
-@pytest.mark.parametrize("worker", ["uvicorn", "uvicorn.workers"])
-def test_a_blocked_event_loop_leaves_its_stack_and_says_unknown(worker, make_master):
-    m = make_master(worker=worker, workers=1, env={"GUNICORN_TIMEOUT": "2"}).start()
-    _in_background(m.url + "/sleep?s=60")
+@pytest.mark.parametrize("worker", ["gevent", "uvicorn"])
+def test_many_requests_in_flight_are_each_tracked(worker, make_master):
+    """A worker serving many requests at once (greenlets, an event loop) has a slot for each:
+    the capture names all of them, and `events --stacks` says nothing is untracked."""
+    m = make_master(worker=worker, workers=1, env={"GUNICORN_TIMEOUT": "3"}).start()
+    m.heartbeating()
+    # Yielding requests first (gevent's patched sleep; an awaited sleep), then the one that
+    # blocks the worker's loop.
+    slow = "/sleep?s=30" if worker == "gevent" else "/asleep?s=30"
+    for _ in range(5):
+        _in_background(m.url + slow)
+    wait_for(lambda: len(inflight.read(Layout(str(m.dir)), m.worker_pids()[0]).requests) == 5,
+             10, "five requests in flight")  # fmt: skip
+    _in_background(m.url + ("/busy?s=60" if worker == "gevent" else "/sleep?s=60"))
     cap = _capture(m, "timeout")
-    # Both UvicornWorkers die by SIGABRT itself: the stack was written before it was sent.
-    assert "in _sleep" in cap["stack"] and "in asgi_app" in cap["stack"], cap["stack"]
-    assert cap["phase"] == "unknown" and cap["requests"] == "unknown"
-    rec = _exit_record(m, cap["name"])
-    assert (rec["cause"], rec["phase"]) == ("timeout", "unknown")
+    assert cap["phase"] == "request" and cap["untracked_requests"] == 0
+    assert sorted(r["path"] for r in cap["requests"]) == sorted([slow.split("?")[0]] * 5 + [
+        "/busy" if worker == "gevent" else "/sleep"])  # fmt: skip
+    assert "not tracked" not in _events_stacks(m)
+
+
+def _events_stacks(m) -> str:
+    out = subprocess.run(
+        [str(BIN / "gunicorn-monitor"), "events", "--stacks", "--dir", str(m.dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_a_worker_hanging_while_importing_the_app_is_seen_and_left_running(

@@ -14,7 +14,7 @@ def test_an_unwritable_state_file_costs_nothing_but_a_log_line(make_master, make
     m = make_master(workers=2).start()
     e = make_exporter()
     # The state file's path becomes a directory: every later state write in the master fails.
-    state = m.file("master")
+    state = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
     state.unlink()
     (state / "blocker").mkdir(parents=True)
     for n in (1, 2, 3):

@@ -1,121 +1,238 @@
-"""The exporter's HTTP server under what a network does to it: idle and slow connections, a
-flood of them, HEAD, and the exact exposition formats from a body kept between scrapes.
+"""The exporter's HTTP server under what a network does to it: idle, slow and silent
+connections, a flood of them, stalled TLS handshakes, malformed and hostile requests, HEAD, and
+the exact exposition formats from a body kept between scrapes.
 
-Server-level scenarios run the real PooledWSGIServer on loopback in this process, with its
-limits turned down so that a deadline is a second, not ten; the rest scrape the real
-`gunicorn-monitor serve` process.
+Server-level scenarios run the real server (uvicorn with our protocol, server.py) on loopback in
+this process, with its deadline turned down to a second and its connection limit to ten; the
+rest scrape the real `gunicorn-monitor serve` process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
+import re
+import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import pytest
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import _bake_output
 from prometheus_client.multiprocess import MultiProcessCollector
 
+import tests.pki
 from monitor.contract.directory import Layout
-from monitor.sidecar import exporter
+from monitor.sidecar import exporter, server
 from monitor.sidecar.cache import DirectoryInputs, RenderedMetrics
-from tests.harness import BIN, app_process, http_get, parse, value, wait_for
+from tests import hostile
+from tests.harness import BIN, app_process, free_port, http_get, parse, value, wait_for
+
+DEADLINE = 1.0  # the in-process server's request deadline
+THREADS = 3 + exporter.WORKERS  # the sidecar's: main (the event loop), sampler, retirement, pool
 
 
-def _hello(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"hello\n"]
+async def _hello(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]}
+    )
+    await send({"type": "http.response.body", "body": b"hello\n"})
+
+
+class _Running:
+    def __init__(self, port: int, uv: uvicorn.Server) -> None:
+        self.port, self.uv = port, uv
+        self.table: server.Connections = uv.config.http.table
+
+    def get(self, path: str = "/", timeout: float = 5, context=None) -> int:
+        scheme = "https" if context is not None else "http"
+        return http_get(f"{scheme}://127.0.0.1:{self.port}{path}", timeout, context=context)[0]
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port))
 
 
 @contextmanager
-def _server(**limits) -> Iterator[exporter.PooledWSGIServer]:
-    server = exporter.PooledWSGIServer(("127.0.0.1", 0), exporter._Handler, **limits)
-    server.set_app(exporter.head_as_get(_hello))
-    loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+def _server(
+    app=_hello, context=None, limit: int = 10, timeout: float = DEADLINE
+) -> Iterator[_Running]:
+    sock = server.bind(f"127.0.0.1:{free_port()}")
+    uv = uvicorn.Server(server.config(app, context, timeout=timeout, limit=limit))
+    loop = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])))
     loop.start()
     try:
-        yield server
+        wait_for(lambda: uv.started, 10, "server started")
+        yield _Running(sock.getsockname()[1], uv)
     finally:
-        server.shutdown()
-        loop.join(10)
-        server.server_close()
-
-
-def _get(server: exporter.PooledWSGIServer, timeout: float = 5) -> int:
-    return http_get(f"http://127.0.0.1:{server.server_address[1]}/", timeout)[0]
+        uv.should_exit = True
+        loop.join(15)
+        sock.close()
 
 
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
-    """True if the server closes `sock` within `within` seconds (EOF or a reset)."""
+    """True if the server closes `sock` within `within` seconds (EOF or a reset); what it
+    sends before closing is read and dropped."""
     sock.settimeout(within)
     try:
-        return sock.recv(1) == b""
+        while sock.recv(65536):
+            pass
+        return True
     except ConnectionResetError:
         return True
     except TimeoutError:
         return False
 
 
-def test_idle_connections_hold_no_thread_and_are_closed_at_the_deadline():
-    with _server(workers=2, request_timeout=1.0) as server:
-        port = server.server_address[1]
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    return tests.pki.make(tmp_path_factory.mktemp("pki"))
+
+
+def _server_context(pki: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    return ctx
+
+
+def test_idle_connections_hold_nothing_and_are_closed_at_the_deadline():
+    with _server(limit=100) as s:
+        idle = [s.connect() for _ in range(50)]
         try:
-            started = time.monotonic()
-            assert all(_get(server) == 200 for _ in range(20))  # 2 threads, 50 idle: no wait
-            assert time.monotonic() - started < 5
-            assert all(_closed_by_server(s, 5) for s in idle)
-            wait_for(lambda: server._open == 0, 5, "every connection closed and counted")
+            assert all(s.get() == 200 for _ in range(20))
+            assert all(_closed_by_server(c, 10) for c in idle)
+            wait_for(lambda: len(s.table) == 0, 10, "every connection closed and counted out")
         finally:
-            for s in idle:
-                s.close()
+            for c in idle:
+                c.close()
 
 
-def test_a_stalled_request_frees_its_thread_at_the_deadline():
-    with _server(workers=1, request_timeout=1.0) as server:
-        slow = socket.create_connection(("127.0.0.1", server.server_address[1]))
+@pytest.mark.parametrize("after_a_response", [False, True])
+def test_a_request_trickling_in_is_dropped_at_the_deadline(after_a_response):
+    """A slowloris client: its request comes a byte at a time and would never be complete in
+    time. Scrapes go on meanwhile; the slow connection is closed at the deadline, on a fresh
+    connection and on a kept-alive one after its first response alike."""
+    with _server() as s:
+        slow = s.connect()
         try:
-            slow.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n")  # the one thread reads, then waits
-            wait_for(lambda: server._reading, 5, "the thread reading the stalled request")
+            if after_a_response:
+                slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert slow.recv(4096).startswith(b"HTTP/1.1 200")
             started = time.monotonic()
-            assert _get(server) == 200
-            assert 0.5 < time.monotonic() - started < 5  # served once the deadline freed it
-            assert _closed_by_server(slow, 5)
+            closed = False
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 200:
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                assert s.get() == 200
+                if _closed_by_server(slow, 0.1):
+                    closed = True
+                    break
+                assert time.monotonic() - started < 30, "never dropped"
+            assert closed
         finally:
             slow.close()
 
 
-def test_past_the_connection_cap_the_longest_idle_is_dropped():
-    with _server(workers=2, max_connections=10) as server:
-        port = server.server_address[1]
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+def test_past_the_connection_limit_the_longest_idle_is_dropped():
+    with _server(limit=10, timeout=60) as s:  # no deadline in the way
+        idle = [s.connect() for _ in range(10)]
         try:
-            wait_for(lambda: len(server._idle) == 10, 5, "10 idle connections accepted")
-            assert _get(server) == 200  # the eleventh: the first idle one made room
+            wait_for(lambda: len(s.table) == 10, 5, "10 idle connections accepted")
+            assert s.get() == 200  # the eleventh: the first idle one made room
             assert _closed_by_server(idle[0], 5)
             assert not _closed_by_server(idle[-1], 0.2)
         finally:
-            for s in idle:
-                s.close()
+            for c in idle:
+                c.close()
 
 
-def test_head_is_get_without_a_body():
-    with _server(workers=1) as server:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        req = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Length"] == str(len(b"hello\n"))
-            assert resp.read() == b""
+def test_stalled_tls_handshakes_are_counted_dropped_and_block_nothing(pki):
+    """TCP connections that never start their handshake, and one that stops inside it: each
+    counts against the limit (so a flood of them is dropped oldest first) and is dropped at
+    the deadline; a TLS scrape meanwhile is answered."""
+    client = tests.pki.client(pki)
+    with _server(context=_server_context(pki), limit=10, timeout=3) as s:
+        stalled = [s.connect() for _ in range(9)]
+        half = s.connect()
+        half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+        try:
+            wait_for(lambda: len(s.table) == 10, 5, "10 handshakes pending")
+            assert s.get(context=client) == 200  # the eleventh: the oldest stalled one went
+            assert _closed_by_server(stalled[0], 5)
+            assert all(_closed_by_server(c, 10) for c in [*stalled, half])
+            assert s.get(context=client) == 200
+            wait_for(lambda: len(s.table) == 0, 10, "every connection counted out")
+        finally:
+            for c in [*stalled, half]:
+                c.close()
+
+
+def test_every_connection_sends_without_waiting_for_an_ack(pki):
+    """TCP_NODELAY on each accepted connection, TLS or not: a response leaves in several
+    writes (head, body), and without it the second waits for the client's delayed ACK."""
+    for context in (None, _server_context(pki)):
+        with _server(context=context) as s:
+            c = s.connect()
+            try:
+                wait_for(lambda: len(s.table) == 1, 5, "the connection accepted")
+                (conn,) = list(s.table._idle)
+                raw = conn._raw.get_extra_info("socket")
+                assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            finally:
+                c.close()
+
+
+def test_pipelined_requests_are_each_answered_then_the_deadline_runs_again():
+    with _server() as s:
+        c = s.connect()
+        try:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+            got = b""
+            deadline = time.monotonic() + 10
+            while got.count(b"hello\n") < 3 and time.monotonic() < deadline:
+                got += c.recv(65536)
+            assert got.count(b"HTTP/1.1 200") == 3
+            assert _closed_by_server(c, 10), "idle after its answers: closed in time"
+        finally:
+            c.close()
+
+
+def test_blocking_work_never_holds_the_event_loop():
+    """A scrape whose collection blocks (a slow directory) takes a pool thread, not the loop:
+    health checks and other scrapes' requests are still read and answered meanwhile."""
+    entered, release = threading.Event(), threading.Event()
+
+    def metrics(accept, gz):
+        entered.set()
+        release.wait(20)
+        return "text/plain", b"up 1\n"
+
+    app = exporter.Exporter(metrics, lambda: (True, "Ready."))
+    with _server(app) as s, ThreadPoolExecutor(1) as pool:
+        scrape = pool.submit(s.get, "/metrics", 30)
+        assert entered.wait(10), "the scrape reached its collection"
+        assert s.get("/-/healthy") == 200
+        assert s.get("/-/ready") == 200
+        assert not scrape.done()
+        release.set()
+        assert scrape.result(30) == 200
+    app.close()
 
 
 # The exposition, kept between scrapes
@@ -189,7 +306,7 @@ def test_the_served_body_follows_gunicorn_at_the_very_next_scrape(make_master, m
     for n in range(2, 7):  # start() made one request
         assert http_get(m.url + "/")[0] == 200
         assert value(e.scrape(), "demo_requests_total", endpoint="/") == n
-    state = m.file("master")
+    state = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
     victim = m.worker_pids()[0]
     os.kill(victim, 9)
     wait_for(lambda: str(victim) not in state.read_text(), 10, "the master recorded the exit")
@@ -213,7 +330,6 @@ def test_the_served_body_follows_gunicorn_at_the_very_next_scrape(make_master, m
 def test_a_flood_of_idle_connections_leaves_scrapes_fast_and_threads_bounded(make_exporter):
     e = make_exporter()
     proc = psutil.Process(e.proc.pid)
-    threads_before = proc.num_threads()
     idle = [socket.create_connection(("127.0.0.1", e.port)) for _ in range(300)]
     try:
 
@@ -225,7 +341,7 @@ def test_a_flood_of_idle_connections_leaves_scrapes_fast_and_threads_bounded(mak
         with ThreadPoolExecutor(20) as pool:
             took = sorted(pool.map(scrape, range(200)))
         assert took[-1] < 5, took[-5:]  # not a timing target: nothing waited on a deadline
-        assert proc.num_threads() == threads_before <= exporter.WORKERS + 4
+        assert proc.num_threads() <= THREADS
         assert e.get("/metrics")[0] == 200
     finally:
         for s in idle:
@@ -243,3 +359,129 @@ def test_head_metrics_answers_like_get(make_exporter):
         assert resp.headers["Content-Type"].startswith("text/plain")
         assert resp.headers["Content-Length"] == str(len(body))  # nothing changed in between
         assert resp.read() == b""
+
+
+def test_200_slow_clients_leave_scrapes_answered_and_cost_no_thread(make_exporter):
+    e = make_exporter()
+    proc = psutil.Process(e.proc.pid)
+    with hostile.Slowloris(e.port, 200, interval=0.5):
+        statuses = [e.get("/metrics", 30)[0] for _ in range(20)]
+        statuses += [e.get("/-/healthy", 30)[0] for _ in range(5)]
+        assert proc.num_threads() <= THREADS
+    assert statuses == [200] * 25
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send `request` on a new connection and read the answer to the server's close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(request)
+        except OSError:  # the server may answer and close before all of it was read
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
+
+
+GZIP = {"Accept-Encoding": "gzip"}
+MARK = b"Q" * 10_000
+ECHO_CASES = {
+    "a 10 KB method": (MARK + b" / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    "a 64 KB method": (b"M" * 65_536 + MARK + b" / HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    "a 10 KB path": (b"GET /" + MARK + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+    "a POST with a body": (
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10000\r\n\r\n"
+        + MARK,
+        405,
+    ),
+    "a header on an unknown path": (
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nX-Junk: " + MARK + b"\r\nConnection: close\r\n\r\n",
+        404,
+    ),
+    "a request line that is not HTTP": (MARK + b"\r\n\r\n", 400),
+    "a head past the limit": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + (b"X: " + MARK + b"\r\n") * 3,
+        400,
+    ),
+}
+
+
+def test_no_error_echoes_the_request_and_the_log_stays_one_line_per_event(make_exporter):
+    """Hostile and malformed requests get short fixed answers (never an echo of what they
+    sent), the server goes on, and the log has no traceback: one structured line per event."""
+    e = make_exporter(args=("--log-level", "debug"))
+    for case, (request, status) in ECHO_CASES.items():
+        answer = _raw(e.port, request)
+        assert b"QQQQ" not in answer and len(answer) < 1024, (case, answer[:300])
+        if status is not None:
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (case, answer[:300])
+        assert e.get("/metrics")[0] == 200, case
+    e.kill()
+    log = e.proc.stdout.read().decode(errors="replace")
+    assert "Traceback" not in log and "QQQQ" not in log, log[-3000:]
+    line = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ level=[A-Z]+ event=\w+( |$)")
+    assert all(line.match(x) for x in log.splitlines()), log[-3000:]
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/-/healthy", "/-/ready", "/nope"])
+def test_every_path_answers_get_and_head_alone(make_exporter, path):
+    e = make_exporter()
+    status, body = e.get(path)
+    req = urllib.request.Request(e.url + path, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            head = resp.status, resp.headers["Content-Length"], resp.read()
+    except urllib.error.HTTPError as err:
+        head = err.code, err.headers["Content-Length"], err.read()
+    assert head[0] == status and head[2] == b""
+    if path != "/metrics":  # a scrape's body may change in between
+        assert head[1] == str(len(body))
+    for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"):
+        req = urllib.request.Request(e.url + path, method=method, data=b"x" * 10)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 405 and err.value.headers["Allow"] == "GET, HEAD"
+        assert err.value.read() == b"Method not allowed.\n"
+
+
+def test_a_name_filter_is_served_by_prometheus_clients_own_app(make_exporter):
+    e = make_exporter()
+    status, body = e.get(
+        "/metrics?name[]=gunicorn_up&name[]=gunicorn_exporter_scrape_duration_seconds"
+    )
+    assert status == 200
+    assert {name for name, _ in parse(body.decode())} == {
+        "gunicorn_up",
+        "gunicorn_exporter_scrape_duration_seconds",
+    }
+    req = urllib.request.Request(
+        e.url + "/metrics?name[]=gunicorn_up",
+        headers={
+            "Accept": "application/openmetrics-text; version=1.0.0",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(resp.read()).decode()
+    assert text.endswith("# EOF\n") and "gunicorn_up 0.0" in text and "_seconds" not in text
+
+
+def test_sigterm_is_a_clean_exit_with_clients_connected(make_exporter):
+    e = make_exporter()
+    slow = socket.create_connection(("127.0.0.1", e.port))
+    slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    idle = socket.create_connection(("127.0.0.1", e.port))
+    try:
+        assert e.get("/metrics")[0] == 200
+        e.proc.send_signal(signal.SIGTERM)
+        assert e.proc.wait(30) == 0
+    finally:
+        slow.close()
+        idle.close()
+    log = e.proc.stdout.read().decode(errors="replace")
+    assert "Traceback" not in log and log.splitlines()[-1].endswith("event=stopped"), log

@@ -1,11 +1,15 @@
-"""Packaging: the image lints clean, and compose and Kubernetes wire the sidecar to the app.
+"""Packaging, read from the files: the image lints clean, compose and Kubernetes wire the sidecar
+to the app, and no probe, volume or limit of the monitor can stop, restart or un-route the app.
 
-No container engine runs on the build machine, so these tests read the files: hadolint for the
-Dockerfile, PyYAML for docker-compose.yml, deploy/ and the Kubernetes manifests.
+hadolint for the Dockerfile; PyYAML for docker-compose.yml and deploy/; kubernetes-validate
+(strict) for the Kubernetes manifests on the oldest and newest Kubernetes it knows, and
+jsonschema for the PodMonitor against the Prometheus Operator's schema. tests/test_containers.py
+runs the image and the compose file on a real Docker engine.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import shlex
 import shutil
@@ -13,8 +17,12 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+import jsonschema
 import pytest
 import yaml
+
+from tests.containers import debian_mirror
+from tests.harness import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = "/run/gunicorn-monitor"
@@ -113,27 +121,87 @@ def test_dockerignore_keeps_what_the_image_copies():
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    return load("docker-compose.yml")["services"]
+def compose_file() -> dict:
+    return load("docker-compose.yml")
 
 
-def test_app_and_sidecar_share_the_image_the_user_and_a_named_volume(compose):
+@pytest.fixture(scope="module")
+def compose(compose_file) -> dict:
+    return compose_file["services"]
+
+
+def dockerfile_env(dockerfile: list[str]) -> dict[str, str]:
+    return dict(
+        pair.split("=", 1) for env in instructions(dockerfile, "ENV") for pair in shlex.split(env)
+    )
+
+
+def test_compose_names_its_project_as_compose_v1_and_v2_both_read_it(compose_file):
+    # Compose v1 (Debian's 1.29) rejects a top-level `name:`; both read .env.
+    assert "name" not in compose_file
+    env = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert env["COMPOSE_PROJECT_NAME"] == "gunicorn-monitor"
+
+
+def test_app_and_sidecar_share_the_image_the_user_and_a_named_volume(compose_file, compose):
     app, sidecar = compose["app"], compose["sidecar"]
-    assert app["image"] == sidecar["image"]
+    assert app["image"] == sidecar["image"] == compose["pause"]["image"]
     assert app["user"] == sidecar["user"] == f"{UID}:{UID}"
     volume = mounts(app)[SHARED_DIR]
     assert mounts(sidecar)[SHARED_DIR] == volume
-    assert volume in load("docker-compose.yml")["volumes"], "the shared volume must be named"
+    assert volume in compose_file["volumes"], "the shared volume must be named"
 
 
-def test_sidecar_sees_the_app_processes_and_serves_the_shared_directory(compose):
-    sidecar = compose["sidecar"]
-    assert sidecar["pid"] == "service:app"
-    command = sidecar["command"]
+def test_a_pause_container_holds_the_pid_namespace_so_either_can_die_alone(compose):
+    pause = compose["pause"]
+    assert pause["init"] is True  # Docker's init is PID 1 there: it reaps the orphans
+    assert "ports" not in pause and pause["network_mode"] == "none"
+    assert pause["healthcheck"] == {"disable": True}
+    for name in ("app", "sidecar"):
+        assert compose[name]["pid"] == "service:pause", name
+        assert compose[name]["depends_on"] == ["pause"], name  # not on each other
+
+
+def test_sidecar_serves_the_shared_directory(compose):
+    command = compose["sidecar"]["command"]
     command = shlex.split(command) if isinstance(command, str) else command
     assert command[:2] == ["gunicorn-monitor", "serve"]
     assert command[command.index("--dir") + 1] == SHARED_DIR
     assert command[command.index("--listen") + 1].endswith(f":{METRICS_PORT}")
+
+
+def test_app_and_sidecar_run_read_only_with_tmpfs_where_they_write(compose, dockerfile):
+    for name in ("pause", "app", "sidecar"):
+        assert compose[name]["read_only"] is True, name
+    tmpfs = {entry.split(":")[0]: entry for entry in compose["app"]["tmpfs"]}
+    # Gunicorn's worker heartbeat files, and its control socket under XDG_RUNTIME_DIR, which
+    # gunicornc finds by the same variable.
+    assert set(tmpfs) == {"/tmp", dockerfile_env(dockerfile)["XDG_RUNTIME_DIR"]}
+    for entry in tmpfs.values():
+        assert f"uid={UID},gid={UID},mode=0700" in entry, entry
+
+
+def test_healthchecks_never_restart_or_wait_on_anything_for_the_monitor(compose, dockerfile):
+    # The app's is the master's port (HEALTHCHECK_URL tcp://); nothing depends on the sidecar's
+    # health; only the sidecar and the pause container restart by themselves.
+    assert dockerfile_env(dockerfile)["HEALTHCHECK_URL"] == f"tcp://127.0.0.1:{APP_PORT}"
+    assert "healthcheck" not in compose["app"] and "HEALTHCHECK_URL" not in str(compose["app"])
+    sidecar_url = compose["sidecar"]["environment"]["HEALTHCHECK_URL"]
+    assert sidecar_url == f"http://127.0.0.1:{METRICS_PORT}/-/healthy"
+    for name, service in compose.items():
+        assert "sidecar" not in str(service.get("depends_on", [])) or name == "prometheus", name
+    assert "restart" not in compose["app"]
+    assert compose["sidecar"]["restart"] == compose["pause"]["restart"] == "unless-stopped"
+
+
+def test_every_published_port_is_on_loopback(compose):
+    for name, service in compose.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
 
 
 def test_prometheus_scrapes_the_sidecar_and_loads_the_rules(compose):
@@ -172,11 +240,23 @@ def test_grafana_provisions_prometheus_and_the_dashboard(compose):
 
 # -- deploy/kubernetes.yaml -------------------------------------------------------------------
 
+MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
+
+
+def manifest() -> dict[str, dict]:
+    """deploy/kubernetes.yaml's documents, by kind."""
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc}
+
+
+def pod_containers() -> dict[str, dict]:
+    """The Deployment's containers, by name."""
+    spec = manifest()["Deployment"]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
 
 @pytest.fixture(scope="module")
 def k8s() -> dict:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
-    return {doc["kind"]: doc for doc in docs if doc}
+    return manifest()
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +265,74 @@ def pod(k8s) -> dict:
 
 
 @pytest.fixture(scope="module")
-def containers(pod) -> dict:
-    return {c["name"]: c for c in pod["spec"]["containers"]}
+def containers() -> dict:
+    return pod_containers()
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("end", ["oldest", "newest"])
+def test_manifests_validate_strictly_on_the_oldest_and_newest_kubernetes_known(end, tmp_path):
+    from kubernetes_validate.utils import all_versions
+
+    versions = all_versions()
+    version = versions[0] if end == "oldest" else versions[-1]
+    done = kubernetes_validate(MANIFEST, version)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for kind in ("deployment", "service"):
+        assert f"passed for resource {kind}/gunicorn-monitor" in done.stdout, done.stdout
+    # The validator bites: a misspelt field of the pod is refused in strict mode.
+    typo = MANIFEST.read_text().replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:")
+    (tmp_path / "typo.yaml").write_text(typo)
+    assert kubernetes_validate(tmp_path / "typo.yaml", version).returncode != 0
+
+
+def pod_monitor_errors(doc: dict) -> list[str]:
+    """The PodMonitor against the Prometheus Operator's schema: cloudcoil's models are generated
+    from the CRD's openAPIV3Schema (types, enums, patterns), rendered here as JSON Schema. Strict
+    as the API server's field validation is: an unknown field is an error."""
+    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+    schema = PodMonitor.model_json_schema(by_alias=True)
+
+    def strict(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            for child in node.values():
+                strict(child)
+        elif isinstance(node, list):
+            for child in node:
+                strict(child)
+
+    strict(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    return [jsonschema.exceptions.best_match([e]).message for e in validator.iter_errors(doc)]
+
+
+def test_pod_monitor_validates_against_the_prometheus_operator_schema(k8s):
+    monitor = k8s["PodMonitor"]
+    assert pod_monitor_errors(monitor) == []
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    for field, bad in (("interval", "15 seconds"), ("scheme", "ftp"), ("sheme", "http")):
+        broken = copy.deepcopy(monitor)
+        broken["spec"]["podMetricsEndpoints"][0] = {**endpoint, field: bad}
+        assert pod_monitor_errors(broken), (field, bad)
+
+
+def test_pod_monitor_carries_the_label_kube_prometheus_stack_selects(k8s):
+    # The chart's default (podMonitorSelectorNilUsesHelmValues: true) selects PodMonitors by
+    # `release: <its Helm release name>`; deploy/README.md says how to match yours.
+    assert k8s["PodMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "podMonitorSelectorNilUsesHelmValues" in readme and "helm list" in readme
 
 
 def test_pod_shares_processes_and_runs_both_containers_as_one_user(pod, containers):
@@ -197,10 +343,11 @@ def test_pod_shares_processes_and_runs_both_containers_as_one_user(pod, containe
     for container in containers.values():
         context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
         assert context["runAsUser"] == UID, container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
     assert containers["app"]["securityContext"] == containers["sidecar"]["securityContext"]
 
 
-def test_both_containers_mount_the_same_memory_emptydir(pod, containers):
+def test_both_containers_mount_the_same_memory_emptydir(pod, containers, dockerfile):
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     names = set()
     for container in containers.values():
@@ -208,25 +355,34 @@ def test_both_containers_mount_the_same_memory_emptydir(pod, containers):
         names.add(mount["name"])
     (name,) = names
     assert volumes[name]["emptyDir"]["medium"] == "Memory"
+    # The app writes its heartbeat files and its control socket (XDG_RUNTIME_DIR) on emptyDirs
+    # of its own under the read-only root.
+    app_mounts = {m["mountPath"] for m in containers["app"]["volumeMounts"]}
+    assert {"/tmp", dockerfile_env(dockerfile)["XDG_RUNTIME_DIR"]} <= app_mounts
 
 
-def test_sidecar_probes_use_its_health_endpoints(containers):
-    sidecar = containers["sidecar"]
-    (port,) = sidecar["ports"]
-    assert port["containerPort"] == METRICS_PORT
-    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/-/ready"
-    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["httpGet"]["port"] in (port["name"], METRICS_PORT)
-    command = sidecar["command"]
-    assert command[:2] == ["gunicorn-monitor", "serve"]
-    assert command[command.index("--dir") + 1] == SHARED_DIR
+def test_no_probe_of_the_monitor_can_unroute_or_restart_the_app(containers):
+    sidecar, app = containers["sidecar"], containers["app"]
+    # A pod is Ready only when every container is: the sidecar must not have a say.
+    assert "readinessProbe" not in sidecar and "startupProbe" not in sidecar
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/-/healthy"  # restarts the sidecar
+    (metrics_port,) = sidecar["ports"]
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = app.get(kind, {})
+        assert "exec" not in probe, kind  # nothing of the monitor's runs in the app's probes
+        target = probe.get("httpGet") or probe.get("tcpSocket") or {}
+        assert target.get("port") not in (metrics_port["name"], METRICS_PORT), kind
+        assert not str(target.get("path", "")).startswith("/-/"), kind
+    # The app's liveness asks the master's listening socket, which the kernel answers from the
+    # backlog while every worker is stuck (tests/test_probes.py runs it in a timeout storm).
+    (http,) = app["ports"]
+    assert app["livenessProbe"]["tcpSocket"]["port"] in (http["name"], APP_PORT)
+    assert http["containerPort"] == APP_PORT
 
 
-def test_every_container_has_probes_and_a_memory_limit(containers):
+def test_every_container_has_a_memory_limit(containers):
     for container in containers.values():
         assert container["resources"]["limits"]["memory"], container["name"]
-        assert "readinessProbe" in container and "livenessProbe" in container, container["name"]
 
 
 def test_service_exposes_the_app_and_the_metrics(k8s, pod):
@@ -246,53 +402,37 @@ def test_pod_monitor_scrapes_the_sidecar_port(k8s, pod, containers):
     assert endpoint.get("path", "/metrics") == "/metrics"
 
 
-# -- app metrics folding; scripts/container-smoke.sh --------------------------------------------
+# -- app metrics folding ------------------------------------------------------------------------
 
 FOLD_ENV = "GUNICORN_MONITOR_FOLD_APP_METRICS"
-SMOKE = ROOT / "scripts" / "container-smoke.sh"
 
 
-def test_app_and_sidecar_agree_on_app_metrics_folding(compose, containers):
+def test_folding_is_on_in_both_processes_of_both_deployments(compose, containers):
     # The master stages dead workers' files and the sidecar folds them: one switch, both sides.
-    assert compose["app"]["environment"][FOLD_ENV] == compose["sidecar"]["environment"][FOLD_ENV]
-    envs = [{e["name"]: e.get("value") for e in c["env"]} for c in containers.values()]
-    assert envs[0][FOLD_ENV] == envs[1][FOLD_ENV]
+    # On in the shipped deployments, where the sidecar is the only reader of the app's metrics:
+    # it bounds the shared directory (deploy/README.md, "The shared directory's size").
+    assert compose["app"]["environment"][FOLD_ENV] == "1"
+    assert compose["sidecar"]["environment"][FOLD_ENV] == "1"
+    for container in containers.values():
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[FOLD_ENV] == "1", container["name"]
 
 
-def test_container_smoke_sets_its_own_podman_options():
-    subprocess.run(["bash", "-n", str(SMOKE)], check=True)
-    text = SMOKE.read_text()
-    # Without these, a fresh podman fails where the process lacks CAP_SYS_RESOURCE
-    # ("error setting rlimit type 7") or on hybrid cgroups (crun).
-    assert "PODMAN=(podman --runtime runc " in text
-    assert 'ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")' in text
-    lines = [line.strip() for line in text.splitlines()]
-    for line in lines:  # every container it creates goes through those options
-        assert not line.startswith(("podman run", "podman build", "podman exec")), line
-        if line.startswith(('"${PODMAN[@]}" build', "run --name")):
-            assert "${ULIMITS[@]}" in line or "${POD[@]}" in line, line
-    assert any(line.startswith("POD=(") and "${ULIMITS[@]}" in line for line in lines)
-    assert "deb.debian.org" not in text  # the mirror comes from the machine's apt sources
-    assert '"promtool", "check", "metrics"' in text
-    assert "for order in sidecar-first app-first" in text
+# -- the base image's stand-in (tests/containers.py) --------------------------------------------
 
 
-def test_container_smoke_takes_the_debian_mirror_from_apt_sources(tmp_path):
-    def mirror(sources: dict[str, str]) -> str:
+def test_the_stand_in_base_image_comes_from_the_debian_mirror_in_apt_sources(tmp_path):
+    def mirror(sources: dict[str, str]) -> str | None:
         apt = tmp_path / str(len(list(tmp_path.iterdir())))
         (apt / "sources.list.d").mkdir(parents=True)
         for name, body in sources.items():
             (apt / name).write_text(body)
-        script = 'source <(sed -n "/^debian_mirror()/,/^}/p" "$0"); debian_mirror "$1"'
-        done = subprocess.run(
-            ["bash", "-c", script, str(SMOKE), str(apt)], capture_output=True, text=True
-        )
-        return done.stdout.strip()
+        return debian_mirror(apt)
 
     deb822 = (
         "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
         "Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: bookworm\n\n"
-        "Types: deb-src deb\nURIs: http://mirror.example/debian\n"
+        "Types: deb-src deb\n# a comment\nURIs: http://mirror.example/debian\n"
         "Suites: bookworm-updates bookworm\n"
     )
     assert mirror({"sources.list.d/debian.sources": deb822}) == "http://mirror.example/debian"
@@ -301,4 +441,4 @@ def test_container_smoke_takes_the_debian_mirror_from_apt_sources(tmp_path):
         "deb [arch=amd64 signed-by=/k.gpg] https://mirror.example/debian/ bookworm main\n"
     )
     assert mirror({"sources.list": one_line}) == "https://mirror.example/debian/"
-    assert mirror({"sources.list": "deb cdrom:[Debian]/ bookworm main\n"}) == ""
+    assert mirror({"sources.list": "deb cdrom:[Debian]/ bookworm main\n"}) is None

@@ -83,20 +83,160 @@ def test_status_of_a_directory_without_gunicorn_says_so(tmp_path):
     assert out.returncode == 0 and out.stdout == "no captures\n"
 
 
-def _doctor(config, shared_dir, *args: str, **env: str) -> subprocess.CompletedProcess:
+REAL = ROOT / "tests" / "real_configs"
+APP = "examples.app:app"
+
+
+def _doctor(
+    command: list[str], shared_dir, *args: str, cwd=ROOT, **env: str
+) -> subprocess.CompletedProcess:
+    """`gunicorn-monitor doctor [ARGS] -- COMMAND`, as a person runs it in `cwd`."""
     environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared_dir), **env}
-    return _run("doctor", "--config", str(config), *args, env=environ)
+    if "GUNICORN_CMD_ARGS" not in env:  # the caller's own must not change what is checked
+        environ.pop("GUNICORN_CMD_ARGS", None)
+    return subprocess.run(
+        [CLI, "doctor", *args, "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+        cwd=cwd,
+    )
+
+
+def _checks(out: subprocess.CompletedProcess) -> dict[str, list[dict]]:
+    """{check: [its lines]} from `doctor --json`."""
+    found: dict[str, list[dict]] = {}
+    for c in json.loads(out.stdout)["checks"]:
+        found.setdefault(c["check"], []).append(c)
+    return found
 
 
 def test_doctor_passes_the_drop_in_config_and_says_what_to_watch(shared_dir):
-    out = _doctor(CONFIG, shared_dir, GUNICORN_WORKER_CLASS="gthread")
+    out = _doctor(["gunicorn", "-c", str(CONFIG), APP], shared_dir, GUNICORN_WORKER_CLASS="gthread")
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert all(line.split()[0] in ("ok", "warn") for line in lines), out.stdout
     assert any(line.startswith("ok    hooks:") for line in lines)
-    assert any(line.startswith("warn  gthread_timeout:") for line in lines)
+    assert any(line.startswith("warn  timeout_scope: gthread:") for line in lines)
     assert any(line.startswith("warn  keepalive:") for line in lines)  # 5 s under 60 s
     assert any(line.startswith("warn  processes:") for line in lines)  # no master ran yet
+    assert not any("unknown_name" in line for line in lines)  # its helpers are all read
+
+
+def test_doctor_resolves_settings_as_gunicorn_does(shared_dir, tmp_path):
+    """defaults < config file < GUNICORN_CMD_ARGS < command line: the values doctor judges are
+    the ones Gunicorn itself prints for the same command line (`--print-config`)."""
+    conf = tmp_path / "site.conf.py"
+    conf.write_text("timeout = 30\nworkers = 3\nkeepalive = 7\nworker_class = 'sync'\n")
+    env = {"GUNICORN_CMD_ARGS": "--timeout 20 --workers 5", "PYTHONPATH": str(ROOT)}
+    command = ["gunicorn", "-c", str(conf), "--timeout", "10", "-k", "gthread", APP]
+    out = _doctor(command, shared_dir, "--json", **env)
+    checks = _checks(out)
+    assert checks["timeout"][0]["why"] == "timeout 10s"  # the command line beats the env
+    worker = checks["worker_class"][0]["why"]
+    assert worker.startswith("gunicorn.workers.gthread.ThreadWorker (gthread): 5 worker(s)")
+    assert checks["keepalive"][0]["why"].startswith("keepalive 7s")  # the file beats defaults
+
+    printed = subprocess.run(
+        [str(BIN / "gunicorn"), "--print-config", *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    values = dict(
+        (k.strip(), v.strip())
+        for k, _, v in (line.partition("=") for line in printed.stdout.splitlines())
+    )
+    assert (values["timeout"], values["workers"], values["keepalive"]) == ("10", "5", "7")
+    assert values["worker_class"] == "gthread"
+
+    # No -c on the command line: GUNICORN_CMD_ARGS's config file is the one Gunicorn reads.
+    env["GUNICORN_CMD_ARGS"] = f"-c {conf}"
+    checks = _checks(_doctor(["gunicorn", APP], shared_dir, "--json", **env))
+    assert checks["config"][0]["why"] == f"{conf} loads as Gunicorn loads it"
+    assert checks["timeout"][0]["why"] == "timeout 30s"
+
+
+def test_doctor_takes_a_python_module_config_and_judges_a_subclass(shared_dir):
+    """mozilla/ichnaea's own `-c python:ichnaea.webapp.gunicorn_settings`: a GeventWorker
+    subclass in its package, and keepalive 0 (nothing to race: no keepalive line)."""
+    command = ["gunicorn", "-c", "python:ichnaea.webapp.gunicorn_settings", APP]
+    out = _doctor(command, shared_dir, "--json", cwd=REAL / "ichnaea", PYTHONPATH=".")
+    checks = _checks(out)
+    assert checks["config"][0]["why"] == (
+        "python:ichnaea.webapp.gunicorn_settings loads as Gunicorn loads it"
+    )
+    assert checks["worker_class"][0]["level"] == "ok"
+    assert checks["worker_class"][0]["why"].startswith(
+        "ichnaea.webapp.worker.LocationGeventWorker (a subclass of gevent): "
+    ), checks["worker_class"]
+    assert "keepalive" not in checks
+    assert checks["timeout_scope"][0]["why"].startswith("gevent: ")
+    assert "unknown_name" not in checks  # `del multiprocessing`, hooks, settings: nothing odd
+
+
+def test_doctor_judges_the_worker_class_by_its_hierarchy(shared_dir, tmp_path):
+    # A user module's UvicornWorker subclass (Azure-Samples' own): keepalive matters, 2 < 60.
+    azure = REAL / "azure_search_openai_demo"
+    checks = _checks(_doctor(["gunicorn", APP], shared_dir, "--json", cwd=azure))
+    assert checks["worker_class"][0]["why"].startswith(
+        "custom_uvicorn_worker.CustomUvicornWorker (a subclass of uvicorn): "
+    )
+    assert checks["keepalive"][0]["level"] == "warn"
+    # sync closes every connection after one response: no keepalive line at all.
+    checks = _checks(_doctor(["gunicorn", "-k", "sync", APP], shared_dir, "--json"))
+    assert "keepalive" not in checks and "timeout_scope" not in checks
+    # A class the monitor does not know, nor its bases: said, not guessed.
+    (tmp_path / "own_worker.py").write_text(
+        "from gunicorn.workers.base import Worker\nclass Plain(Worker):\n    pass\n"
+    )
+    command = ["gunicorn", "-k", "own_worker.Plain", APP]
+    checks = _checks(_doctor(command, shared_dir, "--json", cwd=tmp_path))
+    assert checks["worker_class"][0]["level"] == "warn"
+    assert checks["worker_class"][0]["why"].startswith("own_worker.Plain is none of the classes")
+
+
+def test_doctor_names_settings_gunicorn_ignores_but_not_a_configs_helpers(shared_dir, tmp_path):
+    conf = tmp_path / "prod.conf.py"
+    conf.write_text(
+        "import multiprocessing\n"
+        "cores = multiprocessing.cpu_count()\n"  # a helper, read below
+        "workers = cores * 2\n"
+        "keep_alive = 75\n"  # the command line's spelling: ignored
+        "log_level = 'warning'\n"
+        "access_logfile = '-'\n"
+        "grateful_timeout = 120\n"  # a typo: ignored
+        "TIMEOUT = 30\n"  # Gunicorn reads lowercase names only
+        "_private = 1\n"
+        "use_loglevel = 'info'\n"  # close to `loglevel`, but read: a helper
+        "loglevel = use_loglevel\n"
+        "def post_froks(server, worker):\n    pass\n"  # a hook Gunicorn never calls
+        "def helper(x):\n    return x\n"  # a function named like no hook
+        "threads: 4\n"  # an annotation: sets nothing
+    )
+    checks = _checks(_doctor(["gunicorn", "-c", str(conf), APP], shared_dir, "--json"))
+    said = {
+        c["why"].split("`")[1].split(" ")[0].rstrip(":"): c["why"] for c in checks["unknown_name"]
+    }
+    assert set(said) == {
+        "keep_alive",
+        "log_level",
+        "access_logfile",
+        "grateful_timeout",
+        "TIMEOUT",
+        "def",
+        "threads",
+    }, said
+    assert said["keep_alive"].endswith("the setting is `keepalive`")
+    assert said["access_logfile"].endswith(
+        "`--access-logfile` is the command line's flag; in a config the setting is `accesslog`"
+    )
+    assert said["grateful_timeout"].endswith("did you mean `graceful_timeout`?")
+    assert said["def"].startswith("`def post_froks` is no server hook")
+    assert all(c["level"] == "warn" for c in checks["unknown_name"])
 
 
 def test_doctor_fails_what_cannot_work(shared_dir, tmp_path):
@@ -107,7 +247,8 @@ def test_doctor_fails_what_cannot_work(shared_dir, tmp_path):
         "def child_exit(server, worker):\n    pass\n"
         "max_requests = 1000\ngraceful_timeout = 40\n"
     )
-    out = _doctor(own, shared_dir, "--termination-grace", "30", "--json")
+    command = ["gunicorn", "-c", str(own), APP]
+    out = _doctor(command, shared_dir, "--termination-grace", "30", "--json")
     assert out.returncode == 1
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
     assert checks["hooks"]["level"] == "fail" and "child_exit" in checks["hooks"]["why"]
@@ -115,19 +256,46 @@ def test_doctor_fails_what_cannot_work(shared_dir, tmp_path):
     assert checks["max_requests"]["level"] == "warn"
     assert json.loads(out.stdout)["ok"] is False
 
-    broken = tmp_path / "broken.conf.py"
-    broken.write_text("workers = (\n")
-    out = _doctor(broken, shared_dir)
-    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
-    assert out.stdout.splitlines()[0].startswith("fail  config:")
 
-    out = _doctor(tmp_path / "absent.conf.py", shared_dir)
-    assert out.returncode == 1 and "no such file" in out.stdout
+def test_every_bad_input_is_one_line_and_a_failure(shared_dir, tmp_path):
+    (tmp_path / "raises.py").write_text("import os\nworkers = 1 / 0\n")
+    (tmp_path / "broken.py").write_text("workers = (\n")
+    (tmp_path / "badvalue.py").write_text("timeout = 'soon'\n")
+    cases = {
+        ("gunicorn", "-c", "absent.py", APP): "config: 'absent.py' doesn't exist",
+        ("gunicorn", "-c", "raises.py", APP): "config: raises.py raised ZeroDivisionError: ",
+        ("gunicorn", "-c", "broken.py", APP): "config: broken.py raised SyntaxError: ",
+        ("gunicorn", "-c", "badvalue.py", APP): "config: invalid value for timeout: soon",
+        ("gunicorn", "-c", "python:no_such.module", APP): (
+            "config: python:no_such.module: ModuleNotFoundError: No module named 'no_such'"
+        ),
+        ("gunicorn", "-c", str(CONFIG), "-k", "no_such.Worker", APP): (
+            "worker_class: worker class 'no_such.Worker' cannot be loaded: "
+            "ModuleNotFoundError: No module named 'no_such'"
+        ),
+        ("gunicorn", "-c", str(CONFIG), "-k", "gunicorn.workers.sync.NoSuchWorker", APP): (
+            "worker_class: worker class 'gunicorn.workers.sync.NoSuchWorker' cannot be loaded: "
+            "module 'gunicorn.workers.sync' has no attribute 'NoSuchWorker'"
+        ),
+        ("gunicorn", "--no-such-flag", APP): (
+            "config: gunicorn: error: unrecognized arguments: --no-such-flag"
+        ),
+        ("gunicorn", "--timeout", "soon", APP): "config: gunicorn: error: argument -t/--timeout",
+        ("gunicorn", "-c", str(CONFIG)): "command_line: no application module",
+        ("uwsgi", "--http", ":8000"): "config: not a gunicorn command line: 'uwsgi --http :8000'",
+        ("gunicorn", "--version"): "config: the command line only prints Gunicorn's help",
+    }
+    for command, said in cases.items():
+        out = _doctor(list(command), shared_dir, cwd=tmp_path)
+        assert out.returncode == 1, (command, out.stdout)
+        assert "Traceback" not in out.stdout + out.stderr, (command, out.stdout + out.stderr)
+        failed = [line for line in out.stdout.splitlines() if line.startswith("fail")]
+        assert len(failed) == 1 and failed[0].startswith(f"fail  {said}"), (command, failed)
 
 
 def test_doctor_sees_a_running_master_and_its_smaps(make_master):
     m = make_master(workers=1).start()
-    out = _doctor(CONFIG, m.dir)
+    out = _doctor(["gunicorn", "-c", str(CONFIG), APP], m.dir)
     assert f"ok    processes: master(s) {m.pid} visible" in out.stdout, out.stdout
     assert "ok    smaps:" in out.stdout
 

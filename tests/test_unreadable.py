@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from monitor.contract import directory, incarnation, metrics
+from monitor.contract import directory, metrics
 from monitor.sidecar.counts import SPECS
 from tests.harness import BIN, CONFIG, NOBODY, ROOT, Exporter, exits, value, wait_for
 
 CLI = str(BIN / "gunicorn-monitor")
-GONE = f"1000000-1-{incarnation.namespace()}"  # a master incarnation no process has
+GONE = 1_000_000  # a dead master's pid, above any pid_max this runs under
 # The families the master's counts files hold: all but exit memory (the sidecar measures it)
 # and boot times (the master's watch records them on its own thread, whenever it sees one).
 COUNTS = tuple(
@@ -53,10 +53,10 @@ def test_a_garbage_or_cut_counts_file_costs_only_itself(make_master, make_export
     assert _counts(samples) == expected
     assert value(samples, "gunicorn_exporter_files_skipped_total") >= 3
     assert value(samples, "gunicorn_exporter_errors_total", kind="malformed") >= 3
-    # A gone master's bad file is never folded half nor removed: it stays, said each time,
-    # while a good one beside it is retired.
-    shutil.copyfile(m.file("gauge_max"), own / f"gauge_max_{GONE}.db")
-    retired = (own / f"gauge_max_{GONE}.db").exists
+    # A dead master's bad file is never folded half nor removed: it stays, said each time,
+    # while another dead master's good one beside it is retired.
+    shutil.copyfile(m.file("gauge_max"), own / f"gauge_max_{GONE + 5}.db")
+    retired = (own / f"gauge_max_{GONE + 5}.db").exists
     wait_for(lambda: e.scrape() and not retired(), 20, "the good one retired")  # at a scrape
     assert (own / f"counter_{GONE}.db").read_bytes() == real[: len(real) // 2]
     assert _counts(e.scrape()) == expected
@@ -122,7 +122,7 @@ def test_another_user_is_told_the_permission_the_owner_and_the_mode():
             _one_line(result, *why)
             assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         doctor = subprocess.run(
-            [*NOBODY, CLI, "doctor", "--config", str(CONFIG), "--dir", str(shared)],
+            [*NOBODY, CLI, "doctor", "--dir", str(shared), "--", "gunicorn", "-c", str(CONFIG)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -8,11 +8,13 @@ one line on stderr.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,53 +23,20 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from monitor.sidecar import webconfig
-from tests.harness import BIN, Exporter, free_port, http_get
+import tests.pki
+from monitor.sidecar import basicauth, webconfig
+from tests import hostile
+from tests.harness import BIN, Exporter, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 METRIC = "gunicorn_worker_exits_total"
-TLS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
-MTLS = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n"
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _issue(cwd: Path, name: str, subject: str, extensions: str) -> None:
-    """An EC key and a certificate for it, signed by ca.key."""
-    (cwd / f"{name}.ext").write_text(extensions)
-    _openssl(cwd, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key")
-    _openssl(cwd, "req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr")
-    _openssl(
-        cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
-    )  # fmt: skip
+TLS, MTLS = tests.pki.TLS, tests.pki.MTLS
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """ca.crt; server.crt for 127.0.0.1 and localhost; client.crt; other-ca.crt (not trusted)."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("other-ca", "ca"):
-        _openssl(d, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{ca}.key")
-        _openssl(
-            d, "req", "-x509", "-new", "-key", f"{ca}.key", "-subj", f"/CN=test {ca}",
-            "-days", "2", "-out", f"{ca}.crt",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-    leaf = "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    _issue(
-        d,
-        "server",
-        "/CN=localhost",
-        leaf + "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    _issue(d, "client", "/CN=prometheus", leaf + "extendedKeyUsage=clientAuth\n")
-    return d
+    return tests.pki.make(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -102,11 +71,8 @@ def serve(shared_dir, web_dir):
         assert "Traceback" not in log, log
 
 
-def _client(pki: Path, cert: bool = False, ca: str = "ca.crt") -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki / ca))
-    if cert:
-        ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
-    return ctx
+_client = tests.pki.client
+_openssl = tests.pki.openssl
 
 
 def _hash(password: str, prefix: str = "$2b$") -> str:
@@ -163,19 +129,56 @@ def test_mtls_rejects_a_certificate_from_another_ca(serve, pki, web_dir):
     assert http_get(e.url + "/metrics", 10, context=ctx)[0] == 0
 
 
-def test_a_stalled_tls_client_does_not_block_scrapes(serve, pki):
+def test_16_stalled_tls_handshakes_do_not_block_scrapes(serve, pki):
     e = serve(TLS, scheme="https", ssl_context=_client(pki))
-    stalled = [socket.create_connection(("127.0.0.1", e.port)) for _ in range(5)]
+    stalled = hostile.silent(e.port, 16)
     half = socket.create_connection(("127.0.0.1", e.port))
     half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
     try:
-        for _ in range(3):
-            t0 = time.monotonic()
+        for _ in range(10):
             assert any(name == METRIC for name, _ in e.scrape())
-            assert time.monotonic() - t0 < 5
     finally:
         for s in [*stalled, half]:
             s.close()
+
+
+def _version(e: Exporter, ctx: ssl.SSLContext) -> str | None:
+    """The TLS version a handshake with `ctx` settles on, None if it fails."""
+    try:
+        with socket.create_connection(("127.0.0.1", e.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.version()
+    except (ssl.SSLError, OSError):
+        return None
+
+
+def _capped(pki: Path, low=None, high=None) -> ssl.SSLContext:
+    ctx = _client(pki)
+    if low is not None:
+        ctx.minimum_version = low
+    if high is not None:
+        ctx.maximum_version = high
+    return ctx
+
+
+def test_min_and_max_tls_versions_hold(serve, pki):
+    e = serve(TLS + "  min_version: TLS13\n", scheme="https", ssl_context=_client(pki))
+    assert _version(e, _client(pki)) == "TLSv1.3"
+    assert _version(e, _capped(pki, high=ssl.TLSVersion.TLSv1_2)) is None
+    e = serve(TLS + "  max_version: TLS12\n", scheme="https", ssl_context=_client(pki))
+    assert _version(e, _client(pki)) == "TLSv1.2"
+    assert _version(e, _capped(pki, low=ssl.TLSVersion.TLSv1_3)) is None
+    assert any(name == METRIC for name, _ in e.scrape())
+
+
+def test_verify_client_cert_if_given(serve, pki, web_dir):
+    text = TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n"
+    e = serve(text, scheme="https", ssl_context=_client(pki))
+    assert any(name == METRIC for name, _ in e.scrape()), "no certificate: let through"
+    assert http_get(e.url + "/metrics", 10, context=_client(pki, cert=True))[0] == 200
+    untrusted = _client(pki)
+    untrusted.load_cert_chain(str(web_dir / "other-ca.crt"), str(web_dir / "other-ca.key"))
+    assert http_get(e.url + "/metrics", 10, context=untrusted)[0] == 0
 
 
 # basic auth
@@ -214,6 +217,43 @@ def test_tls_and_basic_auth_together(serve, pki):
     )
     assert any(name == METRIC for name, _ in e.scrape())
     assert _get(e.url + "/metrics", _basic("alice", "x"), _client(pki, cert=True))[0] == 401
+
+
+def test_a_password_storm_is_throttled_and_a_verified_scraper_keeps_scraping(serve, pki):
+    """1,000 wrong passwords from 8 clients against a real sidecar with a cost-10 hash (as
+    `htpasswd -nBC 10` makes): past a few bcrypt checks the guesses get a 429 without one,
+    none gets through, and the scraper whose credentials were verified before the storm keeps
+    getting its scrapes all along. When the storm is over, new credentials are checked again."""
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(10)).decode()
+    other = bcrypt.hashpw(b"other", bcrypt.gensalt(10)).decode()
+    text = TLS + f"basic_auth_users:\n  prometheus: {hashed}\n  replica: {other}\n"
+    e = serve(
+        text, scheme="https", ssl_context=_client(pki), headers=_basic("prometheus", "s3cret")
+    )
+    assert e.scrape()  # verified (and remembered) before the storm
+    scrapes: list[int] = []
+    storming = threading.Event()
+
+    def scraper() -> None:
+        while storming.is_set():
+            scrapes.append(e.get("/metrics", 30)[0])
+
+    storming.set()
+    t = threading.Thread(target=scraper)
+    t.start()
+    try:
+        answers = hostile.password_storm(e.port, "prometheus", 1000, 8, _client(pki))
+    finally:
+        storming.clear()
+        t.join(60)
+    assert set(answers) <= {401, 429}, answers
+    assert answers[429] > answers[401] > 0, answers
+    assert scrapes and set(scrapes) == {200}, scrapes
+    replica = _basic("replica", "other")
+    wait_for(lambda: _get(e.url + "/metrics", replica, _client(pki))[0] == 200, 30, "storm over")
+    e.kill()
+    log = e.proc.stdout.read().decode(errors="replace")
+    assert "event=auth_throttled" in log and "Traceback" not in log, log
 
 
 # files the exporter refuses
@@ -298,31 +338,79 @@ def test_the_environment_twin_is_read(shared_dir, web_dir):
     assert proc.returncode == 2 and b"nonsense: unknown key" in proc.stderr
 
 
-# the check itself, in process: what a scrape costs
+# the check itself, in process: what a scrape and a guess cost
+
+
+def _auth(tmp_path, **limits) -> basicauth.BasicAuth:
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  alice: {_hash('pw')}\n")
+    return basicauth.BasicAuth(webconfig.load(str(path)).users, **limits)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = basicauth.bcrypt.checkpw
+    monkeypatch.setattr(basicauth.bcrypt, "checkpw", lambda p, h: calls.append(h) or real(p, h))
+    return calls
 
 
 def test_repeated_scrapes_pay_bcrypt_once(tmp_path, monkeypatch):
-    path = tmp_path / "web.yml"
-    path.write_text(f"basic_auth_users:\n  alice: {_hash('pw')}\n")
-    config = webconfig.load(str(path))
-    calls = []
-    real = webconfig.bcrypt.checkpw
-    monkeypatch.setattr(webconfig.bcrypt, "checkpw", lambda p, h: calls.append(h) or real(p, h))
+    auth = _auth(tmp_path)
+    calls = _counting(monkeypatch)
     good = _basic("alice", "pw")["Authorization"]
-    assert all(config.check(good) for _ in range(10))
+    assert all(auth.verify(good) for _ in range(10))
     assert len(calls) == 1
-    assert not config.check(_basic("alice", "bad")["Authorization"])
-    assert not config.check(_basic("bob", "pw")["Authorization"])
+    assert not auth.verify(_basic("alice", "bad")["Authorization"])
+    assert not auth.verify(_basic("bob", "pw")["Authorization"])
     assert len(calls) == 3, "a failure is never cached; an unknown user costs a real check"
-    assert calls[2] == config._dummy_hash()
+    assert calls[2] == auth._dummy
+    for header in (None, "", "Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"no").decode()):
+        assert not auth.verify(header)
+    assert len(calls) == 3, "what is not Basic user:password costs no bcrypt"
     token = good.split()[1]
-    spellings = [f"Basic{' ' * n}{token}" for n in range(1, webconfig.CACHE_SIZE + 20)]
-    assert all(config.check(h) for h in spellings)
-    assert len(config._ok) == webconfig.CACHE_SIZE, "the cache stays bounded"
+    spellings = [f"Basic{' ' * n}{token}" for n in range(1, basicauth.CACHE_SIZE + 20)]
+    assert all(auth.verify(h) for h in spellings)
+    assert len(auth._ok) == basicauth.CACHE_SIZE, "the cache stays bounded"
+
+
+def test_guesses_past_the_bucket_are_refused_without_bcrypt(tmp_path, monkeypatch):
+    auth = _auth(tmp_path, rate=0.001, burst=3)
+    good = _basic("alice", "pw")["Authorization"]
+    assert auth.verify(good)  # verified before the storm
+    calls = _counting(monkeypatch)
+    on_loop: list[bool] = []
+    real = basicauth.BasicAuth._verify
+
+    def verify(self, *args):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return real(self, *args)
+
+    monkeypatch.setattr(basicauth.BasicAuth, "_verify", verify)
+
+    async def storm() -> list:
+        guesses = [auth.check(_basic("alice", f"guess{i}")["Authorization"]) for i in range(50)]
+        return [await g for g in guesses] + [await auth.check(good)]
+
+    verdicts = asyncio.run(storm())
+    V = basicauth.Verdict
+    assert verdicts[:3] == [V.DENIED] * 3 and set(verdicts[3:50]) == {V.THROTTLED}
+    assert verdicts[50] is V.OK, "credentials verified before pass during the storm"
+    assert len(calls) == 3 and auth.checks == 1 + 3 and auth.throttled == 47
+    assert on_loop == [False] * 3, "bcrypt never runs on the event loop's thread"
+    auth.close()
+
+
+def test_the_bucket_refills_at_its_rate():
+    bucket = basicauth.TokenBucket(rate=50.0, burst=2)
+    assert bucket.take() and bucket.take() and not bucket.take()
+    deadline = time.monotonic() + 5
+    while not bucket.take():
+        assert time.monotonic() < deadline, "one token back within 1/50 s, or about"
+        time.sleep(0.005)
 
 
 def test_an_empty_file_means_plain_http_without_auth(tmp_path):
     path = tmp_path / "web.yml"
     path.write_text("")
     config = webconfig.load(str(path))
-    assert config.ssl_context() is None and config.check(None)
+    assert config.ssl_context() is None and config.users == {}

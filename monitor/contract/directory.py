@@ -4,18 +4,17 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
 
 - `*.db` at the top: the application's own prometheus_client multiprocess files (served as is).
 - `gunicorn-monitor/`: what the hooks record, and nothing else writes there:
-  - `counter_<ident>.db`, `histogram_<ident>.db`, `gauge_max_<ident>.db`: lifecycle counts in
-    prometheus_client's own file format, one writer per file, named for the master's
-    incarnation (contract/incarnation.py: pid, start tick, pid namespace), and
-    `gauge_max_deploy.db` (mark-deploy);
-  - `master-<ident>.json`: the live state of one master (its workers, their slots);
-  - `retired.json`: the counts of masters that are gone, folded by the sidecar
-    (sidecar/retirement.py), which then removes their files;
-  - `events.jsonl` (+ `events.jsonl.<rotated>`): the journal, one JSON record per event;
-  - `notes/<worker pid>`: what a worker says about itself on its way out.
+  - `counter_<master pid>.db`, `histogram_<master pid>.db`, `gauge_max_<id>.db`: lifecycle
+    counts in prometheus_client's own file format, one writer per file;
+  - `master-<pid>.json`: the live state of one master (its workers, their slots);
+  - `retired.json` (+ `.retire.lock`): the counts of masters that are gone and accounted for,
+    folded by the sidecar (sidecar/retirement.py), which then removes their files;
+  - `events.jsonl` (+ `events.jsonl.<time>-<pid>`, rotated): the journal, one JSON record per
+    event;
+  - `heartbeat/<master pid>`: when each master's loop last turned (contract/heartbeat.py).
 
-Trust (README, "The directory's trust model"): `gunicorn-monitor/` and `notes/` must belong to
-the user that writes them and be writable by nobody else; the top directory must belong to that
+Trust (README, "The directory's trust model"): `gunicorn-monitor/` must belong to
+the user that writes it and be writable by nobody else; the top directory must belong to that
 user or to root (an orchestrator's volume, e.g. a Kubernetes emptyDir, which is root's and 0777),
 and may be writable by others only when it is root's. No component of ours is ever a symlink:
 writers open each level with O_NOFOLLOW and everything below it relative to the directory fd,
@@ -50,7 +49,7 @@ class UnsafeDirectory(DirectoryError):
         super().__init__(errno.EPERM, message)
 
 
-NOTES = "notes"
+HEARTBEATS = "heartbeat"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -67,16 +66,15 @@ class Layout:
         return os.path.join(self.root, OWN)
 
     @property
-    def notes(self) -> str:
-        return os.path.join(self.own, NOTES)
+    def heartbeats(self) -> str:
+        return os.path.join(self.own, HEARTBEATS)
 
     @property
     def journal(self) -> str:
         return os.path.join(self.own, "events.jsonl")
 
-    def master_state(self, ident: str) -> str:
-        """The state file of the master incarnation `ident` (contract/incarnation.py)."""
-        return os.path.join(self.own, f"master-{ident}.json")
+    def master_state(self, pid: int) -> str:
+        return os.path.join(self.own, f"master-{pid}.json")
 
 
 def check_private(st: os.stat_result, path: str, top: bool = False) -> None:
@@ -138,27 +136,21 @@ def _is_symlink(name: str, parent: int | None) -> bool:
 
 
 def open_private(layout: Layout, create: bool = True) -> int:
-    """A checked fd of `gunicorn-monitor/` (and `notes/` checked inside it), for a writer.
+    """A checked fd of `gunicorn-monitor/`, for a writer.
 
     DirectoryError (an OSError) when missing or unusable, UnsafeDirectory when not ours alone.
     The caller owns the fd and closes it once.
     """
     root = _open_level(None, layout.root, layout.root, create, top=True)
     try:
-        own = _open_level(root, OWN, layout.own, create, top=False)
+        return _open_level(root, OWN, layout.own, create, top=False)
     finally:
         os.close(root)
-    try:
-        os.close(_open_level(own, NOTES, layout.notes, create, top=False))
-    except BaseException:
-        os.close(own)
-        raise
-    return own
 
 
-def open_notes(own_fd: int, layout: Layout, create: bool = False) -> int:
-    """A checked fd of `notes/` below an open `gunicorn-monitor/`; the caller closes it."""
-    return _open_level(own_fd, NOTES, layout.notes, create, top=False)
+def open_heartbeats(own_fd: int, layout: Layout, create: bool = False) -> int:
+    """A checked fd of `heartbeat/` below an open `gunicorn-monitor/`; the caller closes it."""
+    return _open_level(own_fd, HEARTBEATS, layout.heartbeats, create, top=False)
 
 
 def create(path: str | None = None) -> Layout:

@@ -125,8 +125,11 @@ class Table:
         self._armed = True
         self._header(READY if self._ready else BOOTING)
 
-    def ready(self) -> None:
+    def ready(self, tracks: bool) -> None:
+        """The boot is over; `tracks`: whether this worker reports its requests after all (a
+        class without request hooks whose app could not be wrapped does not)."""
         self._ready = time.monotonic()
+        self._tracks = tracks
         self._header(READY)
 
     # acquire/release run on every request: a few stores into the mapping, nothing else.
@@ -164,13 +167,13 @@ class Snapshot:
     pid: int
     ready: bool
     armed: bool
-    tracks: bool  # this worker class reports its requests (sync, gthread)
+    tracks: bool  # this worker reports its requests (hooks, or its app wrapped)
     forked: float  # monotonic
     ready_at: float  # monotonic, 0.0 while booting
     requests: tuple[Request, ...]
     unreadable: int  # slots that changed under every read
     overflow: int  # requests that found no free slot
-    served: int  # requests finished (sync, gthread)
+    served: int  # requests finished
 
 
 def read(layout: Layout, pid: int) -> Snapshot | None:

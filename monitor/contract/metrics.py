@@ -100,10 +100,20 @@ WORKER_EXIT_MEMORY = Spec(
 )
 
 # Gauges the exporter derives from the recorded master state, not from counters.
-UP = Spec("gunicorn_up", "gauge", "1 while a recorded Gunicorn master is alive.")
+UP = Spec(
+    "gunicorn_up",
+    "gauge",
+    "1 while a recorded Gunicorn master is alive and working: not stopped, its loop turning.",
+)
 WORKERS = Spec("gunicorn_workers", "gauge", "Live workers of the live masters.")
 WORKERS_DESIRED = Spec(
     "gunicorn_workers_desired", "gauge", "Workers the live masters are configured to run."
+)
+MASTER_HEARTBEAT_AGE = Spec(
+    "gunicorn_master_heartbeat_age_seconds",
+    "gauge",
+    "Seconds since the loop of each live master last turned, the largest over them; a master "
+    "whose loop has not turned for 10 s, or that is stopped, is not up.",
 )
 
 # Why a worker hung (monitor/hooks/watch.py): written by the master.
@@ -175,10 +185,14 @@ HOOK_NAMES = frozenset(
         "init_signals",
         "signal_note",
         "max_requests_note",
+        "channel",
         "retire_app_files",
+        "heartbeat",  # the master's heartbeat (hooks/beat.py)
+        "orphans",  # counting the workers of dead masters (hooks/orphans.py)
         # why a worker hung (hooks/capture.py, hooks/watch.py)
         "capture_arm",
         "capture_ready",
+        "capture_app",
         "watch",
         "capture",
         "boot_watch",

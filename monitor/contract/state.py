@@ -1,8 +1,28 @@
 """The live state of each master: which workers it runs, in which slots, and how many it wants.
 
 One small JSON file per master, replaced atomically on every change, so a reader always sees
-a whole state. A master is live only while its pid runs *and* was started when the file says:
-a stale file whose pid was reused by an unrelated process reads as dead.
+a whole state. A master is live only while its pid runs, is not a zombie, *and* was started
+when the file says: a stale file whose pid was reused by an unrelated process reads as dead.
+"When" is the process's start in /proc (`start_ticks`, clock ticks after boot; per worker,
+`ticks`), which no step of the wall clock moves; files of earlier versions have only the
+wall-clock `start_time`, compared within a second.
+
+Who writes a master's files. `counter_<pid>.db`, `histogram_<pid>.db` and `gauge_max_<pid>.db`
+have one writer at a time: whoever holds LOCK_EX on `heartbeat/<pid>` (flock, always taken with
+LOCK_NB: nobody ever waits for it). That is the master itself for its whole life (it takes the
+lock before it adopts or writes its counts; hooks/beat.py), then, after it died without saying
+`stopped`, the one master that claimed its orphans (hooks/orphans.py), which counts them into
+those same files until none is owed.
+
+A dead master's state file is kept until its workers are accounted for. A state file that says
+`"stopped": true` is accounted for: the master counted every worker at its on_exit, or the
+master that claimed its orphans counted them and then marked it so. A state file whose master
+is dead and that does not say `stopped` is owed exits: keep it, and the files above, until a
+master claims it (every live master looks every few seconds). Whoever retires a dead master's
+files (folds its counts elsewhere, removes them) does it only for a state file that says
+`stopped` (or a pid with no state file), and only while holding LOCK_EX | LOCK_NB on
+`heartbeat/<pid>` (created if missing; it removes the file before letting go), so that no
+claimant and no new master given the same pid writes them meanwhile.
 """
 
 from __future__ import annotations
@@ -12,16 +32,19 @@ import glob
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import psutil
 
 from monitor.contract.directory import Layout, open_private
 
+TICKS = os.sysconf("SC_CLK_TCK")  # /proc's start times are in these
 
-def write(layout: Layout, ident: str, state: dict, dir_fd: int | None = None) -> tuple[int, int]:
-    """Replace the state file of the incarnation `ident` (contract/incarnation.py) atomically;
-    returns its (st_dev, st_ino), for the writer to notice when it is later removed or replaced.
+
+def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> tuple[int, int]:
+    """Replace the state file atomically; returns its (st_dev, st_ino), for the writer to notice
+    when it is later removed or replaced.
 
     Written relative to the checked `dir_fd` of `gunicorn-monitor/` (opened here when not
     given), never following a symlink: a temporary file created O_EXCL, then renamed.
@@ -29,10 +52,10 @@ def write(layout: Layout, ident: str, state: dict, dir_fd: int | None = None) ->
     if dir_fd is None:
         own = open_private(layout, create=True)
         try:
-            return write(layout, ident, state, own)
+            return write(layout, pid, state, own)
         finally:
             os.close(own)
-    name = os.path.basename(layout.master_state(ident))
+    name = os.path.basename(layout.master_state(pid))
     tmp = f"{name}.{os.getpid()}.tmp"
     data = json.dumps(state, separators=(",", ":")).encode()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -59,10 +82,74 @@ def write(layout: Layout, ident: str, state: dict, dir_fd: int | None = None) ->
 
 
 def process_start_time(pid: int) -> float | None:
+    """Wall-clock start (psutil), for display only: it moves with the wall clock (psutil adds
+    the boot time as of its first call), so it never says which process a pid is."""
     try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
         return None
+
+
+@dataclass(frozen=True)
+class Proc:
+    """What /proc/<pid>/stat says of a process: its state letter, its parent, and its start in
+    clock ticks after boot, which no clock step moves: with the pid, who the process is."""
+
+    state: str
+    ppid: int
+    ticks: int
+
+    @property
+    def dead(self) -> bool:
+        """A zombie (exited, not yet reaped) or a process being torn down: not running."""
+        return self.state in ("Z", "X", "x")
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal (SIGSTOP, SIGTSTP: `T`) or by a tracer (`t`)."""
+        return self.state in ("T", "t")
+
+
+def proc(pid: int) -> Proc | None:
+    """/proc/<pid>/stat, read once; None when the process is gone (or cannot be read)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # Split after the last ")": the command name before it may hold one.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return Proc(fields[0].decode("ascii", "replace"), int(fields[1]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one read of /proc, where kill(0) is cheaper but
+    counts a zombie)."""
+    found = proc(pid)
+    return found is not None and not found.dead
+
+
+def start_ticks(pid: int) -> int | None:
+    found = proc(pid)
+    return found.ticks if found is not None else None
+
+
+def boot_seconds() -> float:
+    """Now, on the clock /proc's start ticks count on (seconds since boot, suspend included)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def age_of(ticks: int) -> float:
+    """Seconds since a process started, from its start ticks: no wall clock involved."""
+    return max(0.0, boot_seconds() - ticks / TICKS)
 
 
 def pid_exists(pid: int) -> bool:
@@ -84,13 +171,18 @@ def names_live_pid(text: str) -> bool:
         return False
 
 
-def is_running(pid: int, started: float) -> bool:
-    """True if `pid` is the process that started at `started` (seconds) and is not a zombie."""
+def is_running(pid: int, started: float, ticks: int | None = None) -> bool:
+    """True if `pid` is the process that started at `ticks` (its /proc start, clock ticks after
+    boot) and is not a zombie. Without `ticks` (a state file of an earlier version), by the
+    wall-clock `started` (seconds), which a clock step between two processes' reads defeats."""
+    if ticks is not None:
+        found = proc(pid)
+        return found is not None and not found.dead and found.ticks == ticks
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
             return False
-        return abs(proc.create_time() - started) < 1.0
+        return abs(p.create_time() - started) < 1.0
     except (psutil.Error, OSError):
         return False
 
@@ -116,10 +208,10 @@ MAX_WORKERS = 10_000
 # once; a scale-down retires the oldest workers and may leave a high slot with fewer workers
 # desired. A slot is served below max(workers_desired, SLOT_CAP): bounded, and roomy enough.
 SLOT_CAP = 64
+MAX_TICKS = 1 << 62
 _VERSION = re.compile(r"[0-9][0-9A-Za-z.+!-]{0,31}")  # PEP 440, bounded
 _WORKER_CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}")
-# master-<pid>.json (earlier versions) or master-<pid>-<start>-<pid namespace>.json
-_NAME = re.compile(r"master-([0-9]{1,7})(?:-[0-9]{1,20}-[0-9]{1,20})?\.json")
+_NAME = re.compile(r"master-([0-9]{1,7})\.json")
 
 
 class Malformed(ValueError):
@@ -130,7 +222,8 @@ class Malformed(ValueError):
 class Worker:
     pid: int
     slot: int
-    spawned: float | None
+    spawned: float | None  # wall clock, for display
+    ticks: int | None = None  # its /proc start: who the pid is (None from earlier versions)
 
 
 @dataclass
@@ -144,6 +237,8 @@ class Master:
     workers: tuple[Worker, ...] = ()  # as recorded; see Children for which ones are real
     rejected: int = 0  # worker entries left out: a bad pid, slot or spawn time
     stuck_booting: int = 0  # workers booting for longer than `timeout` (hooks/watch.py)
+    start_ticks: int | None = None  # its /proc start: who the pid is (None from earlier versions)
+    stopped: bool = False  # said so itself at on_exit, or its orphans were accounted for
 
     @property
     def slot_cap(self) -> int:
@@ -168,7 +263,7 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
     masters, malformed, unreadable = [], 0, 0
     for path in sorted(glob.glob(os.path.join(layout.own, "master-*.json"))):
         name = _NAME.fullmatch(os.path.basename(path))
-        if name is None:  # not master-<ident>.json
+        if name is None:  # not master-<pid>.json
             malformed += 1
             continue
         try:
@@ -184,6 +279,24 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
         except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
             malformed += 1
     return masters, malformed, unreadable
+
+
+def load(dir_fd: int, pid: int) -> tuple[dict, Master] | None:
+    """One master's state file, read relative to the checked fd of `gunicorn-monitor/`: the
+    decoded object and the Master it says, or None (missing, unreadable or malformed)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(f"master-{pid}.json", flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 20)
+        raw = json.loads(data)
+        return raw, parse(raw, pid)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def _number(value: object, what: str) -> float:
@@ -229,7 +342,10 @@ def parse(raw: object, file_pid: int) -> Master:
             master.rejected += 1
     master.workers = tuple(workers)
     master.stuck_booting = _int(raw.get("workers_stuck_booting", 0), "stuck", 0, MAX_WORKERS)
-    master.alive = not stopped and is_running(pid, start_time)
+    ticks = raw.get("start_ticks")
+    master.start_ticks = None if ticks is None else _int(ticks, "start_ticks", 0, MAX_TICKS)
+    master.stopped = stopped
+    master.alive = not stopped and is_running(pid, start_time, master.start_ticks)
     return master
 
 
@@ -241,47 +357,40 @@ def _worker(key: object, info: object, slot_cap: int) -> Worker:
     pid = _int(int(key), "worker pid", 2, MAX_PID)  # pid 1 is init, never a worker
     slot = _int(info.get("slot"), "slot", 0, slot_cap)
     spawned = info.get("spawned")
-    return Worker(pid, slot, None if spawned is None else _number(spawned, "spawned"))
+    ticks = info.get("ticks")
+    return Worker(
+        pid,
+        slot,
+        None if spawned is None else _number(spawned, "spawned"),
+        None if ticks is None else _int(ticks, "ticks", 0, MAX_TICKS),
+    )
 
 
 class Children:
     """Which of the workers a master's file lists are live children of that master.
 
-    The file is data, not truth: a pid in it is served only while that process exists and
-    its parent is the master (psutil's ppid). The answer for a pid is kept while the file
-    still lists it, so a scrape costs one kill(0) per worker, not a /proc read.
-    `rejected` counts, on every call, the pids that are alive but not the master's children.
+    The file is data, not truth: a pid in it is served only while that process runs (a zombie,
+    exited and not yet reaped, does not: a stopped master reaps nothing), was started when the
+    file says (where it says), and its parent is the master. One read of /proc/<pid>/stat a
+    worker. `rejected` counts, on every call, the pids that run but are not the master's.
     """
 
     def __init__(self) -> None:
         self.rejected = 0
-        self._known: dict[tuple[int, float, int], bool] = {}
 
     def live(self, masters: list[Master]) -> dict[int, list[Worker]]:
         """{master pid: its live workers} for the live masters."""
         found: dict[int, list[Worker]] = {}
-        known = {}
         for m in masters:
             if not m.alive:
                 continue
             found[m.pid] = []
             for w in m.workers:
-                if not pid_exists(w.pid):
+                p = proc(w.pid)
+                if p is None or p.dead:
                     continue  # exited; the master rewrites its file at the end of its loop turn
-                key = (m.pid, m.start_time, w.pid)
-                ok = self._known.get(key)
-                if ok is None:
-                    ok = _parent(w.pid) == m.pid
+                ok = p.ppid == m.pid and (w.ticks is None or w.ticks == p.ticks)
                 self.rejected += not ok
-                known[key] = ok
                 if ok:
                     found[m.pid].append(w)
-        self._known = known
         return found
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return psutil.Process(pid).ppid()
-    except (psutil.Error, OSError):
-        return None

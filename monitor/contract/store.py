@@ -12,9 +12,8 @@ Safety rules, each the answer to a way the shared directory can fail under the m
 - The counts live in the master's memory; the files are copies of them. A file that vanished,
   was replaced (by garbage, another inode, a symlink) or sits in a directory that was removed
   is rewritten whole from memory, so counts on disk never go backwards and garbage is never
-  adopted. A master's files are named for its incarnation (contract/incarnation.py), so no
-  earlier master's file has its name; only at start does a writer adopt a well-formed file of
-  its own name (mark-deploy's `deploy`, written by one short-lived process after another).
+  adopted. Only at start does a master adopt a well-formed file of its own name (a pid used by
+  an earlier master, as prometheus_client itself continues such a file).
 - No mmap. prometheus_client grows its files by truncate (sparse) and stores through a shared
   mapping: on a full disk a store into an unbacked page is SIGBUS, which kills the master with
   no log line. Here every write is pwrite() on an fd, so a full disk, a read-only mount or a
@@ -194,10 +193,18 @@ class Store:
             values[key] = value
             self._dirty.setdefault("gauge_max", set()).add(key)
 
+    def total(self, spec: Spec) -> float:
+        """The sum of a counter's series, as held in memory."""
+        return sum(
+            value
+            for key, value in self._values.get("counter", {}).items()
+            if parse_key(key)[0] == spec.name
+        )
+
     # -- disk -------------------------------------------------------------------------------
 
     def load(self, dir_fd: int) -> list[str]:
-        """Adopt the well-formed files of our name; returns the names refused.
+        """Adopt the well-formed files of our name (a reused pid); returns the names refused.
 
         Only before anything is counted: what is on disk then is all the history there is.
         """

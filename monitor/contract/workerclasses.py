@@ -19,15 +19,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How many requests a worker serves at once, i.e. how many in-flight slots it needs.
-ONE = "one"  # one request at a time (sync)
+ONE = "one"  # one request at a time (sync; tornado's WSGIContainer runs a WSGI app on its loop)
 THREADS = "threads"  # one per thread (`threads`)
-CONNECTIONS = "connections"  # one per connection, up to `worker_connections` (greenlets, IOLoop)
-ASGI = "asgi"  # one per request task of an asyncio server
+CONNECTIONS = "connections"  # one per connection, up to `worker_connections` (greenlets)
+ASGI = "asgi"  # one per request task of an asyncio server, up to `worker_connections`
 
-# What Gunicorn's own classes log at the moment they decide to leave after max_requests, and
-# what uvicorn logs at that moment.
+# What `worker.wsgi` is once the app is loaded: the capture wraps it for classes that call no
+# request hooks.
+WSGI_APP = "wsgi"
+ASGI_APP = "asgi"
+
+# What Gunicorn's own classes log (through the worker's Gunicorn logger, `worker.log.info`) at
+# the moment they decide to leave after max_requests, before they serve the request that
+# reached the limit: sync, gthread and the async workers as they count it, tornado as a
+# connection closes. Unchanged from 22.0 to 27.0.1.
 GUNICORN_MAX_REQUESTS_LOG = "Autorestarting worker after current request."
+# What uvicorn's server logs (through `logging.getLogger("uvicorn.error")`) on the loop tick
+# where it finds the limit reached and leaves its main loop: a warning in 0.32, info since
+# (the text after the prefix has changed; the prefix has not).
 UVICORN_MAX_REQUESTS_LOG = "Maximum request limit"
+UVICORN_LOGGER = "uvicorn.error"
 
 
 @dataclass(frozen=True)
@@ -38,8 +49,13 @@ class WorkerClass:
     counts_requests: bool  # keeps worker.nr (uvicorn's stays 0: it counts in its own server)
     keepalive: bool  # holds a connection open between requests (`keepalive` then matters)
     python_signals: bool  # SIGTERM/SIGABRT run Python handlers (False: it dies by the signal)
-    max_requests_log: str  # the log message that says it decided to leave after max_requests
+    # The log message that says it decided to leave after max_requests; None: it never does
+    # (GeventPyWSGIWorker's pywsgi server neither counts requests nor honours max_requests).
+    max_requests_log: str | None
+    # The `logging` logger that message goes through; None: the worker's own Gunicorn logger.
+    max_requests_logger: str | None
     concurrency: str  # ONE, THREADS, CONNECTIONS or ASGI
+    app: str  # WSGI_APP or ASGI_APP
 
     def capacity(self, cfg: object) -> int:
         """In-flight slots one worker of this class needs under `cfg` (Gunicorn's Config)."""
@@ -51,21 +67,30 @@ class WorkerClass:
 
 
 _GUNICORN = dict(
-    counts_requests=True,
     python_signals=True,
-    max_requests_log=GUNICORN_MAX_REQUESTS_LOG,
+    max_requests_logger=None,
+    app=WSGI_APP,
 )
+_COUNTS = dict(counts_requests=True, max_requests_log=GUNICORN_MAX_REQUESTS_LOG)
 _UVICORN = dict(
     request_hooks=False,
     counts_requests=False,
     keepalive=True,
     python_signals=False,
     max_requests_log=UVICORN_MAX_REQUESTS_LOG,
+    max_requests_logger=UVICORN_LOGGER,
     concurrency=ASGI,
+    app=ASGI_APP,
 )
 
-# Most specific first: resolve() takes the first entry any class of the MRO matches, walking
-# the MRO from the class itself up, so a subclass entry wins over its base's.
+# Checked against the released code of Gunicorn 22.0.0 to 27.0.1, uvicorn-worker 0.3.0 and
+# 0.4.0 (both `uvicorn_worker._workers`), uvicorn 0.32.0 to 0.54.0 (`uvicorn.workers`). The
+# eventlet worker is in Gunicorn 22.0 to 25.x only (26.0 removed it). Gunicorn's own ASGI
+# worker (`gasgi.ASGIWorker`, 24.0+) has no entry: a class resolved to None is served
+# without request tracking, and its exits that only the worker could explain are `unknown`.
+#
+# resolve() walks the MRO from the class itself up and takes the first class listed here, so
+# an entry for a subclass (GeventPyWSGIWorker) wins over its base's (GeventWorker).
 CLASSES = (
     WorkerClass(
         "sync",
@@ -73,6 +98,7 @@ CLASSES = (
         request_hooks=True,
         keepalive=False,
         concurrency=ONE,
+        **_COUNTS,
         **_GUNICORN,
     ),
     WorkerClass(
@@ -81,13 +107,17 @@ CLASSES = (
         request_hooks=True,
         keepalive=True,
         concurrency=THREADS,
+        **_COUNTS,
         **_GUNICORN,
     ),
     WorkerClass(
+        # gevent's own pywsgi server: no Gunicorn request loop, so no hooks and no max_requests.
         "gevent_pywsgi",
         ("gunicorn.workers.ggevent.GeventPyWSGIWorker",),
         request_hooks=False,
+        counts_requests=False,
         keepalive=True,
+        max_requests_log=None,
         concurrency=CONNECTIONS,
         **_GUNICORN,
     ),
@@ -97,6 +127,7 @@ CLASSES = (
         request_hooks=True,
         keepalive=True,
         concurrency=CONNECTIONS,
+        **_COUNTS,
         **_GUNICORN,
     ),
     WorkerClass(
@@ -105,14 +136,17 @@ CLASSES = (
         request_hooks=True,
         keepalive=True,
         concurrency=CONNECTIONS,
+        **_COUNTS,
         **_GUNICORN,
     ),
     WorkerClass(
+        # Counts connections, not requests: handle_request runs as a connection closes.
         "tornado",
         ("gunicorn.workers.gtornado.TornadoWorker",),
         request_hooks=False,
         keepalive=True,
-        concurrency=CONNECTIONS,
+        concurrency=ONE,
+        **_COUNTS,
         **_GUNICORN,
     ),
     WorkerClass(

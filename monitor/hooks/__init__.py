@@ -1,4 +1,4 @@
-"""Everything that runs inside Gunicorn: the master's recorder and the workers' notes.
+"""Everything that runs inside Gunicorn: the master's recorder and what workers tell it.
 
 Code in this package runs in the Gunicorn master or in its workers, next to the user's
 production traffic, so it keeps rules the sidecar does not need:

@@ -10,7 +10,8 @@ evidence itself, and decides in child_exit:
   `reexec` and `spawn_worker` on the instance;
 - Gunicorn's `worker.aborted` timeout flag;
 - kernel OOM kill counters;
-- a note the worker leaves when it catches a signal or reaches max_requests.
+- what the worker says about itself (the first signal it caught, when it decided to leave after
+  max_requests), through memory shared with it (hooks/channel.py), never through the directory.
 
 Every call into it from Gunicorn goes through monitor/hooks/contain.py (see the package's rules).
 
@@ -37,12 +38,15 @@ import gunicorn
 import gunicorn.arbiter
 from prometheus_client import multiprocess
 
-from monitor.contract import appfiles, causes, directory, incarnation, journal, metrics, state
+from monitor.contract import appfiles, causes, directory, journal, metrics, state
 from monitor.contract.store import Store
-from monitor.hooks import classify, notes, oom, settings
+from monitor.hooks import classify, oom, settings
 from monitor.hooks import contain as contain_module
+from monitor.hooks.beat import Heartbeat
+from monitor.hooks.channel import CHANNEL
 from monitor.hooks.contain import contain, guard
 from monitor.hooks.disk import Disk
+from monitor.hooks.orphans import Orphans
 
 log = logging.getLogger("gunicorn.error")
 
@@ -65,6 +69,10 @@ class _Waitpid:
         wpid, status = self._os.waitpid(pid, options)
         if wpid:
             self._monitor.reaped(wpid, status)
+        if self._monitor.stopping:
+            # A graceful stop reaps in a loop of its own for up to graceful_timeout: a master
+            # doing that is not stalled.
+            guard("waitpid", self._monitor.beat)
         return wpid, status
 
 
@@ -75,10 +83,7 @@ class Monitor:
         self.server = server
         self.pid = os.getpid()
         self.layout = directory.Layout(directory.resolve())
-        # Every file of ours is named for this process (pid, start, pid namespace): no later
-        # master continues it, and the sidecar retires it once we are gone.
-        self.ident = str(incarnation.own())
-        self.store = Store(self.ident)
+        self.store = Store(str(self.pid))
         self._declare()
         self.disk = Disk(self.layout, self._count_fault)
         self.journal = journal.Journal(self.layout)
@@ -90,11 +95,21 @@ class Monitor:
         self.oom_paths = oom.counter_paths()
         self.oom_seen = oom.read_oom_kills(self.oom_paths)
         self.started = state.process_start_time(self.pid) or time.time()
+        # Who this master is, in /proc: no wall-clock step changes it (None if unreadable:
+        # readers then compare the wall-clock start_time, as for earlier versions).
+        self.start_ticks = state.start_ticks(self.pid)
+        self.heartbeat = Heartbeat(self.layout, self.pid, self.start_ticks or 0)
+        self.orphans = Orphans(self)  # workers of dead masters, counted once (orphans.py)
         self.statuses: dict[int, int] = {}
         self.sent: dict[int, set[int]] = {}
         self.phase: dict[int, str] = {}
+        self.told_at: dict[int, float] = {}  # monotonic: when the master first told it to go
         self.slots: dict[int, int] = {}
+        # Durations from the monotonic clock (a wall-clock step moves none of them); the wall
+        # time and /proc start of each worker are for its state-file entry.
         self.spawned_at: dict[int, float] = {}
+        self.spawned_wall: dict[int, float] = {}
+        self.worker_ticks: dict[int, int] = {}
         self.retiring_for_reload: set[int] = set()
         self.vacancies = 0
         self.stopping = False
@@ -106,7 +121,7 @@ class Monitor:
         self.state_fields: Callable[[], dict] = dict
         os.register_at_fork(after_in_child=self._forked)
         self._wrap_arbiter()
-        self.disk.session(self._write_counts)  # the first write (adopts a file of our own name)
+        self.disk.session(self._write_counts)  # adopt what an earlier master of our pid left
 
     def _declare(self) -> None:
         """The usual series exist from the start at 0: recording one is then an in-place write,
@@ -128,6 +143,8 @@ class Monitor:
         child's. Its copy of the directory fd is closed, and contained failures are no longer
         counted into the master's files."""
         self.disk.forked()
+        self.heartbeat.forked()
+        self.orphans.forked()
         if contain_module.counter == self.count_failure:
             contain_module.counter = None
 
@@ -162,6 +179,10 @@ class Monitor:
                     self.phase[pid] = causes.RELOAD
                 else:
                     self.phase[pid] = causes.SCALE_DOWN
+            if pid in self.phase:
+                # Taken before the signal goes out: a worker that decided to leave after
+                # max_requests before this moment is a max_requests exit (classify.py).
+                self.told_at[pid] = time.monotonic()
 
     def _reload(self, original: Callable) -> Any:
         guard("reload", self._deploy, "reload")
@@ -198,13 +219,27 @@ class Monitor:
     # -- the disk -------------------------------------------------------------------------------
 
     def _write_counts(self, fd: int, verify: bool = False) -> None:
+        if not self.heartbeat.owned(fd):
+            return  # another master is counting a dead predecessor's orphans into our files
         if self.disk.generation != self.generation:
             # A directory we have not written into yet: at start, or recreated after a fault.
             if not self.adopted:
+                # A dead master of our pid (a restarted container) may have left workers never
+                # counted: what its files owe is ours to count (orphans.py).
+                predecessor = _contained("orphans", self.orphans.predecessor, fd)
+                spawns = self.store.total(metrics.WORKER_SPAWNS)
+                ended = self.store.total(metrics.WORKER_EXITS)
                 for name in self.store.load(fd):
                     self.disk.fault(OSError(f"{name} is not a prometheus_client file"), "replaced")
                 self.adopted = True
-                notes.discard_stale(fd, self.layout)
+                if predecessor is not None:
+                    _contained(
+                        "orphans",
+                        self.orphans.adopted,
+                        predecessor,
+                        self.store.total(metrics.WORKER_SPAWNS) - spawns,
+                        self.store.total(metrics.WORKER_EXITS) - ended,
+                    )
             self.store.forget_files()
             self.state_id = None
             self.generation = self.disk.generation
@@ -225,7 +260,7 @@ class Monitor:
 
     def _write_state(self, fd: int) -> None:
         if not self.dirty and self.state_id is not None:
-            name = os.path.basename(self.layout.master_state(self.ident))
+            name = os.path.basename(self.layout.master_state(self.pid))
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 same = (st.st_dev, st.st_ino) == self.state_id
@@ -234,7 +269,7 @@ class Monitor:
             if same:
                 return
             self.disk.fault(OSError(f"{name} was removed or replaced; rewritten"), "replaced")
-        self.state_id = state.write(self.layout, self.ident, self._state(), fd)
+        self.state_id = state.write(self.layout, self.pid, self._state(), fd)
         self.dirty = False
 
     def _count_fault(self, fault: str) -> None:
@@ -263,7 +298,11 @@ class Monitor:
             }
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
             self.slots[pid] = slot
-            self.spawned_at[pid] = time.time()
+            self.spawned_at[pid] = time.monotonic()
+            self.spawned_wall[pid] = time.time()
+            found = state.proc(pid)
+            if found is not None:
+                self.worker_ticks[pid] = found.ticks
             worker = self.server.WORKERS.get(pid)
             self.store.inc(metrics.WORKER_SPAWNS)
             restart = self.vacancies > 0
@@ -306,13 +345,18 @@ class Monitor:
             pid = worker.pid
             if pid not in self.slots and pid not in self.statuses:
                 return  # already recorded (boot error), or never ours
+            report = CHANNEL.take(worker)
             evidence = classify.Evidence(
                 status=self.statuses.pop(pid, None),
                 master_signals=frozenset(self.sent.pop(pid, ())),
                 master_phase=self.phase.pop(pid, None),
+                told_at=self.told_at.pop(pid, None),
                 aborted=bool(getattr(worker, "aborted", False)),
-                note=self._take_note(pid),
                 oom_kills=self._new_oom_kills(),
+                reported=report is not None and report.known_class,
+                max_requests_at=report.max_requests_at if report else None,
+                caught=causes.signal_name(report.signal) if report and report.signal else None,
+                caught_at=report.signal_at if report else None,
             )
             cause, sig = classify.classify(evidence)
             if sig == "SIGKILL" and cause == causes.OOM:
@@ -320,7 +364,9 @@ class Monitor:
             slot = self.slots.pop(pid, None)
             self.retiring_for_reload.discard(pid)
             spawned = self.spawned_at.pop(pid, None)
-            age = time.time() - spawned if spawned else None
+            self.spawned_wall.pop(pid, None)
+            self.worker_ticks.pop(pid, None)
+            age = time.monotonic() - spawned if spawned is not None else None
             self.store.inc(metrics.WORKER_EXITS, cause=cause, signal=sig)
             if age is not None:
                 self.store.observe(metrics.WORKER_LIFETIME, age, cause=cause)
@@ -352,15 +398,11 @@ class Monitor:
                 **self.exit_fields(pid, cause),
             )
             self._save()
+        self.retire_app_files(pid)
+
+    def retire_app_files(self, pid: int) -> None:
         if "unsafe" not in self.disk.faults:  # never act on paths in a directory we refused
             _retire_app_files(pid, self.layout.root)
-
-    def _take_note(self, pid: int) -> str | None:
-        try:
-            fd = self.disk.fd()
-        except OSError:
-            return None  # said by the session that writes this exit
-        return notes.take(fd, self.layout, pid)
 
     def count_failure(self, hook: str) -> None:
         """Counted in memory; written with the next event or loop turn."""
@@ -393,6 +435,8 @@ class Monitor:
             self.stopped_at = time.time()
             self._save()
             self.flush()
+            self.orphans.stopped()  # not done: the next master carries on
+            self.disk.session(self.heartbeat.remove)
 
     def _save(self) -> None:
         # Written once per turn of the master's loop (see _manage_workers), not per event:
@@ -412,28 +456,64 @@ class Monitor:
             if self.disk.faults:
                 self.dirty = True  # a whole file written is what tells the fault is over
             self.disk.session(
+                _step("heartbeat", self.heartbeat.beat),
+                _step("orphans", self.orphans.tick),
                 functools.partial(self._write_counts, verify=True),
                 self._write_journal,
                 self._write_state,
                 settle=True,
             )
 
+    def beat(self) -> None:
+        """The heartbeat alone, between loop turns (a graceful stop reaping): rate-limited."""
+        if os.getpid() == self.pid:
+            with self.lock:
+                self.disk.session(_step("heartbeat", self.heartbeat.beat))
+
     def _state(self) -> dict:
         cfg = self.server.cfg
         return {
             "pid": self.pid,
             "start_time": self.started,
+            **({"start_ticks": self.start_ticks} if self.start_ticks is not None else {}),
             "stopped": self.stopped_at is not None,
             "version": gunicorn.__version__,
             "worker_class": cfg.worker_class_str,
             "workers_desired": self.desired,
             "workers": {
-                str(pid): {"slot": slot, "spawned": self.spawned_at.get(pid)}
+                str(pid): {
+                    "slot": slot,
+                    "spawned": self.spawned_wall.get(pid),
+                    "ticks": self.worker_ticks.get(pid),
+                }
                 for pid, slot in self.slots.items()
             },
             "updated": time.time(),
             **self.state_fields(),
         }
+
+
+def _step(name: str, step: Callable[[int], None]) -> Callable[[int], None]:
+    """A disk session step whose faults of the directory (OSError) are the session's, and whose
+    own failures are contained: they never keep the steps after it from running."""
+
+    def run(fd: int) -> None:
+        try:
+            step(fd)
+        except OSError:
+            raise
+        except Exception as e:
+            contain(name, e)
+
+    return run
+
+
+def _contained(name: str, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:
+        contain(name, e)
+        return None
 
 
 @functools.cache

@@ -75,8 +75,8 @@ def post_request(worker: Any, req: Any, *_: Any) -> None:  # arity 2: Gunicorn a
         contain("post_request", e)
 
 
-def worker_exit(server: Any, worker: Any) -> None:
-    guard("worker_exit", worker_side.leaving, worker)
+def worker_abort(worker: Any) -> None:
+    guard("worker_abort", worker_side.aborting, worker)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -97,7 +97,7 @@ HOOKS = {
     "post_worker_init": post_worker_init,
     "pre_request": pre_request,
     "post_request": post_request,
-    "worker_exit": worker_exit,
+    "worker_abort": worker_abort,
     "child_exit": child_exit,
     "on_exit": on_exit,
 }

@@ -12,7 +12,9 @@ bytes rendered then. The inputs, compared by value on every scrape (`DirectoryIn
   (deadfiles.NewPids), by inode alone: nothing writes it any more; any other file by inode,
   size and mtime (master-*.json is replaced whole, the journal grows);
 - which processes they name are alive: the pid of each top-level `*.db` file (a dead worker's
-  live* gauges go), each recorded master (alive and started when recorded) and its workers;
+  live* gauges go), each recorded master (alive and started when recorded), its verdict
+  (sidecar/liveness.py: up, or stopped or stalled and for how long; never the heartbeat of a
+  master that is up, which moves every second) and its workers;
 - the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
   gone or the masters recorded a change), and its error count;
 - whether the directory may be read at all (readiness.DirectoryGate); while it may not, no body
@@ -45,8 +47,8 @@ from prometheus_client.metrics_core import Metric
 from monitor.contract import state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
-from monitor.sidecar.collectors.workers import stat_fields
 from monitor.sidecar.deadfiles import NewPids
+from monitor.sidecar.liveness import Liveness
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
@@ -141,6 +143,7 @@ class DirectoryInputs:
         layout: Layout,
         sampler: Any = None,
         gate: Any = None,
+        liveness: Liveness | None = None,
         retirement: Callable[[], object] | None = None,
     ) -> None:
         """`retirement`: the state of the sidecar's retirement of gone masters' files
@@ -149,11 +152,12 @@ class DirectoryInputs:
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
+        self.liveness = liveness or Liveness(layout)
         self.retirement = retirement
         self._files = _UsedBytes()
         self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
-        self._masters: list[tuple[int, bytes | None, tuple[int, ...]]] = []
+        self._masters: list[tuple[int, int | None, tuple[int, ...]]] = []
         self._here: tuple | None = None  # our own files and the masters at the last call
         self._new_pids = NewPids()
         self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
@@ -233,39 +237,35 @@ class DirectoryInputs:
         return db.pid if db is not None else None
 
     def _live_masters(self, files: dict[str, object], exists: Callable[[int], bool]) -> list:
-        """Each recorded master, alive or not, and which of its workers exist. The state files
-        are parsed again only when one of them changed (they are replaced whole)."""
+        """Each recorded master, alive or not, its verdict, and which of its workers exist.
+        The state files are parsed again only when one of them changed (they are replaced
+        whole)."""
         prefix = os.path.join(self.layout.own, "master-")
         states = tuple(sorted((p, v) for p, v in files.items() if p.startswith(prefix)))
         if states != self._states:
             self._masters = [
-                (m.pid, _started(m.pid) if m.alive else None, tuple(w.pid for w in m.workers))
+                (m.pid, _ticks(m) if m.alive else None, tuple(w.pid for w in m.workers))
                 for m in state.read(self.layout)[0]
             ]
             self._states = states
+            self.liveness.forget_all_but({(p, t) for p, t, _ in self._masters if t is not None})
         # A master recorded dead stays dead (stopped, or its process gone); a live one stays
-        # live while its process is the one that was live then, and not a zombie.
-        return [
-            (pid, started is not None and _started(pid) == started, tuple(map(exists, workers)))
-            for pid, started, workers in self._masters
-        ]
+        # live while its process is the one that was live then, and not a zombie. Its verdict
+        # is the same while it is up; while it is not, its age moves it on every scrape, and
+        # its workers are collected again (a zombie among them is told apart from a worker
+        # there; kill(0) alone, here, cannot: with a master that is up, it is reaped within
+        # a loop turn, and the state file it rewrites changes the inputs).
+        found = []
+        for pid, ticks, workers in self._masters:
+            verdict = self.liveness.judge(pid, ticks) if ticks is not None else None
+            judged = None if verdict is None else True if verdict.up else verdict
+            found.append((pid, verdict is not None, judged, tuple(map(exists, workers))))
+        return found
 
 
-def _started(pid: int) -> bytes | None:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), None if
-    it is gone or a zombie: what state.is_running checks, in one read instead of psutil's."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    fields = stat_fields(data)
-    return fields[19] if fields is not None and len(fields) > 19 else None
+def _ticks(m: state.Master) -> int | None:
+    """The /proc start of a live master: recorded, or (from an earlier version) read now."""
+    return m.start_ticks if m.start_ticks is not None else state.start_ticks(m.pid)
 
 
 def _exists(known: dict[int, bool], pid: int) -> bool:

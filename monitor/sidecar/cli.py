@@ -5,7 +5,7 @@
     gunicorn-monitor mark-deploy [--dir DIR]
     gunicorn-monitor events [--dir DIR] [--last N] [--stacks]
     gunicorn-monitor status [--dir DIR] [--watch SECONDS] [--json]
-    gunicorn-monitor doctor [--config gunicorn.conf.py] [--dir DIR] [--json]
+    gunicorn-monitor doctor [--dir DIR] [--json] [-- GUNICORN COMMAND LINE]
 
 Every flag has an environment twin (PROMETHEUS_MULTIPROC_DIR, GUNICORN_MONITOR_LISTEN,
 GUNICORN_MONITOR_WEB_CONFIG, GUNICORN_MONITOR_LOG_LEVEL, GUNICORN_MONITOR_FOLD_APP_METRICS). A bad
@@ -23,17 +23,28 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
 from monitor.contract import appfiles, directory, journal, metrics
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import cache, doctor, readiness, retirement, stacks, status, webconfig
+from monitor.sidecar import (
+    cache,
+    doctor,
+    readiness,
+    retirement,
+    server,
+    stacks,
+    status,
+    webconfig,
+)
+from monitor.sidecar.basicauth import BasicAuth
 from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
 from monitor.sidecar.collectors.scrape import ScrapeCollector
 from monitor.sidecar.collectors.workers import WorkerSampler, WorkersCollector
-from monitor.sidecar.exporter import make_app, make_http_server, parse_listen, serve_forever
+from monitor.sidecar.exporter import Exporter
+from monitor.sidecar.liveness import Liveness
 
 DEFAULT_LISTEN = "0.0.0.0:9971"
 log = logging.getLogger("gunicorn_monitor")
@@ -153,9 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="redraw")
     top.add_argument("--json", action="store_true", help="one JSON object (per redraw)")
 
-    doc = sub.add_parser("doctor", help="check the config, the directory and the timeouts")
+    doc = sub.add_parser("doctor", help="check the server a Gunicorn command line starts")
     with_dir(doc)
-    doc.add_argument("--config", default=None, help="Gunicorn config (default gunicorn.conf.py)")
+    doc.add_argument(
+        "command_line",
+        nargs="*",
+        metavar="-- GUNICORN COMMAND LINE",
+        help="how Gunicorn is started, after `--`: `-- gunicorn -c CONF -k gevent app:app` "
+        "(default: `gunicorn` as run here, with GUNICORN_CMD_ARGS)",
+    )
     doc.add_argument(
         "--termination-grace",
         type=float,
@@ -199,15 +216,18 @@ def build_registry(
     sampler.start()
     retirer = retirement.Retirer(layout)  # gone masters' files: folded, then removed
     retirer.start()
+    liveness = Liveness(layout)  # one verdict a master a scrape, for the inputs and the collection
     sources = {
-        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"], retirer=retirer),
+        "lifecycle": LifecycleCollector(
+            layout, lifetime=on["lifetime"], liveness=liveness, retirer=retirer
+        ),
         "workers": WorkersCollector(sampler),
     }
     if on["app"]:
         sources["app"] = AppMetricsCollector(layout.root, compact=fold)
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate, lambda: retirer.generation)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, liveness, lambda: retirer.generation)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
@@ -218,14 +238,23 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s level=%(levelname)s %(message)s",
     )
+    for sig in (signal.SIGTERM, signal.SIGINT):  # while starting: stop at once, cleanly
+        signal.signal(sig, _exit_cleanly)
     try:
-        parse_listen(args.listen)
+        server.parse_listen(args.listen)
     except ValueError as e:
         sys.stderr.write(f"gunicorn-monitor: {e}\n")
         return 2
     web_config = webconfig.load(args.web_config_file) if args.web_config_file else None
+    context = web_config.ssl_context() if web_config is not None else None
+    auth = BasicAuth(web_config.users) if web_config is not None and web_config.users else None
     # Missing is fine (Gunicorn may start later); there but unusable or unsafe is exit 2.
     layout = directory.open_for_reading(args.dir, missing_ok=True)
+    try:
+        sock = server.bind(args.listen)
+    except OSError as e:
+        sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
+        return 2
     gate = readiness.DirectoryGate(layout)
     gate.problem()  # says at start if the directory is not there yet
     registry, inputs = build_registry(layout, gate, args.app_metrics_fold, collectors(args))
@@ -240,21 +269,31 @@ def _serve(args: argparse.Namespace) -> int:
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
-    rendered = cache.RenderedMetrics(served, inputs)
-    app = make_app(rendered, ready, make_wsgi_app(served))
+    app = Exporter(cache.RenderedMetrics(served, inputs), ready, served, auth)
+    if auth is not None and context is None:
+        log.warning("event=basic_auth_without_tls (passwords cross the network in clear)")
+    log.info(
+        "event=listening address=%s tls=%s basic_auth=%s pid=%d",
+        args.listen,
+        context is not None,
+        auth is not None,
+        os.getpid(),
+    )
+    # uvicorn handles SIGTERM and SIGINT while it serves: it finishes the answers in flight,
+    # then raises the signal again under the handler it found, which then has nothing to do.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        server = make_http_server(args.listen, app, web_config)
-    except OSError as e:
-        sys.stderr.write(f"gunicorn-monitor: cannot listen on {args.listen}: {e.strerror}\n")
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        serve_forever(server)
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        server.serve(sock, server.config(app, context))
     finally:
-        server.server_close()
+        app.close()
+        sock.close()
+    log.info("event=stopped")
     return 0
+
+
+def _exit_cleanly(*_: object) -> None:
+    raise SystemExit(0)
 
 
 def _mark_deploy(args: argparse.Namespace) -> int:
@@ -301,7 +340,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     return doctor.run(
-        args.config, args.dir, args.termination_grace, args.lb_idle_timeout, args.json
+        args.command_line, args.dir, args.termination_grace, args.lb_idle_timeout, args.json
     )
 
 

@@ -29,6 +29,7 @@ from monitor.sidecar.compaction import Entry
 # The families the hooks write, by name: every Spec of the contract that lives in a file.
 _DERIVED = {
     metrics.UP.name,
+    metrics.MASTER_HEARTBEAT_AGE.name,
     metrics.WORKERS.name,
     metrics.WORKERS_DESIRED.name,
     metrics.WORKERS_STUCK_BOOTING.name,

@@ -1,10 +1,14 @@
-"""`gunicorn-monitor doctor [--config gunicorn.conf.py] [--json]`: is this deployment coherent?
+"""`gunicorn-monitor doctor [-- GUNICORN COMMAND LINE]`: is the server that will run coherent?
 
-It loads the config the way the `gunicorn` command does (its own argument parser, the config
-file, GUNICORN_CMD_ARGS) and says, one line each, ok / warn / fail and why: the monitor's hooks
-are wired; the shared directory is usable by the app and readable here; the recorded masters
-are visible from here (pid namespace) with readable smaps (same UID); the timeouts make sense
-together and with the platform around them. Exit 0 when nothing fails, 1 otherwise.
+It takes the command line that starts Gunicorn (`-- gunicorn -c CONF -k gevent --timeout 10
+app:app`, default `gunicorn` as run here) and resolves it with Gunicorn's own code
+(gunicorn_command.py: its parser, its precedence, the config file however it is named, the worker
+class as Gunicorn loads it), then says, one line each, ok / warn / fail and why: the command line
+and the config load; the worker class, judged by its hierarchy (contract/workerclasses.py);
+names the config sets that Gunicorn ignores (config_names.py); the monitor's hooks are wired;
+the shared directory is usable by the app and readable here; the recorded masters are visible
+from here (pid namespace) with readable smaps (same UID); the timeouts make sense together, for
+the class, and with the platform around them. Exit 0 when nothing fails, 1 otherwise.
 
 It never imports the hooks (monitor/hooks/): the config it loads does, and the wiring is
 recognised by the hooks' own marks (their module, or the `_gunicorn_monitor` attribute of a
@@ -13,8 +17,6 @@ chained hook).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import stat
@@ -22,13 +24,24 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from monitor.contract import directory, state
+from monitor.contract import directory, state, workerclasses
+from monitor.sidecar import config_names, gunicorn_command
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 # The hooks without which exits go unrecorded (child_exit, on_starting) or hangs unexplained.
-_HOOKS = ("on_starting", "child_exit", "on_exit", "post_fork", "post_worker_init", "worker_exit")
+_HOOKS = ("on_starting", "child_exit", "on_exit", "post_fork", "post_worker_init", "worker_abort")
 _WIRING = "monitor.hooks.wiring"
-_KEEPALIVE_CLASSES = ("gthread", "uvicorn")  # sync closes every connection after one request
+# When Gunicorn's `timeout` fires for a class that does not serve one request at a time: only
+# when the whole worker stops heartbeating, never for one slow request among others.
+_TIMEOUT_SCOPE = {
+    workerclasses.THREADS: "requests run in threads while the main thread heartbeats: timeout "
+    "{t}s fires only while the GIL is held; a request blocked on I/O is never timed out",
+    workerclasses.CONNECTIONS: "requests run in green threads while another heartbeats: timeout "
+    "{t}s fires only while the hub is blocked (CPU, or a blocking call the green library did "
+    "not patch); a request waiting on I/O is never timed out",
+    workerclasses.ASGI: "requests run as tasks on the event loop that heartbeats: timeout {t}s "
+    "fires only while the loop is blocked; a request awaiting I/O is never timed out",
+}
 
 
 @dataclass(frozen=True)
@@ -36,24 +49,6 @@ class Check:
     check: str
     level: str
     why: str
-
-
-def load_config(path: str) -> Any:
-    """Gunicorn's Config, loaded as `gunicorn -c PATH` would; ValueError with one line if not."""
-    from gunicorn.app.wsgiapp import WSGIApplication  # the sidecar needs no Gunicorn otherwise
-
-    argv, err = sys.argv, io.StringIO()
-    sys.argv = ["gunicorn", "-c", path, "gunicorn_monitor_doctor:app"]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            return WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").cfg
-    except SystemExit:
-        said = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise ValueError(said[-1] if said else "gunicorn refused it") from None
-    except Exception as e:
-        raise ValueError(f"{type(e).__name__}: {e}") from None
-    finally:
-        sys.argv = argv
 
 
 def _ours(fn: object) -> bool:
@@ -151,24 +146,84 @@ def check_processes(layout: directory.Layout) -> list[Check]:
     return out
 
 
-def check_timeouts(cfg: Any, grace: float | None, lb_idle: float) -> list[Check]:
+def check_server(
+    server: gunicorn_command.Server, entry: workerclasses.WorkerClass | None, given: bool
+) -> list[Check]:
+    """What will run: the config, the app, the worker class (`entry`: as the monitor's table
+    knows it), and names Gunicorn ignores."""
+    cfg, out = server.cfg, []
+    if server.config_file is None:
+        said = "none: Gunicorn's defaults, GUNICORN_CMD_ARGS and the command line"
+    else:
+        said = f"{server.config_file} loads as Gunicorn loads it"
+    out.append(Check("config", OK, said))
+    if not given:
+        out.append(
+            Check(
+                "command_line",
+                WARN,
+                "none given: this is `gunicorn` as run here (GUNICORN_CMD_ARGS, "
+                "./gunicorn.conf.py); give the real one after `--`, as "
+                "`gunicorn-monitor doctor -- gunicorn -c CONF APP`",
+            )
+        )
+    elif server.app is None:
+        out.append(
+            Check("command_line", FAIL, "no application module: Gunicorn would stop at once")
+        )
+    out += _check_worker_class(server, entry)
+    out += [
+        Check("unknown_name", WARN, m.why)
+        for m in config_names.find(server.namespace, cfg.settings)
+    ]
+    return out
+
+
+def _check_worker_class(
+    server: gunicorn_command.Server, entry: workerclasses.WorkerClass | None
+) -> list[Check]:
+    if server.worker_class_error is not None:
+        return [Check("worker_class", FAIL, server.worker_class_error)]
+    cls, cfg = server.worker_class, server.cfg
+    if cls is None:
+        return []
+    name = workerclasses.qualified(cls)
+    if entry is None:
+        known = ", ".join(e.name for e in workerclasses.CLASSES)
+        return [
+            Check(
+                "worker_class",
+                WARN,
+                f"{name} is none of the classes the monitor knows ({known}) nor a subclass "
+                "of one: served without request tracking; exits only the worker could explain "
+                "are `unknown`",
+            )
+        ]
+    kind = entry.name if name in entry.bases else f"a subclass of {entry.name}"
+    return [
+        Check(
+            "worker_class",
+            OK,
+            f"{name} ({kind}): {cfg.workers} worker(s), {entry.capacity(cfg)} request(s) each "
+            f"at once, app {server.app or '?'}",
+        )
+    ]
+
+
+def check_timeouts(
+    cfg: Any, entry: workerclasses.WorkerClass | None, grace: float | None, lb_idle: float
+) -> list[Check]:
+    """`entry` is the worker class as the table knows it (None: a class it does not know)."""
     timeout, graceful, keepalive = cfg.timeout, cfg.graceful_timeout, cfg.keepalive
-    worker_class = cfg.worker_class_str
     out = []
     if not timeout:
         out.append(Check("timeout", WARN, "timeout is 0: a hung worker is never aborted"))
     else:
         out.append(Check("timeout", OK, f"timeout {timeout}s"))
-    if "gthread" in worker_class:
-        out.append(
-            Check(
-                "gthread_timeout",
-                WARN,
-                f"gthread: the main thread keeps the heartbeat while a request waits in a "
-                f"thread, so timeout {timeout}s fires only when the GIL is held; a request "
-                "blocked on I/O is never timed out (set a timeout in the app or the proxy)",
-            )
-        )
+        scope = _TIMEOUT_SCOPE.get(entry.concurrency) if entry is not None else None
+        if scope is not None:
+            why = scope.format(t=timeout) + " (set a timeout in the app or the proxy)"
+            out.append(Check("timeout_scope", WARN, f"{entry.name}: {why}"))
     if grace is not None:
         if graceful >= grace:
             out.append(
@@ -188,7 +243,9 @@ def check_timeouts(cfg: Any, grace: float | None, lb_idle: float) -> list[Check]
                     f"graceful_timeout {graceful}s < termination grace period {grace}s",
                 )
             )
-    if any(c in worker_class for c in _KEEPALIVE_CLASSES):
+    # Only where it matters: a class that holds connections open between requests, and a
+    # keepalive that does (at 0 each connection closes after its response: nothing to race).
+    if entry is not None and entry.keepalive and keepalive > 0:
         if keepalive < lb_idle:
             out.append(
                 Check(
@@ -207,45 +264,55 @@ def check_timeouts(cfg: Any, grace: float | None, lb_idle: float) -> list[Check]
                     f"keepalive {keepalive}s >= load balancer idle timeout {lb_idle}s",
                 )
             )
-    if cfg.max_requests and not cfg.max_requests_jitter:
-        out.append(
-            Check(
-                "max_requests",
-                WARN,
-                f"max_requests {cfg.max_requests} without "
-                "max_requests_jitter: every worker recycles at about the same time",
+    if cfg.max_requests:
+        if entry is not None and entry.max_requests_log is None:
+            out.append(
+                Check(
+                    "max_requests",
+                    WARN,
+                    f"max_requests {cfg.max_requests}: {entry.name} workers never recycle "
+                    "on it (their server counts no requests)",
+                )
             )
-        )
+        elif not cfg.max_requests_jitter:
+            out.append(
+                Check(
+                    "max_requests",
+                    WARN,
+                    f"max_requests {cfg.max_requests} without "
+                    "max_requests_jitter: every worker recycles at about the same time",
+                )
+            )
     return out
 
 
 def run(
-    config: str | None,
+    command: list[str],
     dir_arg: str | None,
     grace: float | None,
     lb_idle: float,
     as_json: bool,
 ) -> int:
+    """`command` is Gunicorn's command line (empty: `gunicorn` as run here)."""
     checks: list[Check] = []
-    cfg = None
-    path = config or "gunicorn.conf.py"
-    if not os.path.isfile(path):
-        checks.append(Check("config", FAIL, f"{path}: no such file"))
-    else:
-        try:
-            cfg = load_config(path)
-            checks.append(Check("config", OK, f"{path} loads as Gunicorn loads it"))
-        except ValueError as e:
-            checks.append(Check("config", FAIL, f"{path} does not load: {e}"))
-    if cfg is not None:
-        checks += check_hooks(cfg)
+    server = None
+    try:
+        args = gunicorn_command.gunicorn_args(command) if command else []
+        server = gunicorn_command.resolve(args)
+    except gunicorn_command.Unresolved as e:
+        checks.append(Check("config", FAIL, str(e)))
+    entry = None
+    if server is not None:
+        entry = workerclasses.resolve(server.worker_class) if server.worker_class else None
+        checks += check_server(server, entry, given=bool(command))
+        checks += check_hooks(server.cfg)
     # The config may have set the directory (gunicorn.conf.py does); the flag wins.
     layout = directory.Layout(directory.resolve(dir_arg))
-    app_uid = cfg.uid if cfg is not None else os.getuid()
+    app_uid = server.cfg.uid if server is not None else os.getuid()
     checks += check_directory(layout.root, app_uid)
     checks += check_processes(layout)
-    if cfg is not None:
-        checks += check_timeouts(cfg, grace, lb_idle)
+    if server is not None:
+        checks += check_timeouts(server.cfg, entry, grace, lb_idle)
     if as_json:
         failed = any(c.level == FAIL for c in checks)
         sys.stdout.write(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}))

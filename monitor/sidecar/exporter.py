@@ -1,43 +1,36 @@
-"""The HTTP side of the sidecar: /metrics, health endpoints and an index page.
+"""The HTTP side of the sidecar: /metrics, health endpoints and an index page, as an ASGI app.
 
 Collectors know nothing of HTTP and this module knows nothing of Gunicorn: it serves whatever
-it is given. /metrics comes from a `metrics` callable (monitor/sidecar/cache.py: rendered bytes,
-kept between scrapes); anything prometheus_client's own WSGI app does that the cache does not
-(`?name[]=` filters, OPTIONS, 405s) is left to that app. HEAD is answered as GET without a
-body, on every path. A web config adds basic auth (every path) and TLS.
+it is given. /metrics comes from a `metrics` callable (monitor/sidecar/cache.py: prometheus_client's
+own bytes, kept between scrapes); a `?name[]=` filter, which the kept bodies do not serve, goes
+to prometheus_client's own app. A web config adds basic auth (basicauth.py, every path); TLS and
+the limits on connections are the server's (server.py).
 
-The server holds up under load: a fixed pool of threads handles requests, a connection costs
-no thread until its first bytes arrive, the number of open connections is bounded, and every
-connection must deliver its whole request (TLS handshake included) within REQUEST_TIMEOUT.
+Every path answers GET and HEAD alike (uvicorn leaves HEAD's body out), anything else a 405;
+an unknown path a 404. No answer carries anything of the request: every error body is a fixed
+text. Whatever blocks (reading the directory, rendering, readiness) runs on a bounded pool of
+threads, never on the event loop; at most one request per open connection is in flight, so
+the pool's queue is bounded by server.MAX_CONNECTIONS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-import queue
-import selectors
-import socket
-import ssl
-import threading
-import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client.exposition import _SilentHandler, gzip_accepted
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import gzip_accepted
+from prometheus_client.metrics_core import Metric
 
-if TYPE_CHECKING:
-    from monitor.sidecar.webconfig import WebConfig
+from monitor.sidecar.basicauth import BasicAuth, Verdict
 
 log = logging.getLogger("gunicorn_monitor")
 
-WORKERS = 8  # threads handling requests; a scrape costs about a millisecond of one
-MAX_CONNECTIONS = 512  # open at once; past it the longest-idle connection is dropped
-REQUEST_TIMEOUT = 10.0  # seconds from accept to a whole request, TLS handshake included
-WRITE_TIMEOUT = 10.0  # seconds any one send of a response may block on a client not reading
-LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
+WORKERS = 4  # threads for blocking work; a scrape of an unchanged directory is a millisecond
 
 REALM = 'Basic realm="gunicorn-monitor"'
 INDEX = """<html><head><title>gunicorn-monitor</title></head><body>
@@ -45,329 +38,146 @@ INDEX = """<html><head><title>gunicorn-monitor</title></head><body>
 <ul><li><a href="metrics">metrics</a></li><li><a href="-/healthy">healthy</a></li>
 <li><a href="-/ready">ready</a></li></ul></body></html>
 """
+METHODS = ("GET", "HEAD")
 
 # (Accept header, gzip wanted) -> (Content-Type, body): the exposition, from cache.py
 Metrics = Callable[[str | None, bool], tuple[str, bytes]]
+# (status, headers, body) of a response
+Response = tuple[int, list[tuple[str, str]], bytes]
 
 
-def make_app(
-    metrics: Metrics,
-    ready: Callable[[], tuple[bool, str]],
-    fallback: Callable | None = None,
-) -> Callable:
-    """Route /metrics to `metrics(accept, gzip)`, the health endpoints, the index.
-
-    `fallback` (prometheus_client's make_wsgi_app) answers the /metrics requests the cache
-    does not: other methods than GET, and `?name[]=` filters.
-    """
-
-    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            wanted = "name[]" in parse_qs(environ.get("QUERY_STRING", ""))
-            if fallback is not None and (environ["REQUEST_METHOD"] != "GET" or wanted):
-                return fallback(environ, start_response)
-            gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
-            content_type, body = metrics(environ.get("HTTP_ACCEPT"), gz)
-            headers = [("Content-Type", content_type)]
-            if gz:
-                headers.append(("Content-Encoding", "gzip"))
-            start_response("200 OK", headers)
-            return [body]
-        if path == "/-/healthy":
-            return _text(start_response, "200 OK", "Healthy.\n")
-        if path == "/-/ready":
-            ok, why = ready()
-            return _text(start_response, "200 OK" if ok else "503 Service Unavailable", why + "\n")
-        if path == "/":
-            return _text(start_response, "200 OK", INDEX, "text/html; charset=utf-8")
-        return _text(start_response, "404 Not Found", "Not found.\n")
-
-    return app
+def _text(status: int, body: str, *headers: tuple[str, str]) -> Response:
+    return status, [("Content-Type", "text/plain; charset=utf-8"), *headers], body.encode()
 
 
-def _text(start_response: Callable, status: str, body: str, ctype: str = "text/plain") -> list:
-    data = body.encode()
-    start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(data)))])
-    return [data]
+UNAUTHORIZED = _text(401, "Unauthorized.\n", ("WWW-Authenticate", REALM))
+THROTTLED = _text(429, "Too many authentication attempts; retry later.\n", ("Retry-After", "1"))
+NOT_ALLOWED = _text(405, "Method not allowed.\n", ("Allow", ", ".join(METHODS)))
+NOT_FOUND = _text(404, "Not found.\n")
+FAILED = _text(500, "Internal error; see the sidecar's log.\n")
+HEALTHY = _text(200, "Healthy.\n")
 
 
-def head_as_get(app: Callable) -> Callable:
-    """HEAD answered as GET would be, headers only (Content-Length that of the GET body)."""
-
-    def wrapped(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD") != "HEAD":
-            return app(environ, start_response)
-        seen: list = []
-        result = app({**environ, "REQUEST_METHOD": "GET"}, lambda *args: seen.append(args))
-        try:
-            length = sum(len(chunk) for chunk in result)
-        finally:
-            if hasattr(result, "close"):
-                result.close()
-        status, headers = seen[0][:2]
-        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-        start_response(status, [*headers, ("Content-Length", str(length))])
-        return []
-
-    return wrapped
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `[V6]:PORT`; ValueError with a readable message otherwise."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def make_http_server(
-    listen: str, app: Callable, web_config: WebConfig | None = None
-) -> PooledWSGIServer:
-    """A pooled server for `app` on `listen`, with the web config's TLS and basic auth."""
-    host, port = parse_listen(listen)
-    context = web_config.ssl_context() if web_config is not None else None
-    if web_config is not None and web_config.users:
-        app = basic_auth(app, web_config.check)
-        if context is None:
-            log.warning("basic auth over plain HTTP: passwords cross the network in clear")
-    server = PooledWSGIServer((host, port), _Handler, context)
-    server.set_app(head_as_get(app))
-    return server
-
-
-def basic_auth(app: Callable, check: Callable[[str | None], bool]) -> Callable:
-    """`app` behind HTTP basic auth: a 401 with a challenge, and nothing else, unless `check`."""
-
-    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if check(environ.get("HTTP_AUTHORIZATION")):
-            return app(environ, start_response)
-        data = b"Unauthorized.\n"
-        start_response(
-            "401 Unauthorized",
-            [
-                ("Content-Type", "text/plain"),
-                ("Content-Length", str(len(data))),
-                ("WWW-Authenticate", REALM),
-            ],
-        )
-        return [data]
-
-    return guarded
-
-
-class _Handler(_SilentHandler):
-    """wsgiref's handler (one request per connection), telling the server when the request
-    line and headers are in: from then on the request deadline no longer applies.
-
-    Its writes are buffered: wsgiref writes the status line, each header and the body
-    separately, which unbuffered is a send() each (five for a scrape); buffered, the response
-    leaves in one, flushed when the handler finishes (or at each body chunk wsgiref flushes).
-    """
-
-    wbufsize = -1  # io.DEFAULT_BUFFER_SIZE; a larger write goes straight through
-
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.server.request_read(self.connection)
-        return ok
-
-
-class PooledWSGIServer(WSGIServer):
-    """wsgiref's WSGI server with a bounded thread pool and request deadlines.
-
-    Hand-written because none of the servers at hand bounds anything: prometheus_client's and
-    wsgiref's give each connection its own thread for as long as the client likes (300 idle
-    connections held 300 threads, and scrapes under them took over a second), and the WSGI
-    servers that pool (waitress) have no TLS. The accept loop keeps each new connection in a
-    selector, where it costs one file descriptor, until its first bytes arrive (a scraper's
-    are usually there at accept already); only then does a pool thread take it, do the TLS
-    handshake and read the request. The loop also enforces
-    the deadlines: a connection silent for REQUEST_TIMEOUT is closed, and one whose request is
-    still incomplete then (a slow or stalled client on a pool thread) is shut down under its
-    thread, which frees it. Past MAX_CONNECTIONS the longest-idle connection is dropped for the
-    new one, so a flood of idle connections never locks a scraper out.
-    """
-
-    request_queue_size = LISTEN_BACKLOG
-    allow_reuse_address = True
+class Exporter:
+    """The ASGI app: `metrics` for /metrics, `ready()` -> (ready, why) for /-/ready,
+    `collector` (what `metrics` renders) for filtered scrapes, `auth` if any."""
 
     def __init__(
         self,
-        address: tuple[str, int],
-        handler: type,
-        context: ssl.SSLContext | None = None,
+        metrics: Metrics,
+        ready: Callable[[], tuple[bool, str]],
+        collector: Any = None,
+        auth: BasicAuth | None = None,
         workers: int = WORKERS,
-        max_connections: int = MAX_CONNECTIONS,
-        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
-        self.address_family = _family(address[0])
-        self._threads: list[threading.Thread] = []
-        super().__init__(address, handler)  # binds: an OSError here is the caller's to report
-        self.context = context
-        self.max_connections = max_connections
-        self.request_timeout = request_timeout
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (sock, addr, deadline) or None
-        self._idle: dict[socket.socket, tuple[object, float]] = {}  # in the selector; by age
-        self._reading: dict[socket.socket, float] = {}  # on a pool thread, request incomplete
-        self._lock = threading.Lock()  # guards _reading and the shutdown of its sockets
-        self._open = 0  # connections accepted and not yet closed
-        self._accept_failed: int | None = None  # errno of the failure last logged
-        self._stopping = False
-        for i in range(workers):
-            self._threads.append(threading.Thread(target=self._work, name=f"http-{i}", daemon=True))
-            self._threads[-1].start()
+        self.metrics, self.ready, self.collector, self.auth = metrics, ready, collector, auth
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="http")
 
-    # The accept loop (the main thread).
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            status, headers, body = await self.answer(scope)
+        except Exception:  # ours, not the client's: said once, and a fixed answer
+            log.exception("event=request_failed")
+            status, headers, body = FAILED
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (k.encode("latin-1"), v.encode("latin-1"))
+                    for k, v in [*headers, ("Content-Length", str(len(body)))]
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
-    def serve_forever(self, poll_interval: float = 1.0) -> None:
-        """Until shutdown(); deadlines are enforced within `poll_interval` of passing."""
-        self.socket.setblocking(False)
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.socket, selectors.EVENT_READ)
-            while not self._stopping:
-                timeout = poll_interval
-                if self._idle:  # the oldest idle connection's deadline comes first
-                    first = next(iter(self._idle.values()))[1]
-                    timeout = min(timeout, max(0.0, first - time.monotonic()))
-                for key, _ in sel.select(timeout=timeout):
-                    if key.fileobj is self.socket:
-                        self._accept(sel)
-                    else:
-                        sock = key.fileobj
-                        sel.unregister(sock)
-                        addr, deadline = self._idle.pop(sock)
-                        self._ready.put((sock, addr, deadline))
-                self._expire(sel, time.monotonic())
-            for sock in list(self._idle):
-                sel.unregister(sock)
-                self._drop(sock)
-            self._idle.clear()
+    async def answer(self, scope: dict) -> Response:
+        headers = _Headers(scope["headers"])
+        if self.auth is not None:
+            verdict = await self.auth.check(headers.get(b"authorization"))
+            if verdict is Verdict.THROTTLED:
+                return THROTTLED
+            if verdict is not Verdict.OK:
+                return UNAUTHORIZED
+        if scope["method"] not in METHODS:
+            return NOT_ALLOWED
+        path = scope["path"]
+        if path == "/metrics":
+            return await self._metrics(scope["query_string"].decode("latin-1"), headers)
+        if path == "/-/healthy":
+            return HEALTHY
+        if path == "/-/ready":
+            ok, why = await self._blocking(self.ready)
+            return _text(200 if ok else 503, why + "\n")
+        if path == "/":
+            return 200, [("Content-Type", "text/html; charset=utf-8")], INDEX.encode()
+        return NOT_FOUND
 
-    def shutdown(self) -> None:
-        self._stopping = True
+    async def _metrics(self, query: str, headers: _Headers) -> Response:
+        accept, encoding = headers.get(b"accept"), headers.get(b"accept-encoding")
+        if self.collector is not None and "name[]" in parse_qs(query):
+            return await self._blocking(self._filtered, query, accept, encoding)
+        gz = gzip_accepted(encoding or "")
+        content_type, body = await self._blocking(self.metrics, accept, gz)
+        found = [("Content-Type", content_type)]
+        if gz:
+            found.append(("Content-Encoding", "gzip"))
+        return 200, found, body
 
-    def _accept(self, sel: selectors.BaseSelector) -> None:
-        while True:
-            try:
-                sock, addr = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # out of file descriptors: make room, or wait a moment
-                if e.errno != self._accept_failed:
-                    log.warning("event=accept_failed error=%s", e.strerror)
-                    self._accept_failed = e.errno
-                if not self._evict_idle(sel):
-                    time.sleep(0.1)  # the connection waits in the backlog; no busy loop
-                return
-            self._accept_failed = None
-            if self._open >= self.max_connections and not self._evict_idle(sel):
-                sock.close()  # all busy: this one gets a reset, the ones being served go on
-                continue
-            with self._lock:
-                self._open += 1
-            deadline = time.monotonic() + self.request_timeout
-            try:  # a scraper sends its request at once: then no trip through the selector
-                sock.setblocking(False)
-                sent = sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                sent = None
-            except OSError:
-                sent = b""
-            sock.settimeout(WRITE_TIMEOUT)
-            if sent is None:
-                self._idle[sock] = (addr, deadline)
-                sel.register(sock, selectors.EVENT_READ)
-                continue
-            if sent:
-                self._ready.put((sock, addr, deadline))
-            else:  # closed (or reset) before a byte: nothing to answer
-                self._drop(sock)
+    def _filtered(self, query: str, accept: str | None, encoding: str | None) -> Response:
+        """A `?name[]=` scrape: prometheus_client's own app (filter and bytes), on a pool thread.
 
-    def _evict_idle(self, sel: selectors.BaseSelector) -> bool:
-        oldest = next(iter(self._idle), None)
-        if oldest is None:
-            return False
-        del self._idle[oldest]
-        sel.unregister(oldest)
-        self._drop(oldest)
-        return True
+        Its WSGI app, not its ASGI one: that renders on the event loop, and before 0.21 ignores
+        `name[]`. Its filter (restricted_registry) finds collectors by the names they describe,
+        and ours describe nothing (that would cost a collection), so it is given this
+        collection's families, described."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Described(list(self.collector.collect())))
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": query}
+        if accept is not None:
+            environ["HTTP_ACCEPT"] = accept
+        if encoding is not None:
+            environ["HTTP_ACCEPT_ENCODING"] = encoding
+        started: list = []
+        chunks = make_wsgi_app(registry)(
+            environ, lambda status, hdrs, *_: started.append((status, hdrs))
+        )
+        body = b"".join(chunks)
+        status, found = started[0]
+        kept = [(k, v) for k, v in found if k.lower() != "content-length"]
+        return int(status.split()[0]), kept, body
 
-    def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
-        while self._idle:
-            sock, (_, deadline) = next(iter(self._idle.items()))
-            if deadline > now:
-                break  # in accept order, so in deadline order
-            del self._idle[sock]
-            sel.unregister(sock)
-            self._drop(sock)
-        with self._lock:
-            for sock, deadline in list(self._reading.items()):
-                if deadline <= now:
-                    del self._reading[sock]
-                    # Unblocks the pool thread's read; that thread closes the socket.
-                    try:
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+    async def _blocking(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _drop(self, sock: socket.socket) -> None:
-        sock.close()
-        with self._lock:
-            self._open -= 1
-
-    # The pool threads.
-
-    def _work(self) -> None:
-        while True:
-            item = self._ready.get()
-            if item is None:
-                return
-            sock, addr, deadline = item
-            conn = sock
-            try:
-                if self.context is not None:
-                    conn = self.context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
-                with self._lock:
-                    self._reading[conn] = deadline
-                if self.context is not None:
-                    conn.settimeout(max(0.001, deadline - time.monotonic()))
-                    conn.do_handshake()
-                    conn.settimeout(WRITE_TIMEOUT)
-                self.finish_request(conn, addr)
-            except (OSError, ValueError) as e:  # resets, timeouts, failed handshakes
-                log.debug("event=connection_dropped client=%s error=%r", addr, e)
-            except Exception:
-                log.exception("event=request_failed client=%s", addr)
-            finally:
-                with self._lock:
-                    self._reading.pop(conn, None)
-                self.shutdown_request(conn)
-                with self._lock:
-                    self._open -= 1
-
-    def request_read(self, conn: socket.socket) -> None:
-        """The request is in (called by the handler): its deadline no longer applies."""
-        with self._lock:
-            self._reading.pop(conn, None)
-
-    def server_close(self) -> None:
-        self._stopping = True
-        for _ in self._threads:
-            self._ready.put(None)
-        super().server_close()
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.auth is not None:
+            self.auth.close()
 
 
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+class _Headers:
+    """A request's headers (ASGI: lower-case names, as bytes), read as text."""
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: bytes) -> str | None:
+        """All values of `name` joined by commas, as HTTP reads repeated headers; None if absent."""
+        values = [v.decode("latin-1") for k, v in self.raw if k == name]
+        return ",".join(values) if values else None
 
 
-def serve_forever(server: PooledWSGIServer) -> None:
-    log.info(
-        "gunicorn-monitor exporter listening on %s:%s (pid %s)",
-        *server.server_address[:2],
-        os.getpid(),
-    )
-    server.serve_forever()
+class _Described:
+    """Families collected once, served as a collector that describes them."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def describe(self) -> list[Metric]:
+        return self.families
+
+    def collect(self) -> list[Metric]:
+        return self.families

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import directory, incarnation, metrics, state
+from monitor.contract import directory, metrics, state
 from monitor.contract.directory import Layout
 from monitor.sidecar.collectors.scrape import errors_family
 
@@ -68,29 +68,22 @@ class DirectoryGate:
 
 
 def master_recorded(layout: Layout) -> bool:
-    """A live master is recorded in the directory. Whatever the number of gone masters' state
-    files, only those whose name names a running process are read (contract/incarnation.py):
-    /-/ready answers in a listing and a kill(0) per file, not a parse of each."""
+    """A live master is recorded in the directory. However many dead masters' state files are
+    there, only those whose pid runs a process are read: /-/ready answers in a listing and a
+    kill(0) per file, not a parse of each."""
     try:
         names = os.listdir(layout.own)
     except OSError:
         return False
-    candidates = {}
     for name in names:
         if not name.startswith("master-") or not name.endswith(".json"):
             continue
-        pid = name[len("master-") : -len(".json")].partition("-")[0]
-        if pid.isascii() and pid.isdigit() and len(pid) < 8 and state.pid_exists(int(pid)):
-            inc = incarnation.of_state_file(name)
-            if inc is not None:
-                candidates[name] = inc
-    judge = incarnation.Judge(candidates.values())
-    for name, inc in candidates.items():
-        if judge.running(inc) is False:
+        pid = name[len("master-") : -len(".json")]
+        if not (pid.isascii() and pid.isdigit() and len(pid) < 8 and state.pid_exists(int(pid))):
             continue
         try:
             with open(os.path.join(layout.own, name), "rb") as f:
-                if state.parse(json.loads(f.read(1 << 20)), inc.pid).alive:
+                if state.parse(json.loads(f.read(1 << 20)), int(pid)).alive:
                     return True
         except (OSError, ValueError):
             continue  # unreadable or malformed: says no master is live

@@ -1,58 +1,64 @@
 """Retirement of gone masters' files: their counts folded into `retired.json`, the files removed.
 
 Why: every master start (a restart, a crash loop, each USR2 upgrade) leaves a set of files in
-`gunicorn-monitor/`: its counts (`counter_`, `histogram_`, `gauge_max_<ident>.db`) and its state
-(`master-<ident>.json`). Kept forever, 50,000 of them made the first scrape take 23.7 s and an
-idle sidecar burn 37 % of a core. Their counts must outlive them (a total that drops is a
-counter reset to Prometheus), so they are folded into one file before the files go.
+`gunicorn-monitor/`: its counts (`counter_`, `histogram_`, `gauge_max_<pid>.db`), its state
+(`master-<pid>.json`) and its heartbeat (`heartbeat/<pid>`). Kept forever, 50,000 of them made
+the first scrape take 23.7 s and an idle sidecar burn 37 % of a core. Their counts must outlive
+them (a total that drops is a counter reset to Prometheus), so they are folded into one file
+before the files go.
 
 The files (all in `gunicorn-monitor/`, opened relative to a checked directory fd, without
 following a symlink):
 
-    counter_<ident>.db, histogram_<ident>.db, gauge_max_<ident>.db, master-<ident>.json
-                         one master incarnation's (contract/incarnation.py); nobody writes them
-                         once it is gone, because no later process has the same name
+    counter_<pid>.db, histogram_<pid>.db, gauge_max_<pid>.db, master-<pid>.json,
+    heartbeat/<pid>      one master's; written only by the holder of the flock on its
+                         heartbeat file (contract/state.py, "Who writes a master's files")
     retired.json         {"samples": the validated sum of every retired file's counts
                           (sidecar/counts.py), "retired": the names folded by the last commit}
     .retired.json.<pid>.tmp   a commit being written
-    .retire.lock         flock: one retirement at a time (never taken by a reader, or a writer
-                         in Gunicorn)
+    .retire.lock         flock: one retirement at a time (never taken by a reader, or by Gunicorn)
 
 Who retires: the sidecar, when it may write the directory (the same user as Gunicorn, as
 shipped: `directory.open_private` is the writers' check), from one thread of its own. A sidecar
 that may not (another user, a read-only mount) retires nothing and folds the gone masters'
 files in memory instead (collectors/lifecycle.py): the same counts, and the directory keeps
-what it has. Never the hooks: Gunicorn never waits on this, reads these files, or holds the lock.
+what it has. Never the hooks: Gunicorn never waits on this, and a master never waits for the
+locks it takes (they are taken with LOCK_NB on both sides).
 
-Which: a file is retired when the incarnation it is named for is gone, as judged by this
-sidecar in the same pid namespace (incarnation.Judge; a file of another namespace is never
-judged). Counts go at once. A state file goes once GRACE seconds have passed since its master
-last wrote it and since this sidecar first saw none of the workers it lists running (an orphan
-that outlived its master: whoever counts the exits of a dead master's orphans reads them from
-that file, and has GRACE seconds after the last one exits; `settled`). A file that cannot be
-read is left where it is (collectors/lifecycle.py skips and counts it), never folded half and
-never removed.
+Which: the files of a master that is accounted for, as contract/state.py says a retirer must:
+its state file says `stopped` (it counted its workers at its exit, or the master that claimed
+its orphans counted those and marked it so), or there is no state file of its pid; and only
+while this sidecar holds LOCK_EX | LOCK_NB on `heartbeat/<pid>` (created if missing), which its
+master holds for its whole life, then whoever counts its orphans, and which a new master given
+the same pid takes before it adopts or writes a count. So nobody writes those files while they
+are folded and removed, and a new master of that pid finds none to adopt: no count twice, none
+lost, pid reuse or not. A state file that does not say `stopped` (its orphans are still owed),
+or says nothing readable, keeps its master's files. A file that cannot be read is left where it
+is (collectors/lifecycle.py skips and counts it), and its master's with it: never folded half.
 
 The protocol (a retirement killed at any instruction neither loses nor doubles a count):
   1. roll forward: every name the current retired.json lists is unlinked if still there (a
      crash after a commit), and the directory fsynced, before the next commit may stop listing
      them; leftover temporaries of ours are removed (a crash before a commit).
-  2. fold: read a batch of gone masters' count files and validate them; add them to the
-     current sum in memory.
+  2. lock and fold: take the heartbeat locks of a batch of accounted masters, read their count
+     files again under them and validate them; add them to the current sum in memory.
   3. commit: write the new retired.json to a temporary name, fsync, rename it over the old
      one, fsync the directory. The rename is the single commit point: before it, the batch's
      files are counted from themselves; after it, from retired.json, which names them.
-  4. unlink the batch's files, fsync the directory. A crash here leaves files that
-     retired.json names: readers skip them, and step 1 of the next retirement removes them.
-Readers (collectors/lifecycle.py) need no lock: they open retired.json first, skip every file
-it names, read the rest, and check that retired.json is still the file they opened (a rename
-over it gives another inode); if not, they read again. A file removed between their listing and
-their read was then in the retired.json they check against, so nothing is counted twice or
-lost, and a reader that may not write takes part on the same terms.
+  4. unlink the batch's count files, then their state files and heartbeat files (so that no
+     file of a master is left without the state that says it is accounted for), fsync the
+     directory, let go of the locks. A crash here leaves files that retired.json names:
+     readers skip them, and step 1 of the next retirement removes them.
+Readers (collectors/lifecycle.py) need no lock: they hold retired.json open, skip every file
+it names, read the rest, and check that retired.json is still the file they hold (a rename
+over it shows as another inode, and an open file's inode is never given to another); if not,
+they read again. A file removed between their listing and their read was then in the
+retired.json they check against, so nothing is counted twice or lost, and a reader that may not
+write takes part on the same terms.
 
 Bounded: retired.json holds the contract's series (label values from fixed sets) and the
-names of one batch; the directory holds the live masters' files, the gone ones' for at most one
-pass (and their state files for GRACE), and files that could not be read.
+names of one batch; the directory holds the live masters' files, those of dead masters whose
+orphans are still owed, and files that could not be read.
 
 What retired.json says is data like any file: each sample is checked against the contract
 again when read. One that cannot be read (garbage, a disk error) stops retirement (its sum
@@ -75,9 +81,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import psutil
-
-from monitor.contract import directory, incarnation, state
+from monitor.contract import directory, heartbeat, state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts
@@ -86,17 +90,15 @@ log = logging.getLogger("gunicorn_monitor")
 
 AGGREGATE = "retired.json"
 LOCK = ".retire.lock"
-BATCH = 5000  # count files folded per commit: what retired.json lists at most
-GRACE = 60.0  # seconds a gone master's state file stays after its last write (see `settled`)
-ANCIENT = 3600.0  # a state file last written this long ago: its orphans had their time
-PERIOD = 30.0  # seconds between passes while a state file waits for its GRACE
-IDLE_PERIOD = 300.0  # and otherwise, when no scrape saw a gone master's file meanwhile
+BATCH = 256  # masters folded per commit: their heartbeat locks are held at once (one fd each)
+PERIOD = 300.0  # seconds between passes when no scrape saw an accounted master's files
 MAX_AGGREGATE = 16 * 1024 * 1024  # far above what the contract's series and one batch take
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# Temporary files a writer of an incarnation leaves when it dies mid-write (store.py, state.py).
+_STATE = re.compile(r"master-([0-9]{1,7})\.json")
+# Temporary files a writer of a master's files leaves when it dies mid-write (store.py, state.py).
 _TEMPORARY = re.compile(
-    r"\.(?:counter|histogram|gauge_max)_([0-9-]+)\.db\.[0-9]+\.tmp|master-([0-9-]+)\.json\.[0-9]+\.tmp"
+    r"\.(?:counter|histogram|gauge_max)_([0-9]{1,7})\.db\.[0-9]+\.tmp|master-([0-9]{1,7})\.json\.[0-9]+\.tmp"
 )
 _OWN_TEMPORARY = re.compile(r"\.retired\.json\.([0-9]+)\.tmp")
 
@@ -218,115 +220,50 @@ def read_counts(dir_fd: int, name: str) -> counts.FileCounts:
 
 @dataclass
 class Listing:
-    """One listing of `gunicorn-monitor/`, sorted by what each file is to retirement."""
+    """One listing of `gunicorn-monitor/`, sorted by master: what each pid has there."""
 
-    judge: incarnation.Judge
-    count_files: dict[str, incarnation.Incarnation | None]  # *.db -> its writer, if a master
-    state_files: dict[str, incarnation.Incarnation]
-    temporaries: list[tuple[str, incarnation.Incarnation]]
-    own_temporaries: list[tuple[str, int]]
+    count_files: dict[str, int | None] = field(default_factory=dict)  # *.db -> its master's pid
+    state_files: dict[int, str] = field(default_factory=dict)  # pid -> master-<pid>.json
+    temporaries: dict[int, list[str]] = field(default_factory=dict)  # pid -> its stale writes
+    own_temporaries: list[tuple[str, int]] = field(default_factory=list)
 
-    def gone(self, name: str) -> bool:
-        inc = self.count_files.get(name) or self.state_files.get(name)
-        return inc is not None and self.judge.gone(inc)
+    def of(self, pid: int) -> list[str]:
+        """The count files of the master `pid`."""
+        return [n for n, p in self.count_files.items() if p == pid]
 
 
-def listing(
-    dir_fd: int,
-    names: list[str] | None = None,
-    legacy_start: bool = False,
-    known_gone: set[incarnation.Incarnation] | frozenset = frozenset(),
-) -> Listing:
-    """Sort a listing of the directory; `legacy_start` reads the start times that earlier
-    versions' state files recorded, so that a reused pid does not keep their files forever;
-    `known_gone` as incarnation.Judge's."""
-    if names is None:
-        names = os.listdir(dir_fd)
-    count_files: dict[str, incarnation.Incarnation | None] = {}
-    state_files: dict[str, incarnation.Incarnation] = {}
-    temporaries, own_temporaries = [], []
+def listing(names: list[str]) -> Listing:
+    found = Listing()
     for name in names:
         if name.endswith(".db"):
             db = parse_name(name)
             if db is not None:
-                count_files[name] = incarnation.parse(db.ident)
-        elif (inc := incarnation.of_state_file(name)) is not None:
-            state_files[name] = inc
-        elif (found := _TEMPORARY.fullmatch(name)) is not None:
-            inc = incarnation.parse(found.group(1) or found.group(2))
-            if inc is not None:
-                temporaries.append((name, inc))
-        elif (found := _OWN_TEMPORARY.fullmatch(name)) is not None:
-            own_temporaries.append((name, int(found.group(1))))
-    incs = [i for i in count_files.values() if i is not None] + list(state_files.values())
-    starts = {}
-    if legacy_start:
-        for name, inc in state_files.items():
-            if inc.start is None and (started := _recorded_start(dir_fd, name)) is not None:
-                starts[inc.pid] = started
-    judge = incarnation.Judge(incs, starts, known_gone)
-    return Listing(judge, count_files, state_files, temporaries, own_temporaries)
+                pid = db.ident
+                found.count_files[name] = int(pid) if pid.isascii() and pid.isdigit() else None
+        elif (match := _STATE.fullmatch(name)) is not None:
+            found.state_files[int(match.group(1))] = name
+        elif (match := _TEMPORARY.fullmatch(name)) is not None:
+            pid = int(match.group(1) or match.group(2))
+            found.temporaries.setdefault(pid, []).append(name)
+        elif (match := _OWN_TEMPORARY.fullmatch(name)) is not None:
+            found.own_temporaries.append((name, int(match.group(1))))
+    return found
 
 
-def _recorded_start(dir_fd: int, name: str) -> float | None:
-    raw = _read_json(dir_fd, name)
-    value = raw.get("start_time") if isinstance(raw, dict) else None
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _read_json(dir_fd: int, name: str) -> object:
-    try:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return json.loads(os.read(fd, 1 << 20))
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-
-
-def settled(dir_fd: int, name: str, now: float, quiet: dict[str, float]) -> bool:
-    """A gone master's state file may go: GRACE seconds since it was last written, and GRACE
-    since this sidecar first saw (`quiet`: name -> then) none of the workers it lists run a
-    process that started before that write: an orphan, whose exit is counted from this file
-    by whoever outlived the master. A file last written ANCIENT ago needs no such sighting.
-    A file that says nothing readable goes after GRACE.
-    """
-    try:
-        mtime = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
-    except FileNotFoundError:
-        return False
-    if now - mtime < GRACE:
-        return False
-    raw = _read_json(dir_fd, name)
-    recorded = raw.get("workers") if isinstance(raw, dict) else None
-    for pid in recorded if isinstance(recorded, dict) else ():
-        if isinstance(pid, str) and pid.isascii() and pid.isdigit() and _orphan(int(pid), mtime):
-            quiet.pop(name, None)
-            return False
-    if now - mtime >= ANCIENT:
+def accounted(dir_fd: int, pid: int, found: Listing) -> bool:
+    """The master `pid` is accounted for (module docstring): its state file says `stopped`, or
+    there is none. Taken as a candidate only: it is asked again under its heartbeat lock."""
+    if pid not in found.state_files:
         return True
-    return now - quiet.setdefault(name, now) >= GRACE
-
-
-def _orphan(pid: int, written: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= written + 1.0
-    except (psutil.Error, OSError, ValueError):
-        return False
+    loaded = state.load(dir_fd, pid)
+    return loaded is not None and loaded[1].stopped
 
 
 @dataclass
 class Report:
     folded: int = 0  # count files folded into retired.json
-    removed: int = 0  # files removed (count files, state files, temporaries)
-    unreadable: int = 0  # gone masters' count files that could not be read: left in place
-    waiting: int = 0  # gone masters' state files not yet settled
+    removed: int = 0  # files removed (count, state, heartbeat files, temporaries)
+    unreadable: int = 0  # accounted masters' count files that could not be read: left in place
     busy: bool = False  # another retirement held the lock
     errors: dict[str, int] = field(default_factory=dict)  # samples the contract rejected
 
@@ -335,16 +272,10 @@ class NotOurs(Exception):
     """This sidecar may not write the directory (another user's, read-only, unsafe)."""
 
 
-def retire(
-    layout: Layout,
-    now: float | None = None,
-    commits: threading.Lock | None = None,
-    quiet: dict[str, float] | None = None,
-) -> Report:
+def retire(layout: Layout, commits: threading.Lock | None = None) -> Report:
     """One retirement pass (the module docstring's protocol); NotOurs if this process may not
     write the directory, Unreadable if retired.json cannot be read. `commits` is held around
-    each commit and its unlinks: a reader in this process that holds it never reads again.
-    `quiet`: what earlier passes saw of state files' orphans (`settled`), kept by the caller."""
+    each commit and its unlinks: a reader in this process that holds it never reads again."""
     try:
         dir_fd = directory.open_private(layout, create=False)
     except OSError as e:
@@ -352,78 +283,157 @@ def retire(
             return Report()  # no Gunicorn has run here yet: nothing to retire
         raise NotOurs(str(e)) from None
     try:
-        when = time.time() if now is None else now
-        return _locked(dir_fd, when, commits, {} if quiet is None else quiet)
+        try:
+            lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            raise NotOurs(f"{LOCK}: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return Report(busy=True)  # another sidecar is retiring: its work, not ours
+            return _pass(layout, dir_fd, commits or contextlib.nullcontext())
+        finally:
+            os.close(lock)
     finally:
         os.close(dir_fd)
 
 
-def _locked(
-    dir_fd: int, now: float, commits: threading.Lock | None, quiet: dict[str, float]
-) -> Report:
-    try:
-        lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=dir_fd)
-    except OSError as e:
-        raise NotOurs(f"{LOCK}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return Report(busy=True)  # another sidecar is retiring: its work, not ours
-        return _pass(dir_fd, now, commits or contextlib.nullcontext(), quiet)
-    finally:
-        os.close(lock)
-
-
-def _pass(
-    dir_fd: int, now: float, commits: contextlib.AbstractContextManager, quiet: dict[str, float]
-) -> Report:
+def _pass(layout: Layout, dir_fd: int, commits: contextlib.AbstractContextManager) -> Report:
     report = Report()
     current = read(dir_fd)
     report.removed += _unlink_all(dir_fd, current.listed)  # 1. roll forward
-    found = listing(dir_fd, legacy_start=True)
+    names = os.listdir(dir_fd)
+    found = listing(names)
     for name, pid in found.own_temporaries:
         if pid == os.getpid() or not state.pid_exists(pid):
             report.removed += _unlink(dir_fd, name)
-    # State files first: every reader of the directory reads each of them (a scrape, the
-    # sampler, /-/ready), the count files are read once.
-    waiting = set()
-    for name, inc in found.state_files.items():
-        if found.judge.gone(inc):
-            if settled(dir_fd, name, now, quiet):
-                report.removed += _unlink(dir_fd, name)
-            else:
-                waiting.add(name)
-    for name in set(quiet) - waiting:
-        del quiet[name]  # removed, or no longer there: nothing to remember
-    report.waiting = len(waiting)
-    gone = sorted(n for n in found.count_files if n not in current.listed and found.gone(n))
-    for start in range(0, len(gone), BATCH):
-        total = dict(current.samples)
-        folded = []
-        for name in gone[start : start + BATCH]:  # 2. fold
+    hb_fd = directory.open_heartbeats(dir_fd, layout, create=True)
+    try:
+        pids = {p for p in found.count_files.values() if p is not None} | set(found.state_files)
+        pids |= _heartbeats(hb_fd)
+        candidates = sorted(p for p in pids if accounted(dir_fd, p, found))
+        for start in range(0, len(candidates), BATCH):
+            locks = _lock_all(dir_fd, hb_fd, candidates[start : start + BATCH], found)
+            try:
+                current = _retire_batch(dir_fd, hb_fd, locks, found, current, commits, report)
+            finally:
+                for pid, (fd, made) in locks.items():
+                    if made:  # not left behind by a master kept (a file it could not read)
+                        _unlink(hb_fd, str(pid))
+                    os.close(fd)
+    finally:
+        os.close(hb_fd)
+    return report
+
+
+def _heartbeats(hb_fd: int) -> set[int]:
+    """The pids with a heartbeat file: a master that left nothing else is retired too."""
+    return {int(n) for n in os.listdir(hb_fd) if n.isascii() and n.isdigit() and len(n) < 8}
+
+
+def _lock_all(
+    dir_fd: int, hb_fd: int, pids: list[int], found: Listing
+) -> dict[int, tuple[int, bool]]:
+    """The heartbeat locks of those `pids` nobody else holds, each master asked again under
+    its lock (still accounted for, the lock still on the file at heartbeat/<pid>). A heartbeat
+    file this made and does not keep a lock on is removed before the lock goes."""
+    locks = {}
+    for pid in pids:
+        held = _lock(hb_fd, str(pid))
+        if held is None:
+            continue  # its master, or whoever counts its orphans: not ours to retire
+        fd, made = held
+        if _still_linked(hb_fd, str(pid), fd) and accounted(dir_fd, pid, found):
+            locks[pid] = held
+            continue
+        if made:
+            _unlink(hb_fd, str(pid))
+        os.close(fd)
+    return locks
+
+
+def _retire_batch(
+    dir_fd: int,
+    hb_fd: int,
+    locks: dict[int, tuple[int, bool]],
+    found: Listing,
+    current: Retired,
+    commits: contextlib.AbstractContextManager,
+    report: Report,
+) -> Retired:
+    total = dict(current.samples)
+    folded, done = [], []
+    for pid in sorted(locks):  # 2. fold
+        files, read_all = [], True
+        for name in found.of(pid):
             try:
                 found_counts = read_counts(dir_fd, name)
             except FileNotFoundError:
                 continue  # another sidecar's retirement, or an operator, was first
             except compaction.BadFile:
                 report.unreadable += 1
-                continue  # kept in place, skipped and counted by the collector
+                read_all = False
+                break  # kept in place with its master's, skipped and counted by the collector
+            files.append((name, found_counts))
+        if not read_all:
+            continue
+        for name, found_counts in files:
             counts.add(total, found_counts.samples)
             for why, n in found_counts.errors.items():
                 report.errors[why] = report.errors.get(why, 0) + n
             folded.append(name)
-        if not folded:
-            continue
-        with commits:
+        done.append(pid)
+    if not done:
+        return current
+    with commits:
+        if folded:
             _commit(dir_fd, total, folded)  # 3.
             report.folded += len(folded)
-            report.removed += _unlink_all(dir_fd, folded)  # 4.
-        current = Retired(total, frozenset(folded))
-    for name, inc in found.temporaries:
-        if found.judge.gone(inc):
-            report.removed += _unlink(dir_fd, name)
-    return report
+        report.removed += _unlink_all(dir_fd, folded)  # 4.
+        rest = [found.state_files[p] for p in done if p in found.state_files]
+        rest += [t for p in done for t in found.temporaries.get(p, ())]
+        report.removed += _unlink_all(dir_fd, rest)
+        for pid in done:
+            report.removed += _unlink(hb_fd, str(pid))
+    return Retired(total, frozenset(folded)) if folded else current
+
+
+def _lock(hb_fd: int, name: str) -> tuple[int, bool] | None:
+    """LOCK_EX | LOCK_NB on heartbeat/<name>, made if missing (as hooks/beat.py does), and
+    whether this made it; None when someone holds it, or it cannot be opened as a regular file
+    (a symlink or a FIFO in its place is not ours to remove here)."""
+    made = False
+    try:
+        fd = os.open(name, os.O_RDONLY | heartbeat.FLAGS, dir_fd=hb_fd)
+    except FileNotFoundError:
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | heartbeat.FLAGS, 0o600, dir_fd=hb_fd
+            )
+            made = True
+        except OSError:
+            return None  # made by a master meanwhile: its turn
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)  # a file we made is locked by another already: theirs to remove
+        return None
+    return fd, made
+
+
+def _still_linked(hb_fd: int, name: str, fd: int) -> bool:
+    try:
+        st = os.stat(name, dir_fd=hb_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _commit(dir_fd: int, samples: dict[counts.Key, float], listed: list[str]) -> None:
@@ -470,9 +480,9 @@ def _unlink_all(dir_fd: int, names: Iterator[str] | frozenset[str] | list[str]) 
 
 
 class Retirer:
-    """Runs retirement passes on a thread of its own: at start, when `wake()`d (a scrape saw a
-    gone master's files), every PERIOD while a state file waits for its GRACE, and every
-    IDLE_PERIOD otherwise (a sidecar nobody scrapes still keeps the directory small).
+    """Runs retirement passes on a thread of its own: at start, when `wake()`d (a scrape saw an
+    accounted master's files), and every PERIOD (a sidecar nobody scrapes still keeps the
+    directory small).
 
     `writing` says whether this sidecar retires (False: it may not write the directory, or
     retired.json cannot be read; the collector then folds in memory). `first_pass` is True
@@ -491,7 +501,6 @@ class Retirer:
         self._wake = threading.Event()
         self._said: str | None = None
         self.errors: dict[str, int] = {}
-        self._quiet: dict[str, float] = {}  # state files whose orphans were last seen gone
         self._thread = threading.Thread(target=self._run, name="retirement", daemon=True)
 
     def start(self) -> None:
@@ -502,14 +511,14 @@ class Retirer:
 
     def _run(self) -> None:
         while True:
-            report = self.run_once()
-            self._wake.wait(PERIOD if report is not None and report.waiting else IDLE_PERIOD)
+            self.run_once()
+            self._wake.wait(PERIOD)
             self._wake.clear()
 
     def run_once(self) -> Report | None:
         started = time.monotonic()
         try:
-            report = retire(self.layout, commits=self.lock, quiet=self._quiet)
+            report = retire(self.layout, commits=self.lock)
             self._state(None)
         except NotOurs as e:
             report = None
@@ -524,11 +533,10 @@ class Retirer:
             self.errors[why] = self.errors.get(why, 0) + n
         if report is not None and (report.folded or report.removed):
             log.info(
-                "event=retired folded=%d removed=%d unreadable=%d waiting=%d seconds=%.3f",
+                "event=retired folded=%d removed=%d unreadable=%d seconds=%.3f",
                 report.folded,
                 report.removed,
                 report.unreadable,
-                report.waiting,
                 time.monotonic() - started,
             )
         writing = report is not None

@@ -26,7 +26,6 @@ from monitor.contract import (
     captures,
     causes,
     directory,
-    incarnation,
     inflight,
     journal,
     metrics,
@@ -77,7 +76,7 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
         out.append(
             {
                 "pid": m.pid,
-                "uptime_seconds": round(now_wall - m.start_time, 1),
+                "uptime_seconds": round(_age(m.start_ticks, m.start_time, now_wall), 1),
                 "version": m.version,
                 "worker_class": m.worker_class,
                 "workers_desired": m.workers_desired,
@@ -153,15 +152,22 @@ def deploys(layout: Layout) -> tuple[dict[int, float], float | None, float | Non
             pass
     finally:
         os.close(dir_fd)
-    found = {f: incarnation.parse(f[len("gauge_max_") : -3]) for f in per_file}
-    judge = incarnation.Judge(i for i in found.values() if i is not None)
-    mine = {}
-    for file, inc in found.items():
-        if inc is not None and judge.running(inc) is not False:
-            mine[inc.pid] = max(mine.get(inc.pid, 0.0), per_file[file])
+    mine = {}  # a master's deploys are in gauge_max_<its pid>.db (the one writer: state.py)
+    for file, value in per_file.items():
+        pid = file[len("gauge_max_") : -len(".db")]
+        if pid.isascii() and pid.isdigit():
+            mine[int(pid)] = value
     marked = per_file.get("gauge_max_deploy.db")
     overall = max([v for v in (overall, *per_file.values()) if v is not None], default=None)
     return mine, marked, overall
+
+
+def _age(ticks: int | None, wall: float | None, now_wall: float) -> float:
+    """Seconds since a process started: from its /proc start ticks, which no wall-clock step
+    moves; by the wall clock only from a state file of an earlier version."""
+    if ticks is not None:
+        return state.age_of(ticks)
+    return now_wall - (wall or now_wall)
 
 
 def _is_time(t: object) -> bool:
@@ -172,7 +178,7 @@ def _worker(layout: Layout, w: state.Worker, now: float, mono: float, cpu: _Cpu)
     row: dict[str, Any] = {
         "slot": w.slot,
         "pid": w.pid,
-        "age_seconds": round(now - w.spawned, 1) if w.spawned else None,
+        "age_seconds": round(_age(w.ticks, w.spawned, now), 1) if w.ticks or w.spawned else None,
         "phase": None,
         "in_flight": None,
         "requests_served": None,

@@ -23,24 +23,19 @@ cannot require a client certificate without verifying it), `cipher_suites` and
 and refused too. `RequestClientCert` is served as `NoClientCert`: nothing here reads a client
 certificate that is not verified, so asking for one would change nothing.
 
-Every problem is a `WebConfigError` with one line: the file, the key, what is wrong.
+Every problem is a `WebConfigError` with one line: the file, the key, what is wrong. The TLS
+settings become an SSLContext (`ssl_context`) that the server (server.py) runs every handshake
+with; the users' hashes are checked by basicauth.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import os
 import re
-import secrets
 import ssl
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import bcrypt
 import yaml
 
 
@@ -81,7 +76,6 @@ VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-CACHE_SIZE = 256  # successful Authorization headers remembered (as sha256), least recent dropped
 
 
 @dataclass(frozen=True)
@@ -100,11 +94,6 @@ class WebConfig:
     path: str
     tls: TLS | None = None
     users: dict[str, bytes] = field(default_factory=dict)  # name -> bcrypt hash
-
-    def __post_init__(self) -> None:
-        self._ok: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
-        self._dummy: bytes | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server-side context for the configured certificate and client auth, or None."""
@@ -144,43 +133,6 @@ class WebConfig:
         ctx.verify_mode = t.verify_mode
         return ctx
 
-    def check(self, authorization_header: str | None) -> bool:
-        """Whether a request with this Authorization header may pass (always, without users).
-
-        An unknown user costs the same bcrypt check as a known one, so response time does not
-        tell which names exist. A header that passed once is remembered (by its sha256, at most
-        CACHE_SIZE of them) so that a scrape every few seconds does not pay bcrypt each time.
-        """
-        if not self.users:
-            return True
-        if not authorization_header:
-            return False
-        digest = hashlib.sha256(authorization_header.encode("utf-8", "surrogateescape")).digest()
-        with self._lock:
-            if digest in self._ok:
-                self._ok.move_to_end(digest)
-                return True
-        credentials = _parse_basic(authorization_header)
-        if credentials is None:
-            return False
-        user, password = credentials
-        hashed = self.users.get(user)
-        ok = _checkpw(password, hashed if hashed is not None else self._dummy_hash())
-        if not ok or hashed is None:
-            return False
-        with self._lock:
-            self._ok[digest] = None
-            while len(self._ok) > CACHE_SIZE:
-                self._ok.popitem(last=False)
-        return True
-
-    def _dummy_hash(self) -> bytes:
-        """A hash as costly as the dearest real one, checked when the user is unknown."""
-        if self._dummy is None:
-            cost = max(int(h[4:6]) for h in self.users.values())
-            self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
-        return self._dummy
-
     def _error(self, key: str, what: str) -> WebConfigError:
         return WebConfigError(f"{self.path}: {key}: {what}")
 
@@ -210,8 +162,6 @@ def load(path: str) -> WebConfig:
     users = doc.get("basic_auth_users")
     if users is not None:
         config.users = _users(config, users)
-        if config.users:
-            config._dummy_hash()
     config.ssl_context()
     return config
 
@@ -301,31 +251,6 @@ def _users(config: WebConfig, users: Any) -> dict[str, bytes]:
         # $2y$ (PHP/htpasswd) is the same algorithm as $2b$; not every bcrypt release takes it.
         found[name] = ("$2b$" + hashed[4:] if hashed.startswith("$2y$") else hashed).encode()
     return found
-
-
-def _parse_basic(header: str) -> tuple[str, bytes] | None:
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        raw = base64.b64decode(token.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    user, sep, password = raw.partition(b":")
-    if not sep:
-        return None
-    try:
-        return user.decode("utf-8"), password
-    except UnicodeDecodeError:
-        return None
-
-
-def _checkpw(password: bytes, hashed: bytes) -> bool:
-    # Past 72 bytes some bcrypt releases truncate and others raise: refuse, in the same time.
-    try:
-        return bcrypt.checkpw(password[:72], hashed) and len(password) <= 72
-    except ValueError:
-        return False
 
 
 class _EncryptedKey(Exception):

@@ -1,22 +1,23 @@
 """Lifecycle metrics: the counts the hooks recorded, and the state of the live masters.
 
 Counts come from the prometheus_client files in the monitor's subdirectory, one set per master
-incarnation (contract/incarnation.py), each checked against the contract by sidecar/counts.py,
-plus `retired.json`: the counts of masters that are gone, whose files the sidecar's retirement
-(sidecar/retirement.py) folded and removed. A file that retired.json names is skipped (it is
-being removed); retired.json is opened first and held open while the files are listed and
-read, and the read is made again if a retirement renamed another over it meanwhile (an open
-file's inode is never given to another), so a retirement in any process never makes a count
-appear twice or go missing.
+(`counter_<pid>.db` and its siblings), each checked against the contract by sidecar/counts.py,
+plus `retired.json`: the counts of dead masters accounted for, whose files the sidecar's
+retirement (sidecar/retirement.py) folded and removed. A file that retired.json names is
+skipped (it is being removed); retired.json is opened first and held open while the files are
+listed and read, and the read is made again if a retirement renamed another over it meanwhile
+(an open file's inode is never given to another), so a retirement in any process never makes
+a count appear twice or go missing.
 
-A gone master's files are final: each is read once and folded into a sum kept in memory (made
-again from the files only when one of them vanishes: retired, by this sidecar or another). So
-a sidecar that may not write the directory serves the same counts, reading only the live
-masters' files on each collection. While this sidecar's first retirement runs over more than
-READ_AT_ONCE unread files of gone masters (thousands of restarts left by an earlier version,
-or by a Gunicorn that ran without a sidecar), the count families are left out (a gap, said
-once in the log) rather than read twice over or served short; the collection after it has
-them all.
+The files of a master accounted for (its state file says `stopped`: contract/state.py) are
+final: each is read once and folded into a sum kept in memory (made again from the files only
+when one of them vanishes, retired by this sidecar or another, or is written anew, by a new
+master given the pid). So a sidecar that may not write the directory serves the same counts,
+reading only the other masters' files on each collection. While this sidecar's first
+retirement runs over more than READ_AT_ONCE unread files of such masters (thousands of
+restarts left by a Gunicorn that ran without a sidecar, or by an earlier version), the count
+families are left out (a gap, said once in the log) rather than read twice over or served
+short; the collection after it has them all.
 
 A bad file costs only itself. A file that cannot be read (garbage, cut mid-record, another
 user's, a FIFO or a symlink in its place) is skipped and counted
@@ -24,22 +25,25 @@ user's, a FIFO or a symlink in its place) is skipped and counted
 "unreadable"}`), and every other file and family is still served. But never a drop: the counts
 are sums over files, and a sum that goes down is a counter reset to Prometheus, from which
 increase() would invent as many exits as the file held. So a file this sidecar read good before
-(a live master's, one of a master since gone, retired.json) that now cannot be read, or that
-vanished while its master runs (the master writes it again within a loop turn), is served with
-the values last read from it, for as long as it stays so: the closest thing to the truth there
-is, since the master only ever adds to them. What is left is said plainly: a file never read
-good is simply missing from the sums, so while one of a type is missing, no series of that type
-starts at 0 (counts._with_defaults): it may be the one that file holds. (One case is not
-covered: a gone master's file that became unreadable after it was folded, when the fold must be
-made again because another gone master's file vanished: the rebuild leaves it out. Folds are
-made again only when a retirement removed files, promptly after the master's death.)
+(a live master's, one of a master since accounted for, retired.json) that now cannot be read,
+or that vanished while its master runs (the master writes it again within a loop turn), is
+served with the values last read from it, for as long as it stays so: the closest thing to the
+truth there is, since the master only ever adds to them. What is left is said plainly: a file
+never read good is simply missing from the sums, so while one of a type is missing, no series
+of that type starts at 0 (counts._with_defaults): it may be the one that file holds. (One case
+is not covered: a file of a master accounted for that became unreadable after it was folded,
+when the fold must be made again because another such file vanished: the rebuild leaves it out.
+Folds are made again only when a retirement removed files, promptly after the master is
+accounted for.)
 
 A directory that cannot be listed or opened leaves out everything here.
 
 The masters' gauges (up, workers, desired) come from the state files, read by
 contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
 master's, so it leaves the gauges out; a worker counts only while it is a live child of its
-live master.
+live master (a zombie is not: a stopped master reaps nothing). A live master is up only while it
+is not stopped and its loop turns (sidecar/liveness.py); the largest heartbeat age over the live
+masters is served beside it, when one could be read.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from monitor.contract import metrics, state
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts, retirement
+from monitor.sidecar.liveness import Liveness
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -94,21 +99,27 @@ class _Reading:
 
 
 class _GoneFold:
-    """The gone masters' count files not yet retired, summed in memory, each read once."""
+    """The count files of masters accounted for and not yet retired, summed in memory, each
+    read once (by name and inode: a new master given the pid writes its adopted file anew)."""
 
     def __init__(self) -> None:
-        self.names: set[str] = set()
+        self.names: dict[str, int] = {}  # name -> inode, of the files in the sum
         self.total: dict[counts.Key, float] = {}
         self.whole: set[str] = set(counts.KINDS)
 
     def update(
-        self, dir_fd: int, present: set[str], reading: _Reading, last: dict[str, counts.FileCounts]
+        self,
+        dir_fd: int,
+        present: dict[str, int],
+        reading: _Reading,
+        last: dict[str, counts.FileCounts],
     ) -> None:
-        """Fold the `present` files not folded yet; `last`: what was read good from each while
-        its master ran, which stands for a file that cannot be read now."""
-        if not self.names <= present:  # one was retired (or removed): made again from the rest
-            self.names, self.total, self.whole = set(), {}, set(counts.KINDS)
-        for name in sorted(present - self.names):
+        """Fold the `present` files (name -> inode) not folded yet; `last`: what was read good
+        from each while its master ran, which stands for a file that cannot be read now."""
+        if any(present.get(name) != inode for name, inode in self.names.items()):
+            # One was retired (or removed, or written anew): made again from the rest.
+            self.names, self.total, self.whole = {}, {}, set(counts.KINDS)
+        for name in sorted(present.keys() - self.names.keys()):
             try:
                 found = retirement.read_counts(dir_fd, name)
             except FileNotFoundError:
@@ -118,8 +129,8 @@ class _GoneFold:
                 if name in last:
                     found = last[name]  # read good while its master ran: its values stand
                 else:
-                    # Never read good: skipped and counted at each collection, until retired
-                    # or fixed (a gone master never writes it again).
+                    # Never read good: skipped and counted at each collection, until fixed
+                    # (nothing writes the file of a master accounted for).
                     reading.skipped += 1
                     if e.kind != "empty":
                         reading.whole.discard(_kind(name))
@@ -127,7 +138,7 @@ class _GoneFold:
             counts.add(self.total, found.samples)
             for kind, n in found.errors.items():
                 reading.error(kind, n)
-            self.names.add(name)
+            self.names[name] = present[name]
 
 
 def _kind(name: str) -> str:
@@ -141,10 +152,12 @@ class LifecycleCollector:
         layout: Layout,
         *,
         lifetime: bool = True,
+        liveness: Liveness | None = None,
         retirer: retirement.Retirer | None = None,
     ) -> None:
         self.layout = layout
         self.lifetime = lifetime  # --collector.lifetime
+        self.liveness = liveness or Liveness(layout)
         self.retirer = retirer  # None: this collector folds gone masters' files in memory only
         self._stats = Stats()
         self._children = state.Children()
@@ -152,7 +165,6 @@ class LifecycleCollector:
         self._known: dict[str, counts.FileCounts] = {}  # last good, by file name
         self._retired: retirement.Retired | None = None  # retired.json, as last read good
         self._gone = _GoneFold()
-        self._gone_incarnations: set = set()  # judged gone: never judged again
         self._deferred_said = False
         self._unreadable_retired = "unreadable"
 
@@ -174,13 +186,14 @@ class LifecycleCollector:
         except FileNotFoundError:
             # No Gunicorn has run here yet: nothing recorded, truly zero.
             yield from counts.families({}, counts.KINDS, self.lifetime)
-            yield from self._masters()
+            yield from self._masters(state.read_all(self.layout))
             return
         except OSError:
             self._error("unreadable")  # nothing here can be told: not even gunicorn_up
             return
+        recorded = state.read_all(self.layout)
         try:
-            reading = self._read_counts(dir_fd)
+            reading = self._read_counts(dir_fd, {m.pid for m in recorded[0] if m.stopped})
         except OSError:
             self._error("unreadable")
             return
@@ -188,18 +201,21 @@ class LifecycleCollector:
             os.close(dir_fd)
         if reading is not None:
             yield from counts.families(reading.total, reading.whole, self.lifetime)
-        yield from self._masters()
+        yield from self._masters(recorded)
 
     # -- the counts ------------------------------------------------------------------------
 
-    def _read_counts(self, dir_fd: int) -> _Reading | None:
+    def _read_counts(self, dir_fd: int, stopped: set[int]) -> _Reading | None:
         """The counts, read until retired.json was not replaced meanwhile, and taken as this
-        collector's (its last good values); None when the families are left out this time."""
+        collector's (its last good values); None when the families are left out this time.
+        `stopped`: the masters accounted for (their state says so): their files are final."""
         hold = self.retirer.lock if self.retirer is not None else contextlib.nullcontext()
         reading = None
         for _ in range(ATTEMPTS):
             with hold, self._retired_json(dir_fd) as retired:
-                reading = self._read(dir_fd, retired, os.listdir(dir_fd))
+                with os.scandir(dir_fd) as it:
+                    names = {e.name: e.inode() for e in it}
+                reading = self._read(dir_fd, retired, names, stopped)
                 if retired is None or retirement.unchanged(dir_fd, retired):
                     break
             reading = None
@@ -237,9 +253,15 @@ class LifecycleCollector:
             self._unreadable_retired = e.kind
             yield None
 
-    def _read(self, dir_fd: int, retired: retirement.Retired | None, names: list[str]) -> _Reading:
+    def _read(
+        self,
+        dir_fd: int,
+        retired: retirement.Retired | None,
+        names: dict[str, int],
+        stopped: set[int],
+    ) -> _Reading:
         """One read of the counts: retired.json (None: it cannot be read), then the files of
-        `names`, a listing made after retired.json was opened."""
+        `names` (name -> inode), a listing made after retired.json was opened."""
         reading = _Reading(retired=retired)
         if retired is not None:
             reading.error("rejected", sum(retired.errors.values()))
@@ -252,19 +274,21 @@ class LifecycleCollector:
                 reading.skipped += 1
                 reading.whole.clear()
         listed = reading.retired.listed if reading.retired is not None else frozenset()
-        found = retirement.listing(dir_fd, names, known_gone=self._gone_incarnations)
-        self._gone_incarnations = found.judge.gone_now()
-        gone = set()
-        for name, inc in sorted(found.count_files.items()):
+        found = retirement.listing(list(names))
+        gone, stateless = {}, False
+        for name, pid in sorted(found.count_files.items()):
             if name in listed:
                 continue  # folded into retired.json, being removed
-            if inc is not None and found.judge.gone(inc):
-                gone.add(name)
+            if pid in stopped:
+                gone[name] = names[name]  # final: read once, folded in memory
                 continue
-            self._read_file(dir_fd, name, inc is not None, reading)
-        unread = len(gone - self._gone.names)
+            # A master with no state file may be starting: read as live; the retirement,
+            # which takes its lock first, tells.
+            stateless = stateless or (pid is not None and pid not in found.state_files)
+            self._read_file(dir_fd, name, pid is not None, reading)
+        unread = len(gone.keys() - self._gone.names.keys())
         retirer = self.retirer
-        if gone and retirer is not None:
+        if (gone or stateless) and retirer is not None:
             retirer.wake()
             if retirer.first_pass and retirer.writing and unread > READ_AT_ONCE:
                 reading.deferred = unread
@@ -301,8 +325,8 @@ class LifecycleCollector:
 
     # -- the masters -----------------------------------------------------------------------
 
-    def _masters(self) -> Iterator[Metric]:
-        masters, malformed, unreadable = state.read_all(self.layout)
+    def _masters(self, recorded: tuple[list[state.Master], int, int]) -> Iterator[Metric]:
+        masters, malformed, unreadable = recorded
         self._stats.files_skipped += malformed + unreadable
         self._error("malformed", malformed)
         if unreadable:  # a master we cannot see may be up: say nothing rather than a wrong 0
@@ -313,7 +337,14 @@ class LifecycleCollector:
         workers = self._children.live(live)
         self._error("rejected", self._children.rejected - self._rejected_children)
         self._rejected_children = self._children.rejected
-        yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=1 if live else 0)
+        verdicts = [self.liveness.recent(m.pid, m.start_ticks) for m in live]
+        judged = [v for v in verdicts if v is not None]  # None: it died since it was read
+        up = any(v.up for v in judged)
+        yield GaugeMetricFamily(metrics.UP.name, metrics.UP.help, value=1 if up else 0)
+        ages = [v.age for v in judged if v.age is not None]
+        if ages:
+            age = metrics.MASTER_HEARTBEAT_AGE
+            yield GaugeMetricFamily(age.name, age.help, value=round(max(ages), 3))
         count = sum(len(w) for w in workers.values())
         yield GaugeMetricFamily(metrics.WORKERS.name, metrics.WORKERS.help, value=count)
         desired = sum(m.workers_desired for m in live)

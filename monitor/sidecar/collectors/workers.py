@@ -214,7 +214,7 @@ class WorkerSampler:
         if snap.master is not None:
             sampled.append(snap.master.pid)
         changed = state.last_change(self.layout) > self._seen_change
-        if changed or not all(state.pid_exists(pid) for pid in sampled):
+        if changed or not all(state.running(pid) for pid in sampled):  # a zombie is gone
             self.sample()
             snap = self.snapshot
         return snap
@@ -237,7 +237,8 @@ class WorkerSampler:
             snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
-            for w in sorted(live.get(m.pid, ()), key=lambda w: w.spawned or 0):
+            # Newest by /proc start (no wall-clock step reorders it), else by spawn time.
+            for w in sorted(live.get(m.pid, ()), key=lambda w: (w.ticks or 0, w.spawned or 0)):
                 s = self._measure((w.pid, w.spawned), w.slot, full, snap)
                 if s is not None:
                     by_pid[s.pid] = s

@@ -1,0 +1,304 @@
+"""The sidecar's HTTP server: uvicorn, with what each connection may cost bounded.
+
+uvicorn serves HTTP/1.1 (h11) on asyncio, so an open connection costs a little memory and no
+thread, and the ASGI app (exporter.py) is all the sidecar writes above it. But uvicorn bounds
+neither how long a request's head may take to arrive (one trickling in a byte a second holds its
+connection for ever: uvicorn's keep-alive timer stops at the first byte), nor how many
+connections are open, and it leaves TLS handshakes to asyncio's 60 s default, uncounted. Those
+bounds are added here, on uvicorn's own h11 protocol (hand-written because uvicorn has no
+setting for them), so that a slow, silent or abusive client costs its own connection's memory
+and never another client's scrape:
+
+- A deadline, REQUEST_TIMEOUT after accept and again after each response, by which the next
+  request's head (its TLS handshake included) must be in: missed, the connection is dropped.
+  While a request is answered no deadline runs: the answer is ours, and bounded. It also ends a
+  connection whose client does not read its response (whose close could never flush).
+- TLS is put in front by the protocol itself, with our own SSLContext (the web config's: client
+  certificates and TLS versions included) and under the same deadline, so that a connection in
+  its handshake is one the server knows of: counted, and droppable. It is asyncio's own TLS
+  protocol (`asyncio.sslproto.SSLProtocol`, what `loop.create_server(ssl=...)` runs), set up
+  where uvicorn cannot: uvicorn passes no handshake timeout, and its versions before 0.47 take
+  no SSLContext of ours.
+- At most MAX_CONNECTIONS are open, handshakes included. Past it the longest-idle one (idle:
+  not being answered; a slow request or a stalled handshake is idle) is dropped for the new
+  one, so that no flood of idle or slow connections locks a scraper out.
+- A request head larger than MAX_HEAD is refused with uvicorn's fixed 400; nothing a client
+  sends is echoed in any error (exporter.py).
+
+uvicorn's own log lines come out as ours (`_UvicornLines`), its access log is off, and a
+client's misbehaviour is a debug line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from asyncio import sslproto
+from collections import OrderedDict
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("gunicorn_monitor")
+
+MAX_CONNECTIONS = 512  # open at once, TLS handshakes included; past it the longest-idle goes
+REQUEST_TIMEOUT = 10.0  # seconds to a whole request head, from accept or the last response
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept (uvicorn closes it cleanly)
+MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11's default, said once here)
+LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
+SHUTDOWN_GRACE = 5  # seconds a SIGTERM waits for responses in flight
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[V6]:PORT`; ValueError with a readable message otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def bind(listen: str) -> socket.socket:
+    """A listening socket on `listen` (ValueError for a malformed one, OSError if the bind
+    fails: both for the caller to say in one line)."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP said, not left 0: asyncio sets TCP_NODELAY only on sockets that say it, and
+    # without it a response's second write waits for the client's delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def config(
+    app: Any,
+    context: ssl.SSLContext | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+    limit: int = MAX_CONNECTIONS,
+) -> uvicorn.Config:
+    """uvicorn's settings for `app`, with our protocol (TLS, deadline, connection limit)."""
+    return uvicorn.Config(
+        app,
+        http=protocol_class(context, timeout, limit),
+        ws="none",
+        lifespan="off",
+        interface="asgi3",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_keep_alive=KEEP_ALIVE,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        backlog=LISTEN_BACKLOG,
+        h11_max_incomplete_event_size=MAX_HEAD,
+    )
+
+
+def serve(sock: socket.socket, settings: uvicorn.Config) -> None:
+    """Serve on `sock` until SIGTERM or SIGINT, then finish what is in flight (at most
+    SHUTDOWN_GRACE seconds) and return."""
+    logging.getLogger("asyncio").setLevel(logging.WARNING)  # its debug lines are not events
+    lines = _UvicornLines()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(lines)
+    try:
+        asyncio.run(_run(uvicorn.Server(settings), sock))
+    finally:
+        uvicorn_log.removeFilter(lines)
+
+
+async def _run(server: uvicorn.Server, sock: socket.socket) -> None:
+    asyncio.get_running_loop().set_exception_handler(_loop_error)
+    await server.serve(sockets=[sock])
+
+
+def protocol_class(
+    context: ssl.SSLContext | None,
+    timeout: float = REQUEST_TIMEOUT,
+    limit: int = MAX_CONNECTIONS,
+) -> type[GuardedH11Protocol]:
+    """The protocol uvicorn runs for one server: its connections, TLS context and deadline."""
+    attrs = {"table": Connections(limit), "context": context, "timeout": timeout}
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), attrs)
+
+
+class Connections:
+    """The open connections of a server, the idle ones in the order they became idle."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0  # dropped to make room for a new one
+        self._idle: OrderedDict[GuardedH11Protocol, None] = OrderedDict()
+        self._busy: set[GuardedH11Protocol] = set()
+
+    def __len__(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    def admit(self, conn: GuardedH11Protocol) -> bool:
+        """Count `conn` in, dropping the longest-idle one if the limit is reached; False if
+        every open connection is being answered (then `conn` is the one to go)."""
+        if len(self) >= self.limit:
+            if not self._idle:
+                return False
+            oldest = next(iter(self._idle))
+            self.forget(oldest)
+            self.dropped += 1
+            oldest.drop("connection limit")
+        self._idle[conn] = None
+        return True
+
+    def busy(self, conn: GuardedH11Protocol) -> None:
+        if conn in self._idle:
+            del self._idle[conn]
+            self._busy.add(conn)
+
+    def idle(self, conn: GuardedH11Protocol) -> None:
+        if conn in self._busy:
+            self._busy.discard(conn)
+            self._idle[conn] = None
+
+    def forget(self, conn: GuardedH11Protocol) -> None:
+        self._idle.pop(conn, None)
+        self._busy.discard(conn)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a request-head deadline, TLS started under that deadline,
+    and a place in the server's bounded `table` of connections (see the module docstring)."""
+
+    table: Connections
+    context: ssl.SSLContext | None
+    timeout: float
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._raw: asyncio.Transport | None = None  # the TCP transport, under TLS if any
+        self._peer = "-"
+        self._deadline: asyncio.TimerHandle | None = None
+        self._made = False  # uvicorn's connection_made ran (after the handshake, with TLS)
+
+    # The TCP connection, and TLS in front of it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        if self._raw is not None:  # the second call: the handshake is done, here is TLS
+            self._made = True
+            super().connection_made(transport)  # type: ignore[arg-type]
+            return
+        self._raw = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else "-"
+        if not self.table.admit(self):
+            log.debug("event=connection_refused client=%s reason=all_busy", self._peer)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._arm()
+        if self.context is None:
+            self._made = True
+            super().connection_made(transport)  # type: ignore[arg-type]
+            return
+        # TLS in front of this protocol, as loop.create_server(ssl=...) would put it, but here,
+        # where the connection is already counted and can be dropped. Done in this call, before
+        # any byte is read (loop.start_tls would be done later, in a task, and on Python 3.10
+        # the ClientHello can be read, and lost, in between).
+        handshake = self.loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            self.context,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=self.timeout,
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _handshake_done(self, handshake: asyncio.Future) -> None:
+        error = None if handshake.cancelled() else handshake.exception()
+        if not self._made:  # failed, timed out, or the client went: nothing was served
+            why = type(error).__name__ if error is not None else "closed"
+            log.debug("event=tls_failed client=%s error=%s", self._peer, why)
+            self.drop("tls handshake failed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.table.forget(self)
+        if self._made:
+            super().connection_lost(exc)
+
+    def drop(self, why: str) -> None:
+        """End the connection now, whatever it was doing."""
+        log.debug("event=connection_dropped client=%s reason=%s", self._peer, why.replace(" ", "_"))
+        self._disarm()
+        self.table.forget(self)
+        if self._raw is not None:
+            self._raw.abort()
+
+    # Requests (uvicorn's hooks, extended)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's head is in: the app answers it now
+            self._disarm()
+            self.table.busy(self)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request (handle_events)
+        if self.cycle is None or self.cycle.response_complete:
+            self.table.idle(self)
+            self._arm()
+
+    def send_400_response(self, msg: str) -> None:
+        log.debug("event=bad_request client=%s", self._peer)
+        super().send_400_response(msg)  # a fixed text, never what the client sent
+
+    # The deadline
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.timeout, self.drop, "request timeout")
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+class _UvicornLines(logging.Filter):
+    """uvicorn's log lines, as ours: its start and stop chatter (below WARNING) goes, since the
+    sidecar says those itself; what a client did wrong is the protocol's debug line; anything
+    else keeps its level, as one structured line."""
+
+    CLIENT_FAULTS = ("Invalid HTTP request", "Unsupported upgrade", "No supported WebSocket")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        text = record.getMessage()
+        if text.startswith(self.CLIENT_FAULTS):
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = "event=server_message message=%r error=%r"
+        record.args = (text.splitlines()[0], f"{type(error).__name__}: {error}" if error else "")
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's errors (out of file descriptors at accept, a transport's failure): one line
+    each, without the traceback asyncio's default handler prints."""
+    error = context.get("exception")
+    log.warning(
+        "event=loop_error message=%r error=%r",
+        context.get("message", ""),
+        f"{type(error).__name__}: {error}" if error is not None else "",
+    )
