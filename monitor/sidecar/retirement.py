@@ -344,7 +344,7 @@ def _lock_all(
         if held is None:
             continue  # its master, or whoever counts its orphans: not ours to retire
         fd, made = held
-        if _still_linked(hb_fd, str(pid), fd) and accounted(dir_fd, pid, found):
+        if heartbeat.still_linked(hb_fd, str(pid), fd) and accounted(dir_fd, pid, found):
             locks[pid] = held
             continue
         if made:
@@ -425,15 +425,6 @@ def _lock(hb_fd: int, name: str) -> tuple[int, bool] | None:
         os.close(fd)  # a file we made is locked by another already: theirs to remove
         return None
     return fd, made
-
-
-def _still_linked(hb_fd: int, name: str, fd: int) -> bool:
-    try:
-        st = os.stat(name, dir_fd=hb_fd, follow_symlinks=False)
-    except OSError:
-        return False
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _commit(dir_fd: int, samples: dict[counts.Key, float], listed: list[str]) -> None:
