@@ -226,10 +226,11 @@ class Listing:
     state_files: dict[int, str] = field(default_factory=dict)  # pid -> master-<pid>.json
     temporaries: dict[int, list[str]] = field(default_factory=dict)  # pid -> its stale writes
     own_temporaries: list[tuple[str, int]] = field(default_factory=list)
+    by_pid: dict[int, list[str]] = field(default_factory=dict)  # pid -> its count files
 
     def of(self, pid: int) -> list[str]:
         """The count files of the master `pid`."""
-        return [n for n, p in self.count_files.items() if p == pid]
+        return self.by_pid.get(pid, [])
 
 
 def listing(names: list[str]) -> Listing:
@@ -238,8 +239,10 @@ def listing(names: list[str]) -> Listing:
         if name.endswith(".db"):
             db = parse_name(name)
             if db is not None:
-                pid = db.ident
-                found.count_files[name] = int(pid) if pid.isascii() and pid.isdigit() else None
+                pid = int(db.ident) if db.ident.isascii() and db.ident.isdigit() else None
+                found.count_files[name] = pid
+                if pid is not None:
+                    found.by_pid.setdefault(pid, []).append(name)
         elif (match := _STATE.fullmatch(name)) is not None:
             found.state_files[int(match.group(1))] = name
         elif (match := _TEMPORARY.fullmatch(name)) is not None:
