@@ -41,13 +41,15 @@ The protocol (a retirement killed at any instruction neither loses nor doubles a
      crash after a commit), and the directory fsynced, before the next commit may stop listing
      them; leftover temporaries of ours are removed (a crash before a commit).
   2. lock and fold: take the heartbeat locks of a batch of accounted masters, read their count
-     files again under them and validate them; add them to the current sum in memory.
+     files again under them and validate them; add them to the current sum in memory. (Before
+     any batch, a first sweep under the same locks removes the accounted masters' state files
+     alone, which every reader reads at every look: what they said is said, and a master with
+     counts and no state file is as accounted for as it was. Nothing is counted there.)
   3. commit: write the new retired.json to a temporary name, fsync, rename it over the old
      one, fsync the directory. The rename is the single commit point: before it, the batch's
      files are counted from themselves; after it, from retired.json, which names them.
-  4. unlink the batch's count files, then their state files and heartbeat files (so that no
-     file of a master is left without the state that says it is accounted for), fsync the
-     directory, let go of the locks. A crash here leaves files that retired.json names:
+  4. unlink the batch's count files, then their heartbeat files, fsync the directory, let go
+     of the locks. A crash here leaves files that retired.json names:
      readers skip them, and step 1 of the next retirement removes them.
 Readers (collectors/lifecycle.py) need no lock: they hold retired.json open, skip every file
 it names, read the rest, and check that retired.json is still the file they hold (a rename
@@ -313,21 +315,62 @@ def _pass(layout: Layout, dir_fd: int, commits: contextlib.AbstractContextManage
             report.removed += _unlink(dir_fd, name)
     hb_fd = directory.open_heartbeats(dir_fd, layout, create=True)
     try:
+        # State files first: every reader reads each of them at every look (a scrape, the
+        # sampler, the masters' scan for orphans), a count file is read once. Then the counts,
+        # of masters accounted for (now with no state file, or never with one).
+        stated = sorted(p for p in found.state_files if accounted(dir_fd, p, found))
+        for batch in _batches(stated):
+            with _locked(dir_fd, hb_fd, batch, found) as locks:
+                _retire_states(dir_fd, hb_fd, locks, found, commits, report)
         pids = {p for p in found.count_files.values() if p is not None} | set(found.state_files)
         pids |= _heartbeats(hb_fd)
         candidates = sorted(p for p in pids if accounted(dir_fd, p, found))
-        for start in range(0, len(candidates), BATCH):
-            locks = _lock_all(dir_fd, hb_fd, candidates[start : start + BATCH], found)
-            try:
+        for batch in _batches(candidates):
+            with _locked(dir_fd, hb_fd, batch, found) as locks:
                 current = _retire_batch(dir_fd, hb_fd, locks, found, current, commits, report)
-            finally:
-                for pid, (fd, made) in locks.items():
-                    if made:  # not left behind by a master kept (a file it could not read)
-                        _unlink(hb_fd, str(pid))
-                    os.close(fd)
     finally:
         os.close(hb_fd)
     return report
+
+
+def _batches(pids: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(pids), BATCH):
+        yield pids[start : start + BATCH]
+
+
+@contextlib.contextmanager
+def _locked(
+    dir_fd: int, hb_fd: int, pids: list[int], found: Listing
+) -> Iterator[dict[int, tuple[int, bool]]]:
+    """The heartbeat locks of `pids` this could take (`_lock_all`), let go of at the end; a
+    heartbeat file this made is removed first, whatever became of its master's files."""
+    locks = _lock_all(dir_fd, hb_fd, pids, found)
+    try:
+        yield locks
+    finally:
+        for pid, (fd, made) in locks.items():
+            if made:
+                _unlink(hb_fd, str(pid))
+            os.close(fd)
+
+
+def _retire_states(
+    dir_fd: int,
+    hb_fd: int,
+    locks: dict[int, tuple[int, bool]],
+    found: Listing,
+    commits: contextlib.AbstractContextManager,
+    report: Report,
+) -> None:
+    """The state files of masters accounted for, and their heartbeats: what they said is
+    said (their counts stay where they are, counted from themselves until step 2)."""
+    with commits:
+        gone = [found.state_files.pop(pid) for pid in sorted(locks)]
+        gone += [t for pid in locks for t in found.temporaries.pop(pid, ())]
+        report.removed += _unlink_all(dir_fd, gone)
+        for pid in locks:
+            if not found.of(pid):  # nothing else of it: its heartbeat goes now
+                report.removed += _unlink(hb_fd, str(pid))
 
 
 def _heartbeats(hb_fd: int) -> set[int]:

@@ -9,15 +9,15 @@ listed and read, and the read is made again if a retirement renamed another over
 (an open file's inode is never given to another), so a retirement in any process never makes
 a count appear twice or go missing.
 
-The files of a master accounted for (its state file says `stopped`: contract/state.py) are
-final: each is read once and folded into a sum kept in memory (made again from the files only
-when one of them vanishes, retired by this sidecar or another, or is written anew, by a new
-master given the pid). So a sidecar that may not write the directory serves the same counts,
-reading only the other masters' files on each collection. While this sidecar's first
-retirement runs over more than READ_AT_ONCE unread files of such masters (thousands of
-restarts left by a Gunicorn that ran without a sidecar, or by an earlier version), the count
-families are left out (a gap, said once in the log) rather than read twice over or served
-short; the collection after it has them all.
+The files of a master accounted for (its state file says `stopped`: contract/state.py; or it
+has none, and no process has its pid) are final: each is read once and folded into a sum kept
+in memory (made again from the files only when one of them vanishes, retired by this sidecar or
+another, or is written anew, by a new master given the pid). So a sidecar that may not write
+the directory serves the same counts, reading only the other masters' files on each collection.
+While this sidecar's first retirement runs over more than READ_AT_ONCE unread files of such
+masters (thousands of restarts left by a Gunicorn that ran without a sidecar, or by an earlier
+version), the count families are left out (a gap, said once in the log) rather than read twice
+over or served short; the collection after it has them all.
 
 A bad file costs only itself. A file that cannot be read (garbage, cut mid-record, another
 user's, a FIFO or a symlink in its place) is skipped and counted
@@ -275,20 +275,24 @@ class LifecycleCollector:
                 reading.whole.clear()
         listed = reading.retired.listed if reading.retired is not None else frozenset()
         found = retirement.listing(list(names))
-        gone, stateless = {}, False
+        gone, exists = {}, {}
         for name, pid in sorted(found.count_files.items()):
             if name in listed:
                 continue  # folded into retired.json, being removed
+            if pid is not None and pid not in stopped and pid not in found.state_files:
+                # No state file (its retirement began there, or it never wrote one): final
+                # once no process has its pid; one that does may be a master starting.
+                if pid not in exists:
+                    exists[pid] = state.pid_exists(pid)
+                if not exists[pid]:
+                    stopped.add(pid)
             if pid in stopped:
                 gone[name] = names[name]  # final: read once, folded in memory
                 continue
-            # A master with no state file may be starting: read as live; the retirement,
-            # which takes its lock first, tells.
-            stateless = stateless or (pid is not None and pid not in found.state_files)
             self._read_file(dir_fd, name, pid is not None, reading)
         unread = len(gone.keys() - self._gone.names.keys())
         retirer = self.retirer
-        if (gone or stateless) and retirer is not None:
+        if (gone or exists) and retirer is not None:
             retirer.wake()
             if retirer.first_pass and retirer.writing and unread > READ_AT_ONCE:
                 reading.deferred = unread
