@@ -77,6 +77,7 @@ import json
 import logging
 import os
 import re
+import resource
 import stat
 import threading
 import time
@@ -92,7 +93,9 @@ log = logging.getLogger("gunicorn_monitor")
 
 AGGREGATE = "retired.json"
 LOCK = ".retire.lock"
-BATCH = 256  # masters folded per commit: their heartbeat locks are held at once (one fd each)
+# Masters folded per commit: their heartbeat locks are held at once, one fd each, so a quarter
+# of the fds this process may open (each commit costs three fsyncs: few and large is fast).
+BATCH = max(64, min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 PERIOD = 300.0  # seconds between passes when no scrape saw an accounted master's files
 MAX_AGGREGATE = 16 * 1024 * 1024  # far above what the contract's series and one batch take
 
@@ -367,7 +370,8 @@ def _retire_states(
     with commits:
         gone = [found.state_files.pop(pid) for pid in sorted(locks)]
         gone += [t for pid in locks for t in found.temporaries.pop(pid, ())]
-        report.removed += _unlink_all(dir_fd, gone)
+        for name in gone:  # no fsync: a state file a crash brings back only says it again
+            report.removed += _unlink(dir_fd, name)
         for pid in locks:
             if not found.of(pid):  # nothing else of it: its heartbeat goes now
                 report.removed += _unlink(hb_fd, str(pid))
