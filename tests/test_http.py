@@ -43,8 +43,8 @@ from tests.harness import BIN, app_process, free_port, http_get, parse, value, w
 
 DEADLINE = 1.0  # the in-process server's request deadline
 # The sidecar's threads: main (the event loop), the sampler, the app files' reader and audit
-# (collectors/appmetrics.py), and the pool.
-THREADS = 3 + exporter.WORKERS
+# (collectors/appmetrics.py), the retirement of dead masters' files, and the pool.
+THREADS = 4 + exporter.WORKERS
 
 
 async def _hello(scope, receive, send):
