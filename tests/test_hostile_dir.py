@@ -19,6 +19,7 @@ said once and counted, and recording and captures back by themselves once it is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -31,9 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from monitor.contract import captures
+from monitor.contract import captures, state
+from monitor.contract import heartbeat as heartbeat_file
 from monitor.contract.directory import Layout
-from tests.harness import ROOT, exits, http_get, value, wait_for
+from tests.harness import BIN, ROOT, exits, http_get, kill_all, value, wait_for
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -239,6 +241,26 @@ def neighbours():
         n.kill()
 
 
+@pytest.fixture
+def procs():
+    """Start processes; each, and the children it had, killed by pid at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        try:
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        kill_all([int(k) for k in kids] + [p.pid])
+        p.wait(10)
+
+
 def start_master(make_master, pod: Pod, worker: str = "sync", **env: str):
     app = "hostileapp:asgi_app" if worker.startswith("uvicorn") else "hostileapp:app"
     return make_master(
@@ -371,3 +393,74 @@ def test_every_worker_class_is_unharmed_by_a_swapped_directory(
     reload_all(m)
     serves(m, 10)
     unharmed(m, pod, before)
+
+
+def _forge(m, pid: int, workers: list[int], heartbeat: bool) -> None:
+    """A state file (and a heartbeat) naming `pid` as a live master of `workers`, each with its
+    true start ticks from /proc: everything a file can say, as root writes it."""
+    ticks = state.start_ticks(pid)
+    recorded = {
+        "pid": pid,
+        "start_time": time.time(),
+        "start_ticks": ticks,
+        "version": "27.0.1",
+        "worker_class": "sync",
+        "workers_desired": 5,
+        "workers": {
+            str(w): {"slot": i, "spawned": time.time(), "ticks": state.start_ticks(w)}
+            for i, w in enumerate(workers)
+        },
+    }
+    layout = Layout(str(m.dir))
+    state.write(layout, pid, recorded)
+    if heartbeat:  # a heartbeat of the right form, beating: only the lock it lacks
+        hb = Path(layout.heartbeats) / str(pid)
+        hb.write_bytes(heartbeat_file.encode(pid, ticks, time.monotonic() + 3600))
+
+
+def _children(pid: int, n: int) -> list[int]:
+    def found() -> list[int] | None:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(k) for k in kids] if len(kids) == n else None
+
+    return wait_for(found, 10, f"{n} children of {pid}")
+
+
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_a_forged_master_state_naming_another_process_is_neither_served_nor_sampled(
+    who, make_master, make_exporter, procs
+):
+    m = make_master(workers=2).start()
+    e = make_exporter()
+    wait_for(lambda: value(e.scrape(), "gunicorn_workers") == 2, 20, "the real workers")
+    # An unrelated process with children of its own: a forged master, its "workers" real
+    # children of it (so only what is said of the master can give it away).
+    prefix = (
+        []
+        if who == "root"
+        else ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    )
+    fake = procs(prefix + ["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
+    kids = _children(fake.pid, 2)
+    _forge(m, fake.pid, kids, heartbeat=True)
+    before = value(e.scrape(), "gunicorn_exporter_errors_total", kind="rejected")
+
+    def rejected() -> bool:
+        samples = e.scrape()
+        return value(samples, "gunicorn_exporter_errors_total", kind="rejected") > before
+
+    wait_for(rejected, 20, "the forged master rejected")
+    for _ in range(3):  # the sampler's turns too (every 5 s: its parse is of changed files)
+        samples = e.scrape()
+        assert value(samples, "gunicorn_workers") == 2
+        assert value(samples, "gunicorn_workers_desired") == 2
+        assert value(samples, "gunicorn_up") == 1
+    cli = BIN / "gunicorn-monitor"
+    out = subprocess.run(
+        [cli, "status", "--json", "--dir", str(m.dir)], capture_output=True, text=True, timeout=60
+    )
+    assert [master["pid"] for master in json.loads(out.stdout)["masters"]] == [m.pid]
+    # The real master still counts and is served as before.
+    assert http_get(m.url + "/")[0] == 200
+    m.kill_a_worker(2)
+    wait_for(lambda: value(e.scrape(), "gunicorn_workers") == 2, 20, "the replacement served")

@@ -283,6 +283,44 @@ def open_for_reading(path: str | None = None, missing_ok: bool = False) -> Layou
     return layout
 
 
+def open_own_for_reading(layout: Layout) -> int:
+    """A checked fd of `gunicorn-monitor/` for a reader, by `open_for_reading`'s rules, each
+    level opened without following a symlink: whatever its name leads to later, what is read
+    through the fd is the directory that was checked. FileNotFoundError when it is not there
+    (yet), UnsafeDirectory or DirectoryError otherwise. The caller closes it once."""
+    parent = None
+    try:
+        for name, shown, top in ((layout.root, layout.root, True), (OWN, layout.own, False)):
+            fd = _open_read_level(parent, name, shown, top)
+            if parent is not None:
+                os.close(parent)  # the level above, ours alone: closed once
+            parent = fd
+    except BaseException:
+        if parent is not None:
+            os.close(parent)
+        raise
+    return parent
+
+
+def _open_read_level(parent: int | None, name: str, shown: str, top: bool) -> int:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, parent):
+            raise UnsafeDirectory(f"{shown} is a symlink; give the real directory") from None
+        raise DirectoryError(e.errno, cannot_read(shown, e)) from None
+    try:
+        st = os.fstat(fd)
+        roots = st.st_uid == 0 and not st.st_mode & 0o022
+        check_private(st, shown, top=top or roots)
+    except BaseException:
+        os.close(fd)  # ours alone, never handed out: closed once
+        raise
+    return fd
+
+
 def cannot_read(path: str, error: OSError | None = None) -> str:
     """Why this process cannot read `path` (or the file `error` names in it), in one line: the
     permission it lacks, and the owner and mode that deny it, or the error itself."""

@@ -336,7 +336,8 @@ class LifecycleCollector:
         if unreadable:  # a master we cannot see may be up: say nothing rather than a wrong 0
             self._error("unreadable", unreadable)
             return
-        self._error("rejected", sum(m.rejected for m in masters))
+        # Worker entries left out, and masters whose pid the kernel says is another process.
+        self._error("rejected", sum(m.rejected + m.forged for m in masters))
         live = [m for m in masters if m.alive]
         workers = self._children.live(live)
         self._error("rejected", self._children.rejected - self._rejected_children)
