@@ -32,10 +32,20 @@ from pathlib import Path
 
 import pytest
 
-from monitor.contract import captures, state
+from monitor.contract import captures, metrics, state
 from monitor.contract import heartbeat as heartbeat_file
-from monitor.contract.directory import Layout
-from tests.harness import BIN, ROOT, exits, http_get, kill_all, value, wait_for
+from monitor.contract.directory import Layout, UnsafeDirectory
+from monitor.sidecar import compaction
+from tests.harness import (
+    BIN,
+    ROOT,
+    exits,
+    http_get,
+    kill_all,
+    value,
+    wait_for,
+    write_multiprocess_file,
+)
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -464,3 +474,59 @@ def test_a_forged_master_state_naming_another_process_is_neither_served_nor_samp
     assert http_get(m.url + "/")[0] == 200
     m.kill_a_worker(2)
     wait_for(lambda: value(e.scrape(), "gunicorn_workers") == 2, 20, "the replacement served")
+
+
+def _as_nobody(code: str, *args: str) -> None:
+    """Run `code` as uid 65534, a real process of another user."""
+    python = os.path.realpath(sys.executable)
+    subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        + [python, "-I", "-S", "-c", code, *args],
+        check=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("how", ["symlink", "dir"])
+def test_the_sidecars_compaction_never_follows_a_swapped_compacting_dir(how, pod):
+    """A root sidecar folding app files: `.compacting/` and `quarantine/` at the 0777 top taken
+    by a neighbour (a symlink to root's files, or a directory of theirs) are refused, nothing
+    outside the monitor's own is touched, and the fold happens once they are gone."""
+    dead, gone = (subprocess.Popen(["true"]) for _ in range(2))
+    dead.wait()
+    gone.wait()
+    spec = metrics.WORKER_SPAWNS  # any counter spec serves as an app's counter here
+    write_multiprocess_file(pod.top / f"counter_{dead.pid}.db", [(spec, spec.name, {}, 3.0)])
+    (pod.top / f"counter_{gone.pid}.db").write_bytes(b"garbage")  # to be quarantined
+    before = pod.sentinels()
+    take = (
+        "import os, sys\n"
+        "for name in ('.compacting', 'quarantine'):\n"
+        "    path = os.path.join(sys.argv[1], name)\n"
+        "    if sys.argv[3] == 'symlink':\n"
+        "        os.symlink(sys.argv[2], path)\n"
+        "    else:\n"
+        "        os.mkdir(path, 0o777)\n"
+        "        os.mkdir(os.path.join(path, 'staged'), 0o777)\n"
+        "        os.mkdir(os.path.join(path, 'next'), 0o777)\n"
+    )
+    _as_nobody(take, str(pod.top), str(pod.victim_dir), how)
+    with pytest.raises(UnsafeDirectory):
+        compaction.run_compaction(str(pod.top), stage_dead=True)
+    with pytest.raises(UnsafeDirectory):
+        compaction.quarantine(str(pod.top), f"counter_{gone.pid}.db")
+    assert compaction.has_pending(str(pod.top))  # cannot tell: the locked path says why
+    assert pod.sentinels() == before, "a file outside the monitor's own was touched"
+    assert (pod.top / f"counter_{dead.pid}.db").exists()  # nothing moved into theirs
+    undo = (
+        "import os, shutil, sys\n"
+        "for name in ('.compacting', 'quarantine'):\n"
+        "    path = os.path.join(sys.argv[1], name)\n"
+        "    os.unlink(path) if os.path.islink(path) else shutil.rmtree(path)\n"
+    )
+    _as_nobody(undo, str(pod.top))
+    report = compaction.run_compaction(str(pod.top), stage_dead=True)
+    assert report.folded == 1 and report.quarantined == 1, report
+    assert (pod.top / "counter_aggregate.db").exists()
+    assert len(os.listdir(pod.top / compaction.QUARANTINE_DIR)) == 1
+    assert pod.sentinels() == before

@@ -15,7 +15,6 @@ stack in one capture is cut at MAX_STACK bytes (it says so: `truncated`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -54,13 +53,6 @@ def name(time_s: float, pid: int) -> str:
     return f"{int(time_s * 1e6):016d}-{pid}.json"
 
 
-def _names(path: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(path) if _NAME.match(n))
-    except FileNotFoundError:
-        return []
-
-
 def save(captures_fd: int, record: dict) -> tuple[str, int]:
     """Write one capture into the checked directory `captures_fd`; returns its file name and
     how many old ones were dropped for it. OSError when it cannot be written."""
@@ -79,38 +71,45 @@ def save(captures_fd: int, record: dict) -> tuple[str, int]:
             os.unlink(old, dir_fd=captures_fd)
         total -= size
         dropped += 1
-    tmp = f".{fname}.{os.getpid()}.tmp"
-    fd = directories.create_file(captures_fd, tmp, size=len(data))
-    try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-        finally:
-            os.close(fd)
-        os.rename(tmp, fname, src_dir_fd=captures_fd, dst_dir_fd=captures_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=captures_fd)
-        raise
+    directories.replace_file(captures_fd, fname, data)
     return fname, dropped
 
 
 def load(layout: Layout) -> tuple[list[dict], int]:
-    """Every capture on disk, oldest first, and how many files could not be read as one."""
-    path = directory(layout)
+    """Every capture on disk, oldest first, and how many files could not be read as one.
+    Read through checked directory fds, never through a symlink or into a FIFO: a `captures/`
+    swapped for anything not ours is read as none (a reader's gap, never another file)."""
+    try:
+        own = directories.open_own_for_reading(layout)
+    except OSError:
+        return [], 0
+    try:
+        sub = directories.open_subdir_for_reading(own, DIR, directory(layout))
+    except OSError:
+        return [], 0
+    finally:
+        os.close(own)
     records, bad = [], 0
-    for n in _names(path):
-        try:
-            with open(os.path.join(path, n), "rb") as f:
-                rec = json.loads(f.read(MAX_BYTES))
-        except FileNotFoundError:
-            continue  # dropped while we listed
-        except (OSError, ValueError):
-            bad += 1
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("stack", ""), str):
-            bad += 1
-            continue
-        rec["name"] = n
-        records.append(rec)
+    try:
+        for n in sorted(n for n in os.listdir(sub) if _NAME.match(n)):
+            try:
+                fd = directories.open_file(sub, n)
+            except FileNotFoundError:
+                continue  # dropped while we listed
+            except OSError:
+                bad += 1
+                continue
+            try:
+                with os.fdopen(fd, "rb") as f:  # the file object closes the fd, once
+                    rec = json.loads(f.read(MAX_BYTES))
+            except (OSError, ValueError):
+                bad += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("stack", ""), str):
+                bad += 1
+                continue
+            rec["name"] = n
+            records.append(rec)
+    finally:
+        os.close(sub)
     return records, bad

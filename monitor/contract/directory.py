@@ -222,6 +222,29 @@ def create_file(dir_fd: int, name: str, flags: int = os.O_WRONLY, size: int = 0)
     return fd
 
 
+def replace_file(dir_fd: int, name: str, data: bytes, sync: bool = False) -> None:
+    """`name` in a checked directory replaced whole by `data`: written into a new file of our
+    own (`create_file`), fsynced if `sync`, then renamed over it, so that a reader sees the old
+    file or the new one, never a part. On any failure nothing is left behind."""
+    tmp = f".{name}.{os.getpid()}.tmp"
+    fd = create_file(dir_fd, tmp, size=len(data))
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
 def _unlink_quietly(dir_fd: int, name: str) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
@@ -300,6 +323,12 @@ def open_own_for_reading(layout: Layout) -> int:
             os.close(parent)
         raise
     return parent
+
+
+def open_subdir_for_reading(parent: int, name: str, shown: str) -> int:
+    """A checked fd of the directory `name` below a reader's checked fd `parent`, by the same
+    rules (ours, or root's that only root may write; never a symlink). The caller closes it."""
+    return _open_read_level(parent, name, shown, top=False)
 
 
 def _open_read_level(parent: int | None, name: str, shown: str, top: bool) -> int:

@@ -185,9 +185,15 @@ class Snapshot:
 def read(layout: Layout, pid: int) -> Snapshot | None:
     """The worker's table, by the directory's path (`gunicorn-monitor status`); see read_at."""
     try:
-        live = os.open(live_dir(layout), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        own = directory.open_own_for_reading(layout)
     except OSError:
         return None
+    try:
+        live = directory.open_subdir_for_reading(own, LIVE, live_dir(layout))
+    except OSError:
+        return None
+    finally:
+        os.close(own)
     try:
         return read_at(live, pid)
     finally:

@@ -276,7 +276,7 @@ def _recover(d: _Dirs) -> None:
     for name in os.listdir(d.nxt):
         os.unlink(name, dir_fd=d.nxt)
     for name in os.listdir(d.state):
-        if name.startswith("COMMIT."):  # a journal that never reached its rename
+        if name.startswith((".COMMIT.", "COMMIT.")):  # a journal that never reached its rename
             os.unlink(name, dir_fd=d.state)
 
 
@@ -403,16 +403,8 @@ def _fold(d: _Dirs, pending: list[str], report: CompactionReport) -> None:
         names.append(name)
     os.fsync(d.nxt)
     _checkpoint("written")
-    tmp = f"COMMIT.{os.getpid()}"
     data = json.dumps({"consumed": consumed, "aggregates": names}).encode()
-    fd = directory.create_file(d.state, tmp)
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, "COMMIT", src_dir_fd=d.state, dst_dir_fd=d.state)  # the commit point
+    directory.replace_file(d.state, "COMMIT", data, sync=True)  # the commit point
     os.fsync(d.state)
     _checkpoint("committed")
     _apply(d, {"consumed": consumed, "aggregates": names})

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import metrics, state
+from monitor.contract import directory, metrics, state
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts, retirement
 from monitor.sidecar.liveness import Liveness
@@ -65,7 +65,6 @@ log = logging.getLogger("gunicorn_monitor")
 
 READ_AT_ONCE = 256  # unread files of gone masters a collection reads while a retirement runs
 ATTEMPTS = 3  # reads of the counts before a collection gives up on a retirement racing it
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -182,7 +181,7 @@ class LifecycleCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            dir_fd = os.open(self.layout.own, _DIR_FLAGS)
+            dir_fd = directory.open_own_for_reading(self.layout)  # checked, never a symlink
         except FileNotFoundError:
             # No Gunicorn has run here yet: nothing recorded, truly zero.
             yield from counts.families({}, counts.KINDS, self.lifetime)
