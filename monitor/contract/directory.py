@@ -222,18 +222,22 @@ def create_file(dir_fd: int, name: str, flags: int = os.O_WRONLY, size: int = 0)
     return fd
 
 
-def replace_file(dir_fd: int, name: str, data: bytes, sync: bool = False) -> None:
+def replace_file(
+    dir_fd: int, name: str, data: bytes, sync: bool = False, tmp: str | None = None
+) -> tuple[int, int]:
     """`name` in a checked directory replaced whole by `data`: written into a new file of our
-    own (`create_file`), fsynced if `sync`, then renamed over it, so that a reader sees the old
-    file or the new one, never a part. On any failure nothing is left behind."""
-    tmp = f".{name}.{os.getpid()}.tmp"
-    fd = create_file(dir_fd, tmp, size=len(data))
+    own (`create_file`, named `tmp`: by default `.<name>.<pid>.tmp`), fsynced if `sync`, then
+    renamed over it, so that a reader sees the old file or the new one, never a part. Returns
+    the new file's (st_dev, st_ino). On any failure nothing is left behind."""
+    tmp = tmp or f".{name}.{os.getpid()}.tmp"
+    fd = create_file(dir_fd, tmp)  # a plain write: ENOSPC is an error, nothing maps it
     try:
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, "short write")
             if sync:
                 os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -243,6 +247,7 @@ def replace_file(dir_fd: int, name: str, data: bytes, sync: bool = False) -> Non
         except OSError:
             pass
         raise
+    return st.st_dev, st.st_ino
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:

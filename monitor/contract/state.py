@@ -27,7 +27,6 @@ claimant and no new master given the same pid writes them meanwhile.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from monitor.contract.directory import (
     open_file,
     open_own_for_reading,
     open_private,
+    replace_file,
 )
 
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc's start times are in these
@@ -61,29 +61,9 @@ def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> t
         finally:
             os.close(own)
     name = os.path.basename(layout.master_state(pid))
-    tmp = f"{name}.{os.getpid()}.tmp"
     data = json.dumps(state, separators=(",", ":")).encode()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)  # left by a crash
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-    try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
-        raise
-    return st.st_dev, st.st_ino
+    # The temporary's name is the one retirement knows a crash may leave (sidecar/retirement.py).
+    return replace_file(dir_fd, name, data, tmp=f"{name}.{os.getpid()}.tmp")
 
 
 def process_start_time(pid: int) -> float | None:
