@@ -332,6 +332,8 @@ def test_a_neighbour_swapping_the_directory_harms_nothing_and_recording_comes_ba
     how, pod, neighbours, make_master, make_exporter
 ):
     m = start_master(make_master, pod, GUNICORN_MONITOR_FOLD_APP_METRICS="1")
+    # A root sidecar folding too: its compaction and retirement face the same neighbour.
+    e = make_exporter(shared_dir=pod.top, env={"GUNICORN_MONITOR_FOLD_APP_METRICS": "1"})
     serves(m, 4)
     reload_all(m)  # an exit with folding on: `.compacting/` is there for the neighbour to take
     before = pod.sentinels()
@@ -354,13 +356,15 @@ def test_a_neighbour_swapping_the_directory_harms_nothing_and_recording_comes_ba
     pod.hang.unlink()
     reload_all(m)
     serves(m, 10)
+    for _ in range(3):  # the sidecar scrapes through it all (a gap, never their data)
+        status, body = e.get("/metrics")
+        assert status == 200 and b"gunicorn_exporter_errors_total" in body
     unharmed(m, pod, before)
     wait_for(lambda: "event=directory_fault fault=unsafe" in m.output(), 10, "the refusal")
     assert count(m, "event=directory_fault fault=unsafe") == 1
 
     n.undo()
     wait_for(lambda: count(m, "event=directory_recovered fault=unsafe") == 1, 20, "recovered")
-    e = make_exporter(shared_dir=pod.top)
 
     def all_counted() -> bool:
         samples, out = e.scrape(), m.output()
