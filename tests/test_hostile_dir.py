@@ -100,21 +100,52 @@ import os, shutil, sys, time
 
 top, how, victim, victim_dir, stop = sys.argv[1:6]
 own = os.path.join(top, "gunicorn-monitor")
-fake = own if how == "dir" else os.path.join(top, ".theirs")
-os.rename(own, os.path.join(top, ".stolen"))
+theirs = os.path.join(top, ".theirs")
+fake = own if how == "dir" else theirs
 compacting = os.path.join(top, ".compacting")
-if os.path.lexists(compacting):
-    os.rename(compacting, os.path.join(top, ".compacting-stolen"))
-os.symlink(victim_dir, compacting)
-os.mkdir(fake)
-os.chmod(fake, 0o777)
-if how == "symlink":
-    os.symlink(fake, own)
-live = os.path.join(fake, "live")
+stolen = 0
+
+
+def steal(path, name):
+    # Renamed away: the first to `name` (put back at the end), one the monitor made anew
+    # meanwhile to `name-N`. The callers retry until theirs is in its place: a real neighbour
+    # races the monitor's recreation too.
+    global stolen
+    try:
+        os.rename(path, os.path.join(top, name if not stolen else f"{name}-{stolen}"))
+        stolen += 1
+    except FileNotFoundError:
+        pass
+
+
+# Theirs, built aside first: a directory anyone may write, live/ for the symlinks ahead of the
+# pids, and captures/ and heartbeat/ as symlinks to root's files.
+os.mkdir(theirs)
+os.chmod(theirs, 0o777)
+live = os.path.join(theirs, "live")
 os.mkdir(live)
 os.chmod(live, 0o777)
 for name in ("captures", "heartbeat"):
-    os.symlink(victim_dir, os.path.join(fake, name))
+    os.symlink(victim_dir, os.path.join(theirs, name))
+for _ in range(1000):
+    steal(own, ".stolen")
+    try:
+        if how == "dir":
+            os.rename(theirs, own)  # fails on a non-empty directory the monitor just made
+        else:
+            os.symlink(theirs, own)
+        break
+    except OSError:
+        continue
+live = os.path.join(fake, "live")
+stolen = 0
+for _ in range(1000):
+    steal(compacting, ".compacting-stolen")
+    try:
+        os.symlink(victim_dir, compacting)
+        break
+    except FileExistsError:
+        continue
 
 
 def ahead():
