@@ -290,11 +290,6 @@ class DirectoryInputs:
             found.append((pid, verdict is not None, judged, tuple(map(exists, workers))))
         return found
 
-
-def _ticks(m: state.Master) -> int | None:
-    """The /proc start of a live master: recorded, or (from an earlier version) read now."""
-    return m.start_ticks if m.start_ticks is not None else state.start_ticks(m.pid)
-
     def _own_files(self, own: int, found: dict[str, object]) -> None:
         """Each file of `gunicorn-monitor/` (the checked fd `own`): a counts file by its inode
         and its used bytes, any other by its inode, size and mtime."""
@@ -310,6 +305,11 @@ def _ticks(m: state.Master) -> int | None:
                 except OSError:  # gone since the listing
                     continue
                 found[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _ticks(m: state.Master) -> int | None:
+    """The /proc start of a live master: recorded, or (from an earlier version) read now."""
+    return m.start_ticks if m.start_ticks is not None else state.start_ticks(m.pid)
 
 
 def _exists(known: dict[int, bool], pid: int) -> bool:

@@ -249,7 +249,10 @@ class WorkerSampler:
             return False
 
     def _sample(self) -> None:
-        self._seen_change = state.last_change(self.layout)
+        # Said seen only once the snapshot is out: a scrape meanwhile (the first sample on
+        # the thread, say) finds a change still unseen and waits for a sample of its own,
+        # never the empty snapshot from before.
+        seen = state.last_change(self.layout)
         self._tick += 1
         masters = self._masters()
         live = self._children.live(masters)
@@ -283,6 +286,7 @@ class WorkerSampler:
         }
         self._stat.keep(self._procs)
         self.snapshot = snap
+        self._seen_change = seen
 
     def _measure(self, key: tuple, slot: int, snap: Snapshot) -> Sample | None:
         """`key` is (pid, start): a pid reused by a new worker gets a new psutil.Process."""
