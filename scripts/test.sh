@@ -43,7 +43,8 @@ pytest --ignore=tests/test_alert_delivery.py "$@"
 # timeout captures on every class) and the pure cause decision and worker-class table they rest
 # on; the exporter's TLS and basic auth, which are what bcrypt and PyYAML are declared for, and
 # its HTTP server, which extends uvicorn's own protocol (tests/test_http.py); and the app's
-# metrics, read, folded on disk and in memory through prometheus_client's own file format.
+# metrics, read, folded on disk and in memory through prometheus_client's own file format and
+# merge, and followed from scrape to scrape by inotify (what inotify-simple is declared for).
 MATRIX_TESTS=(
     tests/test_lifecycle.py tests/test_oom.py tests/test_early_signals.py tests/test_causes.py
     tests/test_channel.py tests/test_workerclasses.py tests/test_forensics.py

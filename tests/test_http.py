@@ -37,6 +37,7 @@ import tests.pki
 from monitor.contract.directory import Layout
 from monitor.sidecar import exporter, server
 from monitor.sidecar.cache import DirectoryInputs, RenderedMetrics
+from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
 from tests import hostile
 from tests.harness import BIN, app_process, free_port, http_get, parse, value, wait_for
 
@@ -253,13 +254,20 @@ ACCEPTS = [
 ]
 
 
+def _inputs(directory) -> DirectoryInputs:
+    """The sidecar's inputs of a collection over `directory`: the app's files as its app
+    collector keeps them (a stock collector renders the bodies here)."""
+    app = AppMetricsCollector(str(directory), compact=False)
+    return DirectoryInputs(Layout(str(directory)), app=app)
+
+
 @pytest.mark.parametrize("accept", ACCEPTS)
 @pytest.mark.parametrize("gz", [False, True])
 def test_kept_bodies_are_prometheus_clients_own_bytes(tmp_path, accept, gz):
     _write_counter(str(tmp_path), os.getpid(), 3)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    rendered = RenderedMetrics(registry, DirectoryInputs(Layout(str(tmp_path))))
+    rendered = RenderedMetrics(registry, _inputs(tmp_path))
     for _ in range(2):  # rendered, then kept
         ctype, body = rendered(accept, gz)
         _, headers, want = _bake_output(registry, accept, "gzip" if gz else None, {}, False)
@@ -275,7 +283,7 @@ def test_a_changed_family_alone_is_rendered_anew(tmp_path, accept):
     """The families that did not change reuse their text; the body is still the library's."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    rendered = RenderedMetrics(registry, DirectoryInputs(Layout(str(tmp_path))))
+    rendered = RenderedMetrics(registry, _inputs(tmp_path))
     _write_counter(str(tmp_path), os.getppid(), 7, name="app_still")
     for _ in range(3):
         _write_counter(str(tmp_path), os.getpid(), 1)
@@ -289,7 +297,7 @@ def test_an_mmap_write_shows_at_the_very_next_scrape(tmp_path):
     still go when a value changes in place."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    rendered = RenderedMetrics(registry, DirectoryInputs(Layout(str(tmp_path))))
+    rendered = RenderedMetrics(registry, _inputs(tmp_path))
     pid = os.getpid()
     for n in range(1, 6):
         _write_counter(str(tmp_path), pid, 1)  # same file, same size, a new value in place

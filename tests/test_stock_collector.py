@@ -168,6 +168,9 @@ def test_the_sidecar_folds_dead_workers_files_only_when_told(
     name = _dead_writer(shared_dir, 3)
     e = make_exporter(args=args, env=env)
     assert value(e.scrape(), APP_COUNTER, endpoint="/") == 3
+    # Folding on moves the dead worker's file to disk in the background, from the first scrape.
+    wait_for(lambda: (shared_dir / "counter_aggregate.db").exists() or not folds, 30, "folded")
+    assert value(e.scrape(), APP_COUNTER, endpoint="/") == 3
     assert (shared_dir / name).exists() is not folds
     assert (shared_dir / "counter_aggregate.db").exists() is folds
     assert stock_reader(shared_dir)() == 3  # after the fold has landed, the stock total agrees

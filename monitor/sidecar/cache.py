@@ -6,15 +6,15 @@ several times the stock exporter's CPU. Now a scrape first takes the *inputs* of
 cheaply (no parsing, merging or rendering), and when they equal the last scrape's it serves the
 bytes rendered then. The inputs, compared by value on every scrape (`DirectoryInputs`):
 
-- every file at the top of the directory and in `gunicorn-monitor/`: a `*.db` file by its used
-  bytes (prometheus_client and the hooks write those through mmap, which does not move mtime),
-  or, if the pid it is named for is dead and not given out again since the last scrape
-  (deadfiles.NewPids), by inode alone: nothing writes it any more; any other file by inode,
-  size and mtime (master-*.json is replaced whole, the journal grows);
-- which processes they name are alive: the pid of each top-level `*.db` file (a dead worker's
-  live* gauges go), each recorded master (alive and started when recorded), its verdict
-  (sidecar/liveness.py: up, or stopped or stalled and for how long; never the heartbeat of a
-  master that is up, which moves every second) and its workers;
+- the app's files (monitor/sidecar/appindex.py, through the app collector's `inputs()`): the
+  index's generation, which moves when a file came, went, was replaced or changed its bytes, or
+  a process died; a dead process's file, folded, costs nothing until the kernel says its pid
+  was given out again. No listing of the directory and no check of a dead pid on a scrape;
+- every file in `gunicorn-monitor/`: a `*.db` file by its used bytes (the hooks write them in
+  place), any other file by inode, size and mtime (master-*.json is replaced whole, the
+  journal grows); and which recorded masters are alive (and started when recorded), each one's
+  verdict (sidecar/liveness.py: up, or stopped or stalled and for how long; never the heartbeat
+  of a master that is up, which moves every second), and which of their workers exist;
 - the sampler's last snapshot of worker memory and CPU (taken anew when a sampled process is
   gone or the masters recorded a change), and its error count;
 - whether the directory may be read at all (readiness.DirectoryGate); while it may not, no body
@@ -45,15 +45,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from monitor.contract import state
-from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
-from monitor.sidecar.deadfiles import NewPids
 from monitor.sidecar.liveness import Liveness
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
 _unpack_int = struct.Struct("i").unpack_from
-DEAD = "dead"  # in place of the bytes of a file whose process is gone
 
 
 class _Families:
@@ -119,42 +116,98 @@ class RenderedMetrics:
     def _render(self, encoder: Callable, content_type: str, families: list[Metric]) -> bytes:
         trailer = encoder(_Families([]))  # b"" for text, b"# EOF\n" for OpenMetrics
         last = self._texts.get(content_type, {})
-        texts: dict[str, tuple[tuple, bytes]] = {}
+        texts: dict[str, tuple[tuple, bytes, dict | bool | None]] = {}
         parts = []
         for f in families:
             key = (f.name, f.documentation, f.type, f.unit, tuple(f.samples))  # a copy
             kept = last.get(f.name)
             if kept is not None and kept[0] == key:
-                text = kept[1]
+                text, lines = kept[1], kept[2]
             else:
-                text = encoder(_Families([f]))
-                text = text[: len(text) - len(trailer)]
-            texts[f.name] = (key, text)
+                text, lines = self._family(encoder, trailer, f, kept)
+            texts[f.name] = (key, text, lines)
             parts.append(text)
         self._texts[content_type] = texts
         return b"".join(parts) + trailer
 
+    @staticmethod
+    def _family(
+        encoder: Callable, trailer: bytes, f: Metric, kept: tuple | None
+    ) -> tuple[bytes, dict | bool | None]:
+        """One family's text, and its lines by sample for the next time (None: not known yet
+        whether the family renders line by line; False: it does not).
+
+        Both exposition formats write a family as its header and then one line a sample, each
+        line from that sample alone, so a family of 256 worker samples of which two moved
+        renders two lines, each by the library itself (a family of that one sample, less its
+        header). A family renders whole when a sample is one the text format moves to a
+        section of its own (`_created`, `_gsum`, `_gcount`) or carries an exemplar or a native
+        histogram, and when its lines did not add up to the library's own text the first time
+        it had several samples (checked once a family)."""
+        known = kept[2] if kept is not None else None
+        separable = known is not False and all(_line_key(s) is not None for s in f.samples)
+        if separable and isinstance(known, dict):
+            lines = _lines(encoder, trailer, f, known)
+            return lines.pop(None) + b"".join(lines[_line_key(s)] for s in f.samples), lines
+        whole = encoder(_Families([f]))
+        whole = whole[: len(whole) - len(trailer)]
+        if not separable or len(f.samples) < 2:
+            return whole, known if separable else False
+        lines = _lines(encoder, trailer, f, {})
+        joined = lines.pop(None) + b"".join(lines[_line_key(s)] for s in f.samples)
+        return whole, lines if joined == whole else False
+
+
+def _line_key(s: Any) -> tuple | None:
+    """What a sample's line is made of, hashable; None for one that may not be a line alone."""
+    if s.exemplar is not None or getattr(s, "native_histogram", None) is not None:
+        return None
+    if s.name.endswith(("_created", "_gsum", "_gcount")):
+        return None
+    return (s.name, tuple(s.labels.items()), s.value, s.timestamp)
+
+
+def _lines(encoder: Callable, trailer: bytes, f: Metric, known: dict) -> dict:
+    """{line key: its line} for `f`'s samples (those in `known` reused), and {None: header}."""
+    empty = Metric(f.name, f.documentation, f.type, f.unit)
+    header = encoder(_Families([empty]))
+    header = header[: len(header) - len(trailer)]
+    lines: dict = {None: header}
+    for sample in f.samples:
+        key = _line_key(sample)
+        line = known.get(key)
+        if line is None:
+            one = Metric(f.name, f.documentation, f.type, f.unit)
+            one.samples = [sample]
+            text = encoder(_Families([one]))
+            line = text[len(header) : len(text) - len(trailer)]
+        lines[key] = line
+    return lines
+
 
 class DirectoryInputs:
-    """The inputs of a collection over `layout` (see the module docstring), as one value."""
+    """The inputs of a collection over `layout` (see the module docstring), as one value.
+
+    `app` is the app collector (None when it is off): its `inputs()` are the app's part.
+    `liveness` judges each live master once a scrape, for these inputs and the collection."""
 
     def __init__(
         self,
         layout: Layout,
         sampler: Any = None,
         gate: Any = None,
+        app: Any = None,
         liveness: Liveness | None = None,
     ) -> None:
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
+        self.app = app
         self.liveness = liveness or Liveness(layout)
         self._files = _UsedBytes()
-        self._pids: dict[str, int | None] = {}  # top-level file name -> its pid
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, int | None, tuple[int, ...]]] = []
         self._here: tuple | None = None  # our own files and the masters at the last call
-        self._new_pids = NewPids()
         self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
         self._parts_lock = threading.Lock()
 
@@ -166,39 +219,25 @@ class DirectoryInputs:
                 # Matches nothing: each such scrape is collected, so that every refused one
                 # is counted (readiness.GatedCollector); the body is a line or two.
                 return object()
-        by_dir: dict[str, dict[str, object]] = {self.layout.root: {}, self.layout.own: {}}
-        pids: dict[str, int | None] = {}
-        known: dict[int, bool] = {}  # one kill(0) a pid: app files and workers share theirs
+        own_files: dict[str, object] = {}
+        known: dict[int, bool] = {}  # one kill(0) a pid
         exists = functools.partial(_exists, known)
-        reused = self._new_pids.since()  # before the liveness checks, see deadfiles.py
-        for d, files in by_dir.items():
-            try:
-                entries = list(os.scandir(d))
-            except FileNotFoundError:
-                files[d] = None
-                continue
-            for e in entries:
-                if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
-                    pid = self._pid(e.name) if d == self.layout.root else None
-                    if d == self.layout.root:
-                        pids[e.name] = pid
-                    if pid is not None and not exists(pid) and not reused(pid):
-                        # A dead process writes no more: its file's bytes are final until its
-                        # pid is given out again (a process may get it, write, and die between
-                        # two scrapes: then its bytes are read, and differ from DEAD).
-                        files[e.path] = (e.inode(), DEAD)
-                    else:
-                        files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
-                else:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:  # gone since the listing
-                        continue
-                    files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        app_files, own_files = by_dir.values()
-        self._files.keep_only({**app_files, **own_files})
-        self._pids = pids
-        alive = tuple(exists(pid) for pid in pids.values() if pid is not None)
+        try:
+            entries = list(os.scandir(self.layout.own))
+        except FileNotFoundError:
+            own_files[self.layout.own] = None
+            entries = []
+        for e in entries:
+            if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
+                own_files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
+            else:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:  # gone since the listing
+                    continue
+                own_files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._files.keep_only(own_files)
+        app = self.app.inputs(exists) if self.app is not None else None
         masters = self._live_masters(own_files, exists)
         here = (own_files, masters)
         sampled = None
@@ -210,12 +249,10 @@ class DirectoryInputs:
             sampled = (snap, dict(errors) if isinstance(errors, dict) else errors)
         self._here = here
         with self._parts_lock:
-            self._parts = {
-                "app": (app_files, alive),
-                "lifecycle": (own_files, masters),
-                "workers": (own_files, masters, sampled),
-            }
-        return (app_files, alive, *here, sampled)
+            self._parts = {"lifecycle": here, "workers": (*here, sampled)}
+            if self.app is not None:
+                self._parts["app"] = app
+        return (app, *here, sampled)
 
     def take_parts(self) -> dict[str, object]:
         """Each source's inputs as of the last call, once: for the collection that follows
@@ -223,12 +260,6 @@ class DirectoryInputs:
         with self._parts_lock:
             parts, self._parts = self._parts, {}
         return parts
-
-    def _pid(self, name: str) -> int | None:
-        if name in self._pids:
-            return self._pids[name]
-        db = parse_name(name)
-        return db.pid if db is not None else None
 
     def _live_masters(self, files: dict[str, object], exists: Callable[[int], bool]) -> list:
         """Each recorded master, alive or not, its verdict, and which of its workers exist.

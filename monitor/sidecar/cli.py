@@ -60,7 +60,7 @@ def _fold_switch(text: str) -> bool:
 # environment twin GUNICORN_MONITOR_COLLECTOR_<NAME> (true/false). All on by default: what they
 # cost is in the README's "Series per pod".
 COLLECTORS = {
-    "smaps": "pss, uss and swap of each worker and the master (smaps_rollup, once a minute)",
+    "smaps": "pss, uss and swap of each worker and the master (smaps_rollup, every 5 minutes)",
     "lifetime": "the worker lifetime histogram, by cause",
     "exit_memory": "the memory-at-exit histogram, by cause",
     "app": "the app's own prometheus_client multiprocess metrics in the shared directory",
@@ -210,11 +210,13 @@ def build_registry(
         "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"], liveness=liveness),
         "workers": WorkersCollector(sampler),
     }
+    app = None
     if on["app"]:
-        sources["app"] = AppMetricsCollector(layout.root, compact=fold)
+        app = sources["app"] = AppMetricsCollector(layout.root, compact=fold)
+        app.start()  # reads the directory now, not at the first scrape
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate, liveness)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
@@ -252,6 +254,9 @@ def _serve(args: argparse.Namespace) -> int:
         problem = gate.problem()
         if problem is not None:
             return False, problem
+        busy = inputs.app.busy if inputs.app is not None else None
+        if busy is not None:
+            return False, busy
         if not any(m.alive for m in state.read(layout)[0]):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."

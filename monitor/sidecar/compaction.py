@@ -66,32 +66,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import mmap
 import os
 import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from prometheus_client.mmap_dict import MmapedDict, _read_all_values
+from prometheus_client.mmap_dict import MmapedDict
 
 from monitor.contract import state
 from monitor.contract.appfiles import (
     AGGREGATE_ID,
     DROP,
     FOLD,
-    MAX,
-    MIN,
-    PER_PID,
-    RECENT,
-    SUM,
     DbName,
     dirs,
     new_token,
     parse_name,
 )
-from monitor.contract.store import parse_key
+from monitor.sidecar import dbfile
+from monitor.sidecar.dbfile import Acc, BadFile, Entry
 
 QUARANTINE_DIR = "quarantine"
 
@@ -109,65 +103,11 @@ def _checkpoint(step: str) -> None:
         _crash_hook(step)
 
 
-class Entry(NamedTuple):
-    key: str
-    metric_name: str
-    name: str
-    labels: tuple[tuple[str, str], ...]  # sorted, as the stock collector keys them
-    help: str
-    value: float
-    timestamp: float
-
-
-class BadFile(Exception):
-    """A file that can't be read as a multiprocess file; `kind` is the error-counter label."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-
-
 def read_entries(path: str) -> list[Entry]:
-    """Every entry of one file, fully validated, or BadFile; FileNotFoundError passes through.
-
-    The library's reader has no error isolation and trusts the header: a negative `used` reads as
-    an empty file and a negative entry length can walk backwards. So the header is checked here
-    and the library's entry parser (`_read_all_values`) is driven with bounds.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(mmap.PAGESIZE)  # what the library reads first, see mmap_dict.py
-            if len(data) < 8:
-                raise BadFile("empty" if not data else "truncated", "no header")
-            used = _unpack_int(data, 0)[0]
-            if used == 0:
-                return []  # created, header not yet written: empty, as stock reads it
-            if used < 8:
-                raise BadFile("corrupt", f"header says {used} bytes used")
-            if used > len(data):
-                data += f.read(used - len(data))
-            if used > len(data):
-                raise BadFile("truncated", f"{len(data)} of {used} bytes")
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise BadFile("io", str(e)) from e
-    entries = []
-    last = 0
-    try:
-        for key, value, timestamp, pos in _read_all_values(data, used):
-            if pos <= last:
-                raise BadFile("corrupt", "entry offsets do not advance")
-            last = pos
-            metric_name, name, labels, help_text = parse_key(key)
-            entries.append(Entry(key, metric_name, name, labels, help_text, value, timestamp))
-    except (struct.error, RuntimeError) as e:
-        raise BadFile("corrupt", str(e)) from e
-    except UnicodeDecodeError as e:
-        raise BadFile("encoding", str(e)) from e
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise BadFile("key", str(e)) from e
-    return entries
+    """Every entry of one file, fully validated (monitor/sidecar/dbfile.py), or BadFile;
+    FileNotFoundError passes through."""
+    data, _ = dbfile.read_at(None, path)
+    return dbfile.entries(dbfile.raw_entries(data))
 
 
 def pid_alive(pid: int) -> bool:
@@ -278,11 +218,14 @@ def recover(path: str) -> None:
             os.unlink(os.path.join(state, name))
 
 
-def _stage_dead(path: str, is_alive: AliveCheck, report: CompactionReport) -> None:
+def _stage_dead(
+    path: str, is_alive: AliveCheck, report: CompactionReport, names: list[str] | None
+) -> None:
+    """Stage the dead pids' files among `names` (every file of the glob when None)."""
     _, staged, _ = dirs(path)
     token, alive = new_token(), {}
     moved = False
-    for name in os.listdir(path):
+    for name in os.listdir(path) if names is None else names:
         db = parse_name(name)
         if db is None or db.pid is None or db.prefix not in FOLD:
             continue
@@ -332,31 +275,8 @@ def _unstage_reused(
     return keep
 
 
-# One aggregate file being built: key -> [value, timestamp].
-Acc = dict[str, list[float]]
-
-
 def fold_into(acc: Acc, how: str, db: DbName, entries: list[Entry]) -> None:
-    for e in entries:
-        key = e.key
-        if how == PER_PID and db.ident != AGGREGATE_ID:
-            labels = dict(e.labels)
-            labels["pid"] = db.ident
-            key = json.dumps([e.metric_name, e.name, labels, e.help], sort_keys=True)
-        cur = acc.get(key)
-        if cur is None:
-            acc[key] = [e.value, e.timestamp]
-        elif how == SUM:
-            cur[0] += e.value
-        elif how == MIN:
-            cur[0] = min(cur[0], e.value)
-        elif how == MAX:
-            cur[0] = max(cur[0], e.value)
-        elif how == RECENT:
-            if e.timestamp > cur[1]:  # ties keep the first, as the stock collector does
-                acc[key] = [e.value, e.timestamp]
-        else:  # PER_PID: a later death of a reused pid replaces the earlier one
-            acc[key] = [e.value, e.timestamp]
+    dbfile.fold(acc, how, db.ident, [(e.key, e.value, e.timestamp) for e in entries])
 
 
 def _write_aggregate(target: str, acc: Acc) -> None:
@@ -461,15 +381,21 @@ def has_pending(path: str) -> bool:
 
 
 def compact(
-    path: str, is_alive: AliveCheck = pid_alive, *, stage_dead: bool = True
+    path: str,
+    is_alive: AliveCheck = pid_alive,
+    *,
+    stage_dead: bool = True,
+    names: list[str] | None = None,
 ) -> CompactionReport:
     """Recover, stage every dead pid's files (unless `stage_dead` is False: folding off, see
-    above), fold all pending files. Hold directory_lock."""
+    above; only those among `names` when given: a caller that knows which files are dead
+    spares the listing, and bounds the work of one compaction), fold all pending files. Hold
+    directory_lock."""
     report = CompactionReport()
     started = time.perf_counter()
     recover(path)
     if stage_dead:
-        _stage_dead(path, is_alive, report)
+        _stage_dead(path, is_alive, report, names)
     _, staged, _ = dirs(path)
     pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
     if pending:

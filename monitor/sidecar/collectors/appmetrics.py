@@ -2,40 +2,51 @@
 
 Why not the stock MultiProcessCollector: it fails the whole scrape on one bad file, and it re-reads
 every dead worker's file on every scrape. This collector reads each file in isolation: an
-unreadable file is skipped and counted. With folding on (`compact=True`, the sidecar's
-`--app-metrics.fold`) it also compacts dead workers' files first (monitor/sidecar/compaction.py),
-so a scrape reads only the live workers' files plus one aggregate per file type, and moves an
-unreadable file to DIR/quarantine/ once no process can still be creating it. Folding moves files
-out of the glob that a stock collector in the app may be reading (see monitor/contract/appfiles.py),
-so the sidecar's default is off: then this collector never moves a file of the glob, and only
-finishes folding what an earlier fold-on run left staged. Either way, a dead worker's file still
-in the glob is read once and folded in memory (monitor/sidecar/deadfiles.py), not read again on
-every scrape.
+unreadable file is skipped and counted. The files are kept in an index from scrape to scrape
+(monitor/sidecar/appindex.py): a scrape reads the live processes' files and what changed, and
+a dead worker's file is read once and folded in memory (monitor/sidecar/deadfiles.py), so its
+cost does not grow with the workers that ever died.
+
+With folding on (`compact=True`, the sidecar's `--app-metrics.fold`) it also compacts dead
+workers' files first (monitor/sidecar/compaction.py), so the directory stops growing, and moves
+an unreadable file to DIR/quarantine/ once no process can still be creating it. Folding moves
+files out of the glob that a stock collector in the app may be reading (see
+monitor/contract/appfiles.py), so the sidecar's default is off: then this collector never moves
+a file of the glob, and only finishes folding what an earlier fold-on run left staged.
 
 The output is the stock collector's, sample for sample: the files are turned into Metric objects
 exactly as MultiProcessCollector._read_metrics does and then handed to the library's own
 accumulation, so counter, histogram and gauge-mode semantics cannot drift from the library.
 Only the top level of the directory is read (subdirectories belong to others or to compaction).
+
+`start()` (the sidecar) reads the directory once in the background as soon as the sidecar
+starts, and then audits it every appindex.RESCAN seconds; `warming` is true until that first
+read is done, and /-/ready says so.
 """
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitor.contract.appfiles import AGGREGATE_ID, FOLD, STATE_DIR, DbName, parse_name
+from monitor.contract.appfiles import AGGREGATE_ID, STATE_DIR, DbName, parse_name
 from monitor.sidecar import compaction
+from monitor.sidecar.appindex import RESCAN, AppFiles
 from monitor.sidecar.compaction import BadFile, pid_alive
-from monitor.sidecar.deadfiles import DeadFiles, NewPids, foldable
+from monitor.sidecar.deadfiles import DEAD_FOLD, FOLDING_ON
 
 log = logging.getLogger(__name__)
+
+BATCH = 1024  # dead files a compaction stages at most, folding on: what one scrape may wait for
+DRAIN_AFTER = 10.0  # seconds after the first read that the backlog goes to disk, if no scrape
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class AppMetricsCollector:
         compact: bool = True,
         quarantine_after: float = 60.0,
         is_alive: compaction.AliveCheck = pid_alive,
+        use_inotify: bool = True,
     ) -> None:
         self._path = path
         self._compact = compact
@@ -87,15 +99,100 @@ class AppMetricsCollector:
         self._stats = AppMetricsStats()
         self._errors: dict[str, int] = {}
         self._last: list[Metric] | None = None
-        self._dead_files = DeadFiles(path)
-        self._new_pids = NewPids()
-        self._names: dict[str, tuple[DbName | None, int | None]] = {}
         self._last_started = float("-inf")
+        self._staged_reads = 0
+        how = FOLDING_ON if compact else DEAD_FOLD
+        self.files = AppFiles(path, how=how, is_alive=is_alive, use_inotify=use_inotify)
+        self.warming = False
+        self._draining = False  # a background thread moves dead files to disk (folding on)
+        self._stop = threading.Event()
+        self._scraped = threading.Event()  # a scrape took inputs (or collected)
 
     def stats(self) -> AppMetricsStats:
         """A snapshot of the counts (safe to call during a scrape)."""
         s = self._stats
-        return AppMetricsStats(**{**s.__dict__, "errors": dict(self._errors)})
+        read = self.files.reads + self._staged_reads
+        return AppMetricsStats(**{**s.__dict__, "files_read": read, "errors": dict(self._errors)})
+
+    def start(self, rescan: float = RESCAN) -> None:
+        """Read the directory now, in the background (`warming` until done), then audit it
+        every `rescan` seconds (appindex.AppFiles.audit)."""
+        self.warming = True
+        self._draining = self._compact
+        threading.Thread(target=self._run, args=(rescan,), name="app-files", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def busy(self) -> str | None:
+        """Why a scrape now would wait, in one line (for /-/ready), or None: the first read
+        of the directory under way, or (folding on) a backlog of dead workers' files being
+        moved to disk, a batch at a time."""
+        if self.warming:
+            done, total = self.files.progress
+            return (
+                f"reading the app's metric files in {self._path} once ({done} of {total} "
+                "dead processes' files folded so far); scrapes wait for it"
+            )
+        if self._draining:
+            return (
+                f"moving {self.files.dead_count()} dead workers' app files in {self._path} to "
+                f"the aggregates, {BATCH} at a time; a scrape may wait for one batch"
+            )
+        return None
+
+    def _run(self, rescan: float) -> None:
+        try:
+            started = time.monotonic()
+            with self._lock, self.files.lock:
+                self._prepare()
+            # What the first read made lives as long as the sidecar: out of the cyclic
+            # collector's way, or every full collection would scan it again.
+            gc.freeze()
+            unfolded, folded = self.files.counts()
+            log.info(
+                "event=app_files_read dir=%s files=%d dead_folded=%d seconds=%.3f",
+                self._path,
+                unfolded + folded,
+                folded,
+                time.monotonic() - started,
+            )
+        except Exception as e:  # the first scrape reads it instead, and counts what fails
+            log.error("event=app_files_read_failed dir=%s error=%r", self._path, e)
+        finally:
+            self.warming = False
+        # Folding on: what the first read folded in memory goes to disk a batch at a time,
+        # each under the lock, so that a scrape waits for one batch at most; from the first
+        # scrape on (or after DRAIN_AFTER seconds), so that the first scrape waits for none.
+        if self._compact:
+            self._scraped.wait(DRAIN_AFTER)
+        left = self.files.dead_count() if self._compact else 0
+        while left and not self._stop.wait(0.01):
+            try:
+                with self._lock, self.files.lock:
+                    self._prepare(drain=True)
+            except Exception as e:
+                log.error("event=app_files_compaction_failed dir=%s error=%r", self._path, e)
+                break
+            left, before = self.files.dead_count(), left
+            if left >= before:
+                break  # none moved (a read-only directory, say): the scrapes go on trying
+        self._draining = False
+        while not self._stop.wait(rescan):
+            try:
+                self.files.audit()
+            except Exception as e:  # e.g. the directory is gone; the looks say so
+                log.debug("event=app_files_audit_failed dir=%s error=%r", self._path, e)
+
+    def inputs(self, exists: Callable[[int], bool] | None = None) -> int:
+        """What a collection would read, brought up to date, as one value: the index's
+        generation (monitor/sidecar/appindex.py), for the kept-body cache. `exists`: the
+        caller's liveness check, shared with its own (see AppFiles.look)."""
+        with self._lock, self.files.lock:
+            self._prepare(exists=exists)
+            self._scraped.set()
+            return self.files.generation
 
     def collect(self) -> list[Metric]:
         arrived = time.monotonic()
@@ -104,7 +201,10 @@ class AppMetricsCollector:
                 self._bump(scrapes_reused=1)
                 return list(self._last)
             started = time.monotonic()
-            families = self._collect_locked()
+            with self.files.lock:
+                staged = self._prepare()
+                families = self._families(staged)
+            self._scraped.set()
             self._last, self._last_started = families, started
             self._bump(scrapes=1)
             return list(families)
@@ -121,42 +221,43 @@ class AppMetricsCollector:
         (log.error if kind not in self._errors else log.debug)(line)
         self._error(kind)
 
-    def _collect_locked(self) -> list[Metric]:
-        if not compaction.has_pending(self._path):
-            if not self._compact:
-                return self._read_unlocked()  # nothing to fold: read as the stock collector does
-            # Folding on, but nothing to fold: every file's process lives and nothing is staged
-            # (the usual scrape: workers die far less often than they are scraped). Read
-            # without the lock, which a compaction's three listings and flock would cost. A
-            # file a hook stages meanwhile vanishes from the read, and the locked path below,
-            # which folds it first, answers instead.
-            scan = _scan(self._path)
-            if not self._any_gone(scan):
-                families = self._read(scan=scan)
-                if families is not None:
-                    return families
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(compaction.directory_lock(self._path))
-            except OSError as e:
-                # e.g. a read-only mount: still serve, just without compaction.
-                self._failed("lock", f"event=compaction_unavailable dir={self._path} error={e!r}")
-                return self._read_unlocked()
-            pending_unfolded = not self._run_compaction()
-            families = self._read(include_staged=pending_unfolded)
-            if families is None:  # a file moved away under us (e.g. staged by a hook): again
-                pending_unfolded = not self._run_compaction()
-                families = self._read(include_staged=pending_unfolded, retry=False)
-            return families
-
-    def _read_unlocked(self) -> list[Metric]:
-        families = self._read()
-        return families if families is not None else self._read(retry=False)
-
-    def _run_compaction(self) -> bool:
-        """Compact; False if it failed and staged files may be waiting outside the aggregates."""
+    def _prepare(
+        self, drain: bool = False, exists: Callable[[int], bool] | None = None
+    ) -> list[tuple[DbName | None, str, str]]:
+        """Bring the index up to date, then compact when there is anything to fold on disk:
+        files staged (by the hooks, or an earlier fold-on run), or, folding on, a file that
+        went from under the look (a hook staged it) or dead processes' files (BATCH at most:
+        the rest are served from the in-memory fold meanwhile; left to the background thread
+        while it drains a backlog, `drain` being its own call). Returns the staged files a
+        failed compaction left outside the aggregates, to read as they are.
+        """
+        files = self.files
+        files.look(exists)
+        pending = compaction.has_pending(self._path)
+        dead = files.dead_count() and (drain or not self._draining)
+        if not (pending or self._compact and (dead or files.vanished)):
+            return []
         try:
-            report = compaction.compact(self._path, self._is_alive, stage_dead=self._compact)
+            with compaction.directory_lock(self._path):
+                dead = files.dead(BATCH)
+                folded = self._run_compaction(dead)
+                files.suspect(dead)  # any left in the glob: their pid lives again
+                files.look()  # the staged files leave the glob, the aggregates change
+                if folded or not self._recovered():
+                    return []
+                return self._staged()
+        except OSError as e:
+            # e.g. a read-only mount: still serve, just without compaction.
+            self._failed("lock", f"event=compaction_unavailable dir={self._path} error={e!r}")
+            return []
+
+    def _run_compaction(self, dead: list[str]) -> bool:
+        """Compact, staging the `dead` files (folding on); False if it failed and staged files
+        may be waiting outside the aggregates."""
+        try:
+            report = compaction.compact(
+                self._path, self._is_alive, stage_dead=self._compact, names=dead
+            )
         except Exception as e:  # never fail the scrape; the files stay where the protocol left them
             self._failed("compaction", f"event=compaction_failed dir={self._path} error={e!r}")
             return False
@@ -171,89 +272,6 @@ class AppMetricsCollector:
         )
         return True
 
-    def _any_gone(self, scan: list[os.DirEntry[str]]) -> bool:
-        """Is there a file compaction would stage: a process's foldable file (a live-mode
-        gauge too), the process gone? One check a pid, names decoded as the last read did."""
-        alive: dict[int, bool] = {}
-        for e in scan:
-            known = self._names.get(e.name)
-            db = known[0] if known is not None else parse_name(e.name)
-            if db is None or db.pid is None or db.prefix not in FOLD:
-                continue
-            if db.pid not in alive:
-                alive[db.pid] = self._is_alive(db.pid)
-            if not alive[db.pid]:
-                return True
-        return False
-
-    def _read(
-        self,
-        include_staged: bool = False,
-        retry: bool = True,
-        scan: list[os.DirEntry[str]] | None = None,
-    ) -> list[Metric] | None:
-        """Merge every readable file; None if a file vanished mid-read and `retry` allows it.
-        Dead workers' files come from their in-memory fold (monitor/sidecar/deadfiles.py)."""
-        # This listing's names, decoded, with the pid of each foldable one; kept for the next.
-        names: dict[str, tuple[DbName | None, int | None]] = {}
-        alive: dict[int, bool] = {}  # one check a pid: a worker has a file per metric type
-        reused = self._new_pids.since()  # before the liveness checks: see DeadFiles.update
-        files, dead = [], {}
-        for e in _scan(self._path) if scan is None else scan:
-            known = self._names.get(e.name)
-            if known is None:
-                db = parse_name(e.name)
-                known = (db, db.pid if db is not None and foldable(db) else None)
-            names[e.name] = known
-            db, pid = known
-            if pid is not None:
-                lives = alive.get(pid)
-                if lives is None:
-                    lives = alive[pid] = self._is_alive(pid)
-                if not lives:
-                    dead[e.name] = (e.inode(), db)
-                    continue
-            files.append((db, e.name, e.path, True))
-        self._names = names
-        folded = self._dead_files.update(dead, reused)
-        if folded.vanished:
-            if retry:
-                return None
-            self._error("vanished")
-        files += [(dead[n][1], n, os.path.join(self._path, n), True) for n in folded.bad]
-        if include_staged and self._recovered():
-            staged = os.path.join(self._path, STATE_DIR, "staged")
-            for sname in _ls(staged):  # dead pids' files: their live* gauges are gone with them
-                name = sname.split("~", 1)[-1]
-                if not name.startswith("gauge_live"):
-                    files.append((parse_name(name), name, os.path.join(staged, sname), False))
-        metrics: dict[str, Metric] = {}
-        read, skipped = folded.read, 0
-        for db, entries in self._dead_files.entries():
-            _add_samples(metrics, db, entries)
-        for db, name, path, top_level in files:
-            try:
-                if db is None:
-                    raise BadFile("name", name)
-                entries = compaction.read_entries(path)
-            except FileNotFoundError:
-                if db is not None and db.mode.startswith("live"):
-                    continue  # mark_process_dead removed it, as the stock collector allows
-                if retry:
-                    return None
-                self._error("vanished")
-                continue
-            except BadFile as e:
-                skipped += 1
-                self._error(e.kind)
-                if top_level and self._compact:
-                    self._maybe_quarantine(path, e)
-                continue
-            read += 1
-            _add_samples(metrics, db, entries)
-        self._bump(files_read=read, files_skipped=skipped)
-        return list(MultiProcessCollector._accumulate_metrics(metrics, True))
-
     def _recovered(self) -> bool:
         """After a failed compaction: True if staged files are surely not in any aggregate."""
         try:
@@ -262,6 +280,46 @@ class AppMetricsCollector:
         except Exception as e:
             self._failed("recovery", f"event=recovery_failed dir={self._path} error={e!r}")
             return False
+
+    def _staged(self) -> list[tuple[DbName | None, str, str]]:
+        """Dead pids' staged files, to read in place; their live* gauges went with them."""
+        staged = os.path.join(self._path, STATE_DIR, "staged")
+        found = []
+        for sname in _ls(staged):
+            name = sname.split("~", 1)[-1]
+            if not name.startswith("gauge_live"):
+                found.append((parse_name(name), name, os.path.join(staged, sname)))
+        return found
+
+    def _families(self, staged: list[tuple[DbName | None, str, str]]) -> list[Metric]:
+        """Merge the fold, every unfolded file as last read, and `staged` (read now)."""
+        metrics: dict[str, Metric] = {}
+        skipped = 0
+        for db, entries in self.files.folded():
+            _add_samples(metrics, db, entries)
+        for name, db, entries in self.files.unfolded():
+            if isinstance(entries, BadFile):
+                skipped += 1
+                self._error(entries.kind)
+                if self._compact:
+                    self._maybe_quarantine(os.path.join(self._path, name), entries)
+                continue
+            _add_samples(metrics, db, entries)  # type: ignore[arg-type]
+        for db, name, path in staged:
+            try:
+                if db is None:
+                    raise BadFile("name", name)
+                entries = compaction.read_entries(path)
+                self._staged_reads += 1
+            except FileNotFoundError:
+                continue  # folded meanwhile by another exporter: in the aggregate now
+            except BadFile as e:
+                skipped += 1
+                self._error(e.kind)
+                continue
+            _add_samples(metrics, db, entries)
+        self._bump(files_skipped=skipped)
+        return list(MultiProcessCollector._accumulate_metrics(metrics, True))
 
     def _maybe_quarantine(self, path: str, error: BadFile) -> None:
         try:
@@ -274,18 +332,6 @@ class AppMetricsCollector:
             return  # gone already, or the directory is read-only: skipped and counted anyway
         log.warning("event=quarantined file=%s as=%s reason=%s", path, target, error)
         self._bump(files_quarantined=1)
-
-
-def _scan(path: str) -> list[os.DirEntry[str]]:
-    # What glob('*.db') matches (no dotfiles), minus subdirectories.
-    with os.scandir(path) as it:
-        return [
-            e
-            for e in it
-            if e.name.endswith(".db")
-            and not e.name.startswith(".")
-            and e.is_file(follow_symlinks=False)
-        ]
 
 
 def _ls(path: str) -> list[str]:
@@ -305,7 +351,7 @@ def _add_samples(metrics: dict[str, Metric], db: DbName, entries: list[compactio
             metric = metrics[e.metric_name] = Metric(e.metric_name, e.help, db.typ)
         if db.typ == "gauge":
             labels, pid = e.labels, db.ident
-            if pid == AGGREGATE_ID and db.mode == "all":
+            if pid == AGGREGATE_ID and db.mode in ("all", "liveall"):
                 pid = dict(labels).get("pid", pid)
                 labels = tuple(label for label in labels if label[0] != "pid")
             metric._multiprocess_mode = db.mode

@@ -8,7 +8,7 @@ predecessor's slot, so cardinality stays bounded however many workers come and g
 
 Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
 a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
-the last sample before a worker dies is at most one interval (2 s) old. That sample is what the
+the last sample before a worker dies is at most one interval (5 s) old. That sample is what the
 memory-at-exit histogram records, when the journal reports the exit and its cause.
 
 The histogram is kept in memory and served as a plain metric family: a prometheus_client
@@ -19,6 +19,7 @@ very directory the app collector serves, and every scrape would carry it twice.
 from __future__ import annotations
 
 import bisect
+import glob
 import logging
 import os
 import threading
@@ -42,12 +43,16 @@ log = logging.getLogger("gunicorn_monitor")
 
 TYPES = ("rss", "pss", "uss", "swap")
 SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
-# Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which costs about ten
-# times what stat and statm do, and moves slowly) every FULL_EVERY samples: once a minute.
-# Measured with 64 workers scraped every second (benchmarks/exporter_cost.py), this keeps the
-# sidecar just under 1 % of a core.
-INTERVAL = 2.0
-FULL_EVERY = 30
+# Every INTERVAL seconds rss and CPU; pss, uss and swap (smaps_rollup, which walks the
+# process's page tables: about 0.7 ms of kernel time for a Python worker, some forty times a
+# stat read, and moves slowly) every FULL_EVERY samples: every 5 minutes, each process in its
+# own turn (by slot), so that the cost is spread evenly instead of one burst. With 64 workers
+# scraped every second (benchmarks/exporter_cost.py), smaps_rollup once a minute was most of
+# the sidecar's CPU, and rss and CPU every 2 s (reading every master's state and every worker's
+# stat, some 20 us a worker) most of the rest: more than the stock exporter's whole cost.
+INTERVAL = 5.0
+FULL_EVERY = 60
+REPARSE = 12  # samples between parses of unchanged master state files: a minute
 # How long a worker's last sample is kept after it was last seen, for its exit record: a sample
 # taken between its death and the journal's record of it no longer sees it.
 KEEP_GONE = 60.0
@@ -170,6 +175,8 @@ class WorkerSampler:
         self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
         self._stat = _StatFiles()
         self._children = state.Children()
+        self._state_files: list[tuple] | None = None  # the master files the parse below is of
+        self._parsed: list[state.Master] = []
         self._tick = 0
         self._seen_change = 0.0
         self._warned: set[str] = set()
@@ -216,27 +223,51 @@ class WorkerSampler:
             snap = self.snapshot
         return snap
 
+    def _masters(self) -> list[state.Master]:
+        """The live recorded masters, oldest first. The state files are parsed again when
+        one of them changed, and at least every REPARSE samples (a judgement of liveness that
+        moves with time alone); in between, a master parsed live stays live while its own
+        process is (its stat file, kept open, still reads: not gone, not a zombie). Parsing
+        every master's workers on every sample was a third of the sampler's cost."""
+        files = []
+        for path in sorted(glob.glob(os.path.join(self.layout.own, "master-*.json"))):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            files.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        if files != self._state_files or self._tick % REPARSE == 0:
+            # Malformed files and rejected pids are counted by the lifecycle collector, which
+            # reads the same files on every scrape; here they are only left out.
+            parsed = [m for m in state.read(self.layout)[0] if m.alive]
+            self._parsed = sorted(parsed, key=lambda m: m.start_time)
+            self._state_files = files
+            return self._parsed
+        return [m for m in self._parsed if self._running((m.pid, m.start_time))]
+
+    def _running(self, key: tuple) -> bool:
+        try:
+            self._stat.read(key)
+            return True
+        except (ProcessLookupError, OSError):
+            return False
+
     def _sample(self) -> None:
         self._seen_change = state.last_change(self.layout)
         self._tick += 1
-        full = self.smaps and self._tick % FULL_EVERY == 1
-        # Malformed files and rejected pids are counted by the lifecycle collector, which
-        # reads the same files on every scrape; here they are only left out.
-        masters = sorted(
-            (m for m in state.read(self.layout)[0] if m.alive), key=lambda m: m.start_time
-        )
+        masters = self._masters()
         live = self._children.live(masters)
         snap = Snapshot(readable=dict(self.snapshot.readable))
         by_pid: dict[int, Sample] = {}
         for m in masters:
             key = (m.pid, m.start_time)
-            snap.master = self._measure(key, -1, full, snap) or snap.master
+            snap.master = self._measure(key, -1, snap) or snap.master
             snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
             # Newest by /proc start (no wall-clock step reorders it), else by spawn time.
             for w in sorted(live.get(m.pid, ()), key=lambda w: (w.ticks or 0, w.spawned or 0)):
-                s = self._measure((w.pid, w.spawned), w.slot, full, snap)
+                s = self._measure((w.pid, w.spawned), w.slot, snap)
                 if s is not None:
                     by_pid[s.pid] = s
                     snap.workers[s.slot] = s
@@ -257,7 +288,7 @@ class WorkerSampler:
         self._stat.keep(self._procs)
         self.snapshot = snap
 
-    def _measure(self, key: tuple, slot: int, full: bool, snap: Snapshot) -> Sample | None:
+    def _measure(self, key: tuple, slot: int, snap: Snapshot) -> Sample | None:
         """`key` is (pid, start): a pid reused by a new worker gets a new psutil.Process."""
         pid = key[0]
         try:
@@ -272,6 +303,7 @@ class WorkerSampler:
         except (psutil.AccessDenied, PermissionError):
             self._warn("access", f"event=worker_unreadable pid={pid} reason=access_denied")
             return None
+        full = (self._tick + slot) % FULL_EVERY == 0  # this process's turn
         if self.smaps and (full or pid not in self._full):
             self._full[pid] = self._full_memory(proc, snap)
         sample.memory.update(self._full.get(pid, {}))
