@@ -1,4 +1,7 @@
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,18 @@ def mount():
     yield do
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def nobody_dir():
+    """A shared directory owned by the unprivileged user both Gunicorn and the sidecar run as
+    (tests.harness.NOBODY): as root, no permission would ever stop the sidecar from reading."""
+    # Under /tmp itself: pytest's own temporary tree is closed to other users.
+    d = Path(tempfile.mkdtemp(prefix="gm-nobody-"))
+    shared = d / "multiproc"
+    shared.mkdir(mode=0o700)
+    for p in (d, shared):
+        os.chown(p, 65534, 65534)
+    d.chmod(0o755)
+    yield shared
+    shutil.rmtree(d, ignore_errors=True)

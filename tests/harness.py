@@ -28,6 +28,10 @@ import psutil
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.contract import causes, directory, metrics, state
+from monitor.contract.directory import Layout
+from monitor.contract.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "gunicorn.conf.py"
 BIN = Path(sys.executable).parent
@@ -35,6 +39,10 @@ BIN = Path(sys.executable).parent
 # gunicorn 25.1+ opens a control socket by default, at one per-user path that concurrent masters
 # would fight over; older releases have neither the socket nor the flag (and reject the flag).
 NO_CONTROL_SOCKET = ("--no-control-socket",) if gunicorn.version_info >= (25, 1) else ()
+
+# Run as the unprivileged user `nobody` (as root: setpriv drops to it): another user than the
+# directory's owner, or the owner of a directory the tests give it.
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 # The worker classes the README declares supported, each run through the whole cause table.
 # eventlet: Gunicorn 22.0 to 25.x only (26.0 removed its worker), so on the oldest end.
@@ -207,8 +215,15 @@ class Master:
             wait_for(lambda: http_get(self.url + "/", timeout=2)[0] == 200, 15, "app answers")
         return self
 
+    def file(self, kind: str) -> Path:
+        """Its file of `kind`: counter, histogram, gauge_max, or master (its state file)."""
+        own = self.dir / "gunicorn-monitor"
+        if kind == "master":
+            return own / f"master-{self.pid}.json"
+        return own / f"{kind}_{self.pid}.db"
+
     def state(self) -> dict:
-        path = self.dir / "gunicorn-monitor" / f"master-{self.pid}.json"
+        path = self.file("master")
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
@@ -371,6 +386,31 @@ def write_multiprocess_file(path: Path, entries: list[tuple[Any, str, dict, floa
             f.write_value(key, v, 0.0)
     finally:
         f.close()
+
+
+def write_master(
+    layout: Layout, pid: int, spawns: int = 1, crashes: int = 0, stopped: bool = True
+) -> None:
+    """A master's counts and state, as the recorder writes them (its usual series declared);
+    `stopped`: its state says so, as a master's on_exit (or its orphans' counter) leaves it."""
+    fd = directory.open_private(layout)
+    try:
+        s = Store(str(pid))
+        for spec in (metrics.WORKER_SPAWNS, metrics.WORKER_RESTARTS, metrics.MASTER_RELOADS):
+            s.declare(spec)
+        for cause, sig in causes.KNOWN_EXITS:
+            s.declare(metrics.WORKER_EXITS, cause=cause, signal=sig)
+        s.inc(metrics.WORKER_SPAWNS, spawns)
+        if crashes:
+            s.inc(metrics.WORKER_EXITS, crashes, cause="crash", signal="none")
+            s.observe(metrics.WORKER_LIFETIME, 5.0, cause="crash")
+        s.set_max(metrics.LAST_DEPLOY, 1_700_000_000.0 + spawns)
+        s.write(fd)
+        recorded = {"pid": pid, "start_time": 1.0, "start_ticks": 1, "version": "27.0.1"}
+        recorded |= {"worker_class": "sync", "workers": {}}
+        state.write(layout, pid, {**recorded, "stopped": stopped}, fd)
+    finally:
+        os.close(fd)
 
 
 def promtool_path() -> str | None:

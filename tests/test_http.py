@@ -42,7 +42,9 @@ from tests import hostile
 from tests.harness import BIN, app_process, free_port, http_get, parse, value, wait_for
 
 DEADLINE = 1.0  # the in-process server's request deadline
-THREADS = 2 + exporter.WORKERS  # the sidecar's: main (the event loop), sampler, pool
+# The sidecar's threads: main (the event loop), the sampler, the app files' reader and audit
+# (collectors/appmetrics.py), the retirement of dead masters' files, and the pool.
+THREADS = 4 + exporter.WORKERS
 
 
 async def _hello(scope, receive, send):

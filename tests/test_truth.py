@@ -12,10 +12,8 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from monitor.contract import causes, journal, metrics
 from monitor.contract.directory import Layout
 from tests.harness import (
     BIN,
+    NOBODY,
     ROOT,
     check_metrics,
     exits,
@@ -36,8 +35,6 @@ from tests.harness import (
     write_multiprocess_file,
 )
 
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-
 
 def _families(samples: dict, prefix: str) -> set[str]:
     return {name for name, _ in samples if name.startswith(prefix)}
@@ -45,21 +42,6 @@ def _families(samples: dict, prefix: str) -> set[str]:
 
 def _labels(samples: dict, label: str) -> set[str]:
     return {dict(labels)[label] for _, labels in samples if label in dict(labels)}
-
-
-@pytest.fixture
-def nobody_dir():
-    """A shared directory owned by the unprivileged user both Gunicorn and the sidecar run as:
-    as root, no permission would ever stop the sidecar from reading."""
-    # Under /tmp itself: pytest's own temporary tree is closed to other users.
-    d = Path(tempfile.mkdtemp(prefix="gm-truth-"))
-    shared = d / "multiproc"
-    shared.mkdir(mode=0o700)
-    for p in (d, shared):
-        os.chown(p, 65534, 65534)
-    d.chmod(0o755)
-    yield shared
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
@@ -74,7 +56,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     m.wait_workers(2, exclude={pid})
     wait_for(lambda: value(e.scrape(), "gunicorn_worker_spawns_total") == 3, 10, "3 spawns")
     own = nobody_dir / "gunicorn-monitor"
-    counter = own / f"counter_{m.pid}.db"
+    counter = m.file("counter")
 
     def changed(n: int) -> None:
         """Any change to the directory makes the sidecar collect anew (cache.py); a chmod
@@ -83,13 +65,27 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
 
     counter.chmod(0o000)  # the sidecar may no longer read the master's counts
     changed(1)
-    gap = e.scrape()
+    kept = e.scrape()
+    # Read good before: its last values stand (a drop would be a counter reset), and the
+    # failure is counted.
+    assert value(kept, "gunicorn_worker_spawns_total") == 3
+    assert exits(kept) == {("killed", "SIGKILL"): 1.0}
+    assert value(kept, "gunicorn_exporter_errors_total", kind="unreadable") >= 1
+    assert value(kept, "gunicorn_up") == 1
+
+    # A sidecar that never read it: the file is skipped, its counts are a gap (no zero, and
+    # no known-exit defaults), everything else is served.
+    fresh = make_exporter(shared_dir=nobody_dir, prefix=NOBODY)
+    gap = fresh.scrape()
     counts = {"gunicorn_worker_spawns_total", "gunicorn_worker_exits_total"}
-    assert not _families(gap, "gunicorn_worker_spawns") | _families(gap, "gunicorn_worker_exits")
-    assert not counts & {name for name, _ in gap}  # no zero, and no known-exit defaults
+    assert not counts & {name for name, _ in gap}
     assert value(gap, "gunicorn_exporter_errors_total", kind="unreadable") >= 1
+    assert value(gap, "gunicorn_exporter_files_skipped_total") >= 1
     assert value(gap, "gunicorn_up") == 1  # what could be read is still served
     assert value(gap, "gunicorn_workers") == 2
+    assert value(gap, "gunicorn_last_deploy_timestamp_seconds") > 0
+    assert value(gap, "gunicorn_worker_lifetime_seconds_count", cause="killed") == 1
+    fresh.kill()
 
     counter.chmod(0o600)  # readable again: the counts are back, where they were
     changed(2)
@@ -97,7 +93,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     assert value(back, "gunicorn_worker_spawns_total") == 3
     assert exits(back) == {("killed", "SIGKILL"): 1.0}
 
-    master_state = own / f"master-{m.pid}.json"
+    master_state = m.file("master")
     master_state.chmod(0o000)  # whether the master is up can no longer be read
     changed(3)
     unsure = e.scrape()
@@ -121,7 +117,7 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
 
 def _forge_state(m, **changes) -> None:
     """Rewrite the live master's state file (the master rewrites it only when it changes)."""
-    path = m.dir / "gunicorn-monitor" / f"master-{m.pid}.json"
+    path = m.file("master")
     forged = {**json.loads(path.read_text()), **changes}
     tmp = path.with_suffix(".forged")
     tmp.write_text(json.dumps(forged))

@@ -7,7 +7,10 @@ Layout of `$PROMETHEUS_MULTIPROC_DIR`:
   - `counter_<master pid>.db`, `histogram_<master pid>.db`, `gauge_max_<id>.db`: lifecycle
     counts in prometheus_client's own file format, one writer per file;
   - `master-<pid>.json`: the live state of one master (its workers, their slots);
-  - `events.jsonl` (+ `events.jsonl.1`): the journal, one JSON record per event;
+  - `retired.json` (+ `.retire.lock`): the counts of masters that are gone and accounted for,
+    folded by the sidecar (sidecar/retirement.py), which then removes their files;
+  - `events.jsonl` (+ `events.jsonl.<time>-<pid>`, rotated): the journal, one JSON record per
+    event;
   - `heartbeat/<master pid>`: when each master's loop last turned (contract/heartbeat.py).
 
 Trust (README, "The directory's trust model"): `gunicorn-monitor/` must belong to
@@ -196,9 +199,34 @@ def open_for_reading(path: str | None = None, missing_ok: bool = False) -> Layou
                 raise DirectoryError(errno.ENOENT, f"{shown} does not exist") from None
             return layout
         except OSError as e:
-            raise DirectoryError(e.errno, f"cannot read {shown}: {e.strerror}") from None
+            raise DirectoryError(e.errno, cannot_read(shown, e)) from None
         roots = st.st_uid == 0 and stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022
         check_private(st, shown, top=top or roots)
         if not os.access(shown, os.R_OK | os.X_OK):
-            raise DirectoryError(errno.EACCES, f"{shown} is not readable")
+            raise DirectoryError(errno.EACCES, cannot_read(shown))
     return layout
+
+
+def cannot_read(path: str, error: OSError | None = None) -> str:
+    """Why this process cannot read `path` (or the file `error` names in it), in one line: the
+    permission it lacks, and the owner and mode that deny it, or the error itself."""
+    if error is not None and error.filename is not None:
+        name = os.fsdecode(error.filename)
+        path = name if os.path.isabs(name) else os.path.join(path, name)
+    me = os.geteuid()
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return f"{path} does not exist (removed while it was read?)"
+    except OSError as e:
+        if e.errno == errno.EACCES:  # a directory above it may not be searched
+            parent = os.path.dirname(path)
+            return cannot_read(parent) if parent != path else f"cannot read {path}: {e.strerror}"
+        return f"cannot read {path}: {e.strerror}"
+    if error is not None and error.errno not in (errno.EACCES, errno.EPERM):
+        return f"cannot read {path}: {error.strerror}"
+    need = "read and search (r-x)" if stat.S_ISDIR(st.st_mode) else "read (r)"
+    return (
+        f"{path} is not readable by uid {me}: it needs {need} permission, and it is owned by "
+        f"uid {st.st_uid} (gid {st.st_gid}) with mode {stat.S_IMODE(st.st_mode):04o}"
+    )

@@ -56,6 +56,17 @@ def path(layout: Layout, pid: int) -> str:
     return os.path.join(layout.heartbeats, str(pid))
 
 
+def still_linked(hb_fd: int, name: str, fd: int) -> bool:
+    """Is the locked file still the one at heartbeat/<name> (not removed or replaced)? Asked
+    by whoever holds the lock that says who writes a master's files (contract/state.py)."""
+    try:
+        st = os.stat(name, dir_fd=hb_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
 def encode(pid: int, ticks: int, beat: float) -> bytes:
     return _FORMAT.pack(MAGIC, pid, 0, ticks, beat)
 

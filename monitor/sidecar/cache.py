@@ -198,12 +198,17 @@ class DirectoryInputs:
         gate: Any = None,
         app: Any = None,
         liveness: Liveness | None = None,
+        retirement: Callable[[], object] | None = None,
     ) -> None:
+        """`retirement`: the state of the sidecar's retirement of gone masters' files
+        (retirement.Retirer.generation), an input of the lifecycle counts: the first
+        collection after its first pass serves counts the ones during it left out."""
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
         self.app = app
         self.liveness = liveness or Liveness(layout)
+        self.retirement = retirement
         self._files = _UsedBytes()
         self._states: tuple = ()  # the master-*.json stats the parse below is of
         self._masters: list[tuple[int, int | None, tuple[int, ...]]] = []
@@ -236,6 +241,7 @@ class DirectoryInputs:
                 except OSError:  # gone since the listing
                     continue
                 own_files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        retiring = self.retirement() if self.retirement is not None else None
         self._files.keep_only(own_files)
         app = self.app.inputs(exists) if self.app is not None else None
         masters = self._live_masters(own_files, exists)
@@ -249,10 +255,10 @@ class DirectoryInputs:
             sampled = (snap, dict(errors) if isinstance(errors, dict) else errors)
         self._here = here
         with self._parts_lock:
-            self._parts = {"lifecycle": here, "workers": (*here, sampled)}
+            self._parts = {"lifecycle": (*here, retiring), "workers": (*here, sampled)}
             if self.app is not None:
                 self._parts["app"] = app
-        return (app, *here, sampled)
+        return (app, *here, sampled, retiring)
 
     def take_parts(self) -> dict[str, object]:
         """Each source's inputs as of the last call, once: for the collection that follows

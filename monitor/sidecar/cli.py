@@ -21,13 +21,22 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
-from monitor.contract import appfiles, directory, journal, metrics, state
+from monitor.contract import appfiles, directory, journal, metrics
 from monitor.contract.store import set_max_locked
-from monitor.sidecar import cache, doctor, readiness, server, stacks, status, webconfig
+from monitor.sidecar import (
+    cache,
+    doctor,
+    readiness,
+    retirement,
+    server,
+    stacks,
+    status,
+    webconfig,
+)
 from monitor.sidecar.basicauth import BasicAuth
 from monitor.sidecar.collectors import scrape
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector
@@ -205,9 +214,13 @@ def build_registry(
     on = {name: True for name in COLLECTORS} | (enabled or {})
     sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"])
     sampler.start()
+    retirer = retirement.Retirer(layout)  # gone masters' files: folded, then removed
+    retirer.start()
     liveness = Liveness(layout)  # one verdict a master a scrape, for the inputs and the collection
     sources = {
-        "lifecycle": LifecycleCollector(layout, lifetime=on["lifetime"], liveness=liveness),
+        "lifecycle": LifecycleCollector(
+            layout, lifetime=on["lifetime"], liveness=liveness, retirer=retirer
+        ),
         "workers": WorkersCollector(sampler),
     }
     app = None
@@ -216,7 +229,7 @@ def build_registry(
         app.start()  # reads the directory now, not at the first scrape
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness, lambda: retirer.generation)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
@@ -257,7 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         busy = inputs.app.busy if inputs.app is not None else None
         if busy is not None:
             return False, busy
-        if not any(m.alive for m in state.read(layout)[0]):
+        if not readiness.master_recorded(layout):
             return False, "no live Gunicorn master recorded"
         return True, "Ready."
 
@@ -303,17 +316,24 @@ def _events(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        records, _ = journal.read(layout)
-    except OSError as e:
-        sys.stderr.write(f"gunicorn-monitor: cannot read the journal: {e.filename}: {e.strerror}\n")
-        return 2
-    try:
-        for rec in records[-args.last :] if args.last > 0 else records:
-            sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
-        sys.stdout.flush()
+        # --last N reads from the end; all of it streams: memory never grows with the journal.
+        if args.last > 0:
+            records: Iterable[dict] = journal.last(layout, args.last)[0]
+            _write_records(records)
+        else:
+            with journal.Reader(layout) as reader:
+                _write_records(reader.records())
     except BrokenPipeError:  # `events | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        raise directory.DirectoryError(e.errno, directory.cannot_read(layout.own, e)) from None
     return 0
+
+
+def _write_records(records: Iterable[dict]) -> None:
+    for rec in records:
+        sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+    sys.stdout.flush()
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -103,10 +103,11 @@ def _checkpoint(step: str) -> None:
         _crash_hook(step)
 
 
-def read_entries(path: str) -> list[Entry]:
+def read_entries(path: str, dir_fd: int | None = None) -> list[Entry]:
     """Every entry of one file, fully validated (monitor/sidecar/dbfile.py), or BadFile;
-    FileNotFoundError passes through."""
-    data, _ = dbfile.read_at(None, path)
+    FileNotFoundError passes through. With `dir_fd`, `path` is a name in that directory; either
+    way it is opened without following a symlink or blocking on a FIFO."""
+    data, _ = dbfile.read_at(dir_fd, path, inode=False)
     return dbfile.entries(dbfile.raw_entries(data))
 
 

@@ -97,18 +97,15 @@ def check_directory(path: str, app_uid: int) -> list[Check]:
             )
         )
     own = os.path.join(path, directory.OWN)
-    if os.access(path, os.R_OK | os.X_OK) and (
-        not os.path.exists(own) or os.access(own, os.R_OK | os.X_OK)
-    ):
+    denied = next(
+        (p for p in (path, own) if os.path.lexists(p) and not os.access(p, os.R_OK | os.X_OK)),
+        None,
+    )
+    if denied is None:
         out.append(Check("sidecar_reads", OK, f"readable by this user (uid {os.getuid()})"))
     else:
-        out.append(
-            Check(
-                "sidecar_reads",
-                FAIL,
-                f"not readable by this user (uid {os.getuid()}): run the sidecar as the app's user",
-            )
-        )
+        why = directory.cannot_read(denied)  # the permission, the owner and the mode
+        out.append(Check("sidecar_reads", FAIL, f"{why}: run the sidecar as the app's user"))
     return out
 
 

@@ -19,7 +19,8 @@ def render(layout: Layout, last: int = 0) -> tuple[str, int]:
     records, bad = captures.load(layout)
     if last > 0:
         records = records[-last:]
-    exits = _exits_by_capture(journal.read(layout)[0])
+    with journal.Reader(layout) as reader:  # streamed: only exits with a capture are kept
+        exits = _exits_by_capture(reader.records())
     blocks = [_block(rec, exits.get(rec["name"])) for rec in records]
     if not blocks:
         return "no captures\n", bad

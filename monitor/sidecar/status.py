@@ -3,23 +3,37 @@
 Reads the same directory the exporter reads, and works without the exporter running: each
 master (pid, uptime, version, worker class, last deploy), each worker slot (pid, age, phase,
 rss, pss, cpu %, requests served where the worker class reports them), and the exits of the
-last hour by cause. What cannot be read is shown as `?` (null in JSON), never as a zero.
+last hour by cause. What cannot be read is shown as `?` (null in JSON), never as a zero; a
+directory (or journal) it may not read, or that vanished, is one line and exit status 2.
+
+Bounded whatever the directory's history: the exits come from the end of the journal, read
+backwards until the hour is over (exits_since), and the deploys from the counts files.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
+import os
 import sys
 import time
 from typing import Any
 
 import psutil
 
-from monitor.contract import captures, causes, inflight, journal, state
+from monitor.contract import (
+    captures,
+    causes,
+    directory,
+    inflight,
+    journal,
+    metrics,
+    state,
+)
 from monitor.contract.directory import Layout
+from monitor.sidecar import compaction, retirement
 
-_DEPLOYS = ("master_start", "reload", "upgrade", "mark_deploy")
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -41,20 +55,12 @@ class _Cpu:
 
 
 def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
-    """Everything shown, as plain data (the --json output)."""
+    """Everything shown, as plain data (the --json output). OSError (DirectoryError) when the
+    directory, or what must be read in it, cannot be: one line for the user, not a guess."""
+    directory.open_for_reading(layout.root)  # still there, still ours to read
     now_wall, now_mono = time.time(), time.monotonic()
     masters, bad = state.read(layout)
-    records, _ = journal.read(layout)
-    deploys = [r for r in records if r.get("event") in _DEPLOYS and _is_time(r.get("time"))]
-    last_deploy = max((r["time"] for r in deploys), default=None)
-    hour = collections.Counter(
-        r["cause"]
-        for r in records
-        if r.get("event") == "exit"
-        and r.get("cause") in causes.CAUSES  # the journal is data: only known causes are shown
-        and _is_time(r.get("time"))
-        and r["time"] > now_wall - 3600
-    )
+    mine, marked, last_deploy = deploys(layout)
     out = []
     # Only live children of a live master recorded there: a pid in a state file is data.
     live = state.Children().live(masters)
@@ -65,6 +71,8 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
             _worker(layout, w, now_wall, now_mono, cpu)
             for w in sorted(live.get(m.pid, []), key=lambda w: w.slot)
         ]
+        # Its own start, HUP or USR2; or a mark-deploy, which names no master.
+        own = [t for t in (mine.get(m.pid), marked) if t is not None]
         out.append(
             {
                 "pid": m.pid,
@@ -73,11 +81,7 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
                 "worker_class": m.worker_class,
                 "workers_desired": m.workers_desired,
                 "workers_stuck_booting": m.stuck_booting,
-                # Its own start, HUP or USR2; or a mark-deploy, which names no master.
-                "last_deploy": max(
-                    (r["time"] for r in deploys if r.get("master_pid") in (m.pid, None)),
-                    default=None,
-                ),
+                "last_deploy": max(own, default=None),
                 "workers": workers,
             }
         )
@@ -87,9 +91,75 @@ def snapshot(layout: Layout, cpu: _Cpu) -> dict[str, Any]:
         "masters": out,
         "state_files_unreadable": bad,
         "last_deploy": last_deploy,
-        "exits_last_hour": dict(sorted(hour.items())),
+        "exits_last_hour": dict(sorted(exits_since(layout, now_wall - 3600).items())),
         "captures": len(captures.load(layout)[0]),
     }
+
+
+# How many records in a row older than the hour end the backward read: the journal is in time
+# order but for one master's backlog (the records it kept while the directory could not be
+# written, at most 1,000: hooks/recorder.py), appended late, after another master's newer ones.
+OLD_IN_A_ROW = 2000
+
+
+def exits_since(layout: Layout, since: float) -> collections.Counter:
+    """Exits by cause since `since`, read from the end of the journal: its size never counts,
+    only the records of the last hour (and OLD_IN_A_ROW more)."""
+    found: collections.Counter = collections.Counter()
+    old = 0
+    with journal.Reader(layout) as reader:
+        for r in reader.backwards():
+            t = r.get("time")
+            if not _is_time(t):
+                continue
+            if t <= since:
+                old += 1
+                if old >= OLD_IN_A_ROW:
+                    break
+                continue
+            old = 0
+            # The journal is data: only known causes are shown.
+            if r.get("event") == "exit" and r.get("cause") in causes.CAUSES:
+                found[r["cause"]] += 1
+    return found
+
+
+def deploys(layout: Layout) -> tuple[dict[int, float], float | None, float | None]:
+    """The last deploy of each running master (by pid), the last mark-deploy, and the last of
+    all: what gunicorn_last_deploy_timestamp_seconds is made of (the masters' `max` gauge
+    files and retired.json), not the journal, whose deploy records rotate away."""
+    name = metrics.LAST_DEPLOY.name
+    per_file: dict[str, float] = {}
+    overall = None
+    try:
+        dir_fd = os.open(layout.own, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}, None, None
+    try:
+        for file in os.listdir(dir_fd):
+            if not file.startswith("gauge_max_") or not file.endswith(".db"):
+                continue
+            try:
+                values = [e.value for e in compaction.read_entries(file, dir_fd) if e.name == name]
+            except (compaction.BadFile, FileNotFoundError):
+                continue  # what cannot be read says nothing: shown as ? if nothing else does
+            if values and math.isfinite(max(values)):
+                per_file[file] = max(values)
+        try:
+            retired = retirement.read(dir_fd).samples.get((name, name, ()))
+            overall = retired if retired is not None and math.isfinite(retired) else None
+        except retirement.Unreadable:
+            pass
+    finally:
+        os.close(dir_fd)
+    mine = {}  # a master's deploys are in gauge_max_<its pid>.db (the one writer: state.py)
+    for file, value in per_file.items():
+        pid = file[len("gauge_max_") : -len(".db")]
+        if pid.isascii() and pid.isdigit():
+            mine[int(pid)] = value
+    marked = per_file.get("gauge_max_deploy.db")
+    overall = max([v for v in (overall, *per_file.values()) if v is not None], default=None)
+    return mine, marked, overall
 
 
 def _age(ticks: int | None, wall: float | None, now_wall: float) -> float:
@@ -209,6 +279,17 @@ def _opt(v: object) -> str:
 
 
 def run(layout: Layout, watch: float = 0.0, as_json: bool = False) -> int:
+    """Print the picture (again every `watch` seconds); DirectoryError (one line for the user)
+    when something it must read cannot be read, or the directory vanished."""
+    try:
+        return _run(layout, watch, as_json)
+    except directory.DirectoryError:
+        raise
+    except OSError as e:
+        raise directory.DirectoryError(e.errno, directory.cannot_read(layout.own, e)) from None
+
+
+def _run(layout: Layout, watch: float, as_json: bool) -> int:
     cpu = _Cpu()
     if not watch:
         # cpu % needs two looks: a short first interval, so one call answers.

@@ -1,16 +1,42 @@
 """Lifecycle metrics: the counts the hooks recorded, and the state of the live masters.
 
-Counts come from the prometheus_client files in the monitor's subdirectory. Each file is read
-once, validated whole by the compaction's reader, and then entry by entry against the contract
-(monitor/contract/metrics.py): a known metric, its labels, and label values from their fixed
-sets. Whatever passes is merged with the library's own accumulation.
+Counts come from the prometheus_client files in the monitor's subdirectory, one set per master
+(`counter_<pid>.db` and its siblings), each checked against the contract by sidecar/counts.py,
+plus `retired.json`: the counts of dead masters accounted for, whose files the sidecar's
+retirement (sidecar/retirement.py) folded and removed. A file that retired.json names is
+skipped (it is being removed); retired.json is opened first and held open while the files are
+listed and read, and the read is made again if a retirement renamed another over it meanwhile
+(an open file's inode is never given to another), so a retirement in any process never makes
+a count appear twice or go missing.
 
-Never a zero that is not one. The counts are sums over files (one per master), so a file that
-cannot be read would make every count it holds drop, and Prometheus reads a drop as a counter
-reset. So a file that cannot be read leaves out every family of its type (counters, histograms
-or gauges): a gap, with `gunicorn_exporter_errors_total{kind}` saying why. Known series start
-at 0 (every known (cause, signal) pair of exits, unlabelled counters) only when the files
-behind them were all read. A directory that cannot be listed leaves out everything here.
+The files of a master accounted for (its state file says `stopped`: contract/state.py; or it
+has none, and no process has its pid) are final: each is read once and folded into a sum kept
+in memory (made again from the files only when one of them vanishes, retired by this sidecar or
+another, or is written anew, by a new master given the pid). So a sidecar that may not write
+the directory serves the same counts, reading only the other masters' files on each collection.
+While this sidecar's first retirement runs over more than READ_AT_ONCE unread files of such
+masters (thousands of restarts left by a Gunicorn that ran without a sidecar, or by an earlier
+version), the count families are left out (a gap, said once in the log) rather than read twice
+over or served short; the collection after it has them all.
+
+A bad file costs only itself. A file that cannot be read (garbage, cut mid-record, another
+user's, a FIFO or a symlink in its place) is skipped and counted
+(`gunicorn_exporter_files_skipped_total`, `gunicorn_exporter_errors_total{kind="malformed" or
+"unreadable"}`), and every other file and family is still served. But never a drop: the counts
+are sums over files, and a sum that goes down is a counter reset to Prometheus, from which
+increase() would invent as many exits as the file held. So a file this sidecar read good before
+(a live master's, one of a master since accounted for, retired.json) that now cannot be read,
+or that vanished while its master runs (the master writes it again within a loop turn), is
+served with the values last read from it, for as long as it stays so: the closest thing to the
+truth there is, since the master only ever adds to them. What is left is said plainly: a file
+never read good is simply missing from the sums, so while one of a type is missing, no series
+of that type starts at 0 (counts._with_defaults): it may be the one that file holds. (One case
+is not covered: a file of a master accounted for that became unreadable after it was folded,
+when the fold must be made again because another such file vanished: the rebuild leaves it out.
+Folds are made again only when a retirement removed files, promptly after the master is
+accounted for.)
+
+A directory that cannot be listed or opened leaves out everything here.
 
 The masters' gauges (up, workers, desired) come from the state files, read by
 contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
@@ -22,36 +48,24 @@ masters is served beside it, when one could be read.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.utils import floatToGoString
 
-from monitor.contract import causes, metrics, state
-from monitor.contract.appfiles import parse_name
+from monitor.contract import metrics, state
 from monitor.contract.directory import Layout
-from monitor.sidecar import compaction
+from monitor.sidecar import compaction, counts, retirement
 from monitor.sidecar.liveness import Liveness
 
-# The families the hooks write, by name: every Spec of the contract that lives in a file.
-_DERIVED = {
-    metrics.UP.name,
-    metrics.MASTER_HEARTBEAT_AGE.name,
-    metrics.WORKERS.name,
-    metrics.WORKERS_DESIRED.name,
-    metrics.WORKERS_STUCK_BOOTING.name,
-}
-SPECS = {
-    spec.name: spec
-    for spec in vars(metrics).values()
-    if isinstance(spec, metrics.Spec) and spec.name not in _DERIVED
-}
-# Which file type holds which kind of family (gauges: any gauge_<mode> file).
-_KIND = {"counter": "counter", "histogram": "histogram", "gauge": "gauge"}
+log = logging.getLogger("gunicorn_monitor")
+
+READ_AT_ONCE = 256  # unread files of gone masters a collection reads while a retirement runs
+ATTEMPTS = 3  # reads of the counts before a collection gives up on a retirement racing it
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -62,19 +76,105 @@ class Stats:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Reading:
+    """One consistent read of the counts, not yet taken as the collector's own."""
+
+    total: dict[counts.Key, float] = field(default_factory=dict)
+    whole: set[str] = field(default_factory=lambda: set(counts.KINDS))
+    errors: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    known: dict[str, counts.FileCounts] = field(default_factory=dict)
+    retired: retirement.Retired | None = None
+    deferred: int = 0  # unread files of gone masters left to the retirement: no families
+
+    def error(self, kind: str, n: int = 1) -> None:
+        if n:
+            self.errors[kind] = self.errors.get(kind, 0) + n
+
+    def add(self, found: counts.FileCounts) -> None:
+        counts.add(self.total, found.samples)
+        for kind, n in found.errors.items():
+            self.error(kind, n)
+
+
+class _GoneFold:
+    """The count files of masters accounted for and not yet retired, summed in memory, each
+    read once (by name and inode: a new master given the pid writes its adopted file anew)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}  # name -> inode, of the files in the sum
+        self.total: dict[counts.Key, float] = {}
+        self.whole: set[str] = set(counts.KINDS)
+
+    def update(
+        self,
+        dir_fd: int,
+        present: dict[str, int],
+        reading: _Reading,
+        last: dict[str, counts.FileCounts],
+    ) -> None:
+        """Fold the `present` files (name -> inode) not folded yet; `last`: what was read good
+        from each while its master ran, which stands for a file that cannot be read now."""
+        if any(present.get(name) != inode for name, inode in self.names.items()):
+            # One was retired (or removed, or written anew): made again from the rest.
+            self.names, self.total, self.whole = {}, {}, set(counts.KINDS)
+        for name in sorted(present.keys() - self.names.keys()):
+            try:
+                found = retirement.read_counts(dir_fd, name)
+            except FileNotFoundError:
+                continue  # retired since the listing: the check of retired.json says so
+            except compaction.BadFile as e:
+                reading.error("unreadable" if e.kind == "io" else "malformed")
+                if name in last:
+                    found = last[name]  # read good while its master ran: its values stand
+                else:
+                    # Never read good: skipped and counted at each collection, until fixed
+                    # (nothing writes the file of a master accounted for).
+                    reading.skipped += 1
+                    if e.kind != "empty":
+                        reading.whole.discard(_kind(name))
+                    continue
+            counts.add(self.total, found.samples)
+            for kind, n in found.errors.items():
+                reading.error(kind, n)
+            self.names[name] = present[name]
+
+
+def _kind(name: str) -> str:
+    """The kind of family a file holds, from its name (counter_, histogram_, gauge_...)."""
+    return name.split("_", 1)[0]
+
+
 class LifecycleCollector:
     def __init__(
-        self, layout: Layout, *, lifetime: bool = True, liveness: Liveness | None = None
+        self,
+        layout: Layout,
+        *,
+        lifetime: bool = True,
+        liveness: Liveness | None = None,
+        retirer: retirement.Retirer | None = None,
     ) -> None:
         self.layout = layout
         self.lifetime = lifetime  # --collector.lifetime
         self.liveness = liveness or Liveness(layout)
+        self.retirer = retirer  # None: this collector folds gone masters' files in memory only
         self._stats = Stats()
         self._children = state.Children()
         self._rejected_children = 0
+        self._known: dict[str, counts.FileCounts] = {}  # last good, by file name
+        self._retired: retirement.Retired | None = None  # retired.json, as last read good
+        self._gone = _GoneFold()
+        self._deferred_said = False
+        self._unreadable_retired = "unreadable"
 
     def stats(self) -> Stats:
-        return self._stats
+        if self.retirer is None or not self.retirer.errors:
+            return self._stats
+        errors = dict(self._stats.errors)
+        for kind, n in list(self.retirer.errors.items()):  # counted on its thread: a copy
+            errors[kind] = errors.get(kind, 0) + n
+        return Stats(self._stats.files_skipped, errors)
 
     def _error(self, kind: str, n: int = 1) -> None:
         if n:
@@ -82,121 +182,155 @@ class LifecycleCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            with os.scandir(self.layout.own) as it:
-                files = sorted((e.name, e.is_file(follow_symlinks=False)) for e in it)
+            dir_fd = os.open(self.layout.own, _DIR_FLAGS)
         except FileNotFoundError:
-            files = []  # no Gunicorn has run here yet: nothing recorded, truly zero
+            # No Gunicorn has run here yet: nothing recorded, truly zero.
+            yield from counts.families({}, counts.KINDS, self.lifetime)
+            yield from self._masters(state.read_all(self.layout))
+            return
         except OSError:
             self._error("unreadable")  # nothing here can be told: not even gunicorn_up
             return
-        yield from self._counts(files)
-        yield from self._masters()
+        recorded = state.read_all(self.layout)
+        try:
+            reading = self._read_counts(dir_fd, {m.pid for m in recorded[0] if m.stopped})
+        except OSError:
+            self._error("unreadable")
+            return
+        finally:
+            os.close(dir_fd)
+        if reading is not None:
+            yield from counts.families(reading.total, reading.whole, self.lifetime)
+        yield from self._masters(recorded)
 
     # -- the counts ------------------------------------------------------------------------
 
-    def _counts(self, files: list[tuple[str, bool]]) -> Iterator[Metric]:
-        found: dict[str, Metric] = {}
-        broken: set[str] = set()  # file types with a file that could not be read
-        tainted: set[tuple] = set()  # histogram label sets with a rejected sample
-        for name, regular in files:
-            db = parse_name(name) if name.endswith(".db") else None
-            if db is None:
-                continue
-            path = os.path.join(self.layout.own, name)
-            try:
-                if not regular:  # a symlink, or a FIFO whose open() would hang the scrape
-                    raise compaction.BadFile("io", f"{name} is not a regular file")
-                entries = compaction.read_entries(path)
-            except FileNotFoundError:
-                continue  # replaced between listing and reading; its successor is next time
-            except compaction.BadFile as e:
-                self._stats.files_skipped += 1
-                if e.kind == "empty":
-                    # Zero bytes: a writer creating it (client_python#1199). It holds no
-                    # counts, so leaving it out lowers nothing.
-                    self._error("malformed")
-                    continue
-                self._error("unreadable" if e.kind == "io" else "malformed")
-                broken.add(db.typ)
-                continue
-            foreign: list[tuple[metrics.Spec, compaction.Entry]] = []
-            for entry in entries:
-                self._add(found, tainted, db, entry, foreign)
-            if foreign:
-                self._rebucket(found, tainted, entries, foreign)
-        _complete_histograms(found)
-        merged = {m.name: m for m in MultiProcessCollector._accumulate_metrics(found, True)}
-        for spec in SPECS.values():
-            if spec.kind in broken or spec.kind not in _KIND:
-                continue
-            if spec is metrics.WORKER_LIFETIME and not self.lifetime:
-                continue
-            if spec is metrics.WORKER_EXIT_MEMORY:
-                continue  # measured by the sidecar itself (collectors/workers.py)
-            family = merged.get(spec.name)
-            if spec.kind == "counter":
-                yield _with_defaults(spec, family)
-            elif spec.kind == "histogram":
-                family = _whole_histograms(spec, family, tainted) if family else None
-                if family is not None and family.samples:
-                    yield family
-            elif family is not None and family.samples:
-                family.documentation = spec.help
-                yield family
+    def _read_counts(self, dir_fd: int, stopped: set[int]) -> _Reading | None:
+        """The counts, read until retired.json was not replaced meanwhile, and taken as this
+        collector's (its last good values); None when the families are left out this time.
+        `stopped`: the masters accounted for (their state says so): their files are final."""
+        hold = self.retirer.lock if self.retirer is not None else contextlib.nullcontext()
+        reading = None
+        for _ in range(ATTEMPTS):
+            with hold, self._retired_json(dir_fd) as retired:
+                with os.scandir(dir_fd) as it:
+                    names = {e.name: e.inode() for e in it}
+                reading = self._read(dir_fd, retired, names, stopped)
+                if retired is None or retirement.unchanged(dir_fd, retired):
+                    break
+            reading = None
+        if reading is None:
+            self._error("collect")  # retirements kept replacing retired.json: next time
+            return None
+        self._stats.files_skipped += reading.skipped
+        for kind, n in reading.errors.items():
+            self._error(kind, n)
+        self._known = reading.known
+        if reading.retired is not None:
+            self._retired = reading.retired
+        if reading.deferred:
+            if not self._deferred_said:
+                self._deferred_said = True
+                log.warning(
+                    "event=counts_deferred files=%d reason=%r",
+                    reading.deferred,
+                    "retiring gone masters' files: counts are served once that is done",
+                )
+            return None
+        if self._deferred_said:
+            self._deferred_said = False
+            log.info("event=counts_served")
+        return reading
 
-    def _add(self, found: dict, tainted: set, db, entry: compaction.Entry, foreign: list) -> None:
-        """One entry into `found`, as MultiProcessCollector._read_metrics adds it, if valid;
-        a bucket of other bounds into `foreign`, for `_rebucket`."""
-        spec = SPECS.get(entry.metric_name)
-        labels = dict(entry.labels)
-        why = _invalid(spec, db.typ, entry.name, labels, entry.value)
-        if why == "foreign":
-            foreign.append((spec, entry))
-            return
-        if why:
-            self._error(why)
-            if spec is not None and spec.kind == "histogram":
-                labels.pop("le", None)
-                tainted.add((spec.name, tuple(sorted(labels.items()))))
-            return
-        metric = found.get(spec.name)
-        if metric is None:
-            metric = found[spec.name] = Metric(spec.name, spec.help, spec.kind)
-        # Labels as sorted pairs: the shape the library's accumulation expects.
-        if db.typ == "gauge":
-            metric._multiprocess_mode = db.mode
-            metric.add_sample(entry.name, entry.labels + (("pid", db.ident),), entry.value)
+    @contextlib.contextmanager
+    def _retired_json(self, dir_fd: int) -> Iterator[retirement.Retired | None]:
+        """retired.json, held open for the check after the read; None if it cannot be read
+        (then no retirement can replace it either: retirement stops at it)."""
+        try:
+            with retirement.reading(dir_fd) as retired:
+                yield retired
+        except retirement.Unreadable as e:
+            self._unreadable_retired = e.kind
+            yield None
+
+    def _read(
+        self,
+        dir_fd: int,
+        retired: retirement.Retired | None,
+        names: dict[str, int],
+        stopped: set[int],
+    ) -> _Reading:
+        """One read of the counts: retired.json (None: it cannot be read), then the files of
+        `names` (name -> inode), a listing made after retired.json was opened."""
+        reading = _Reading(retired=retired)
+        if retired is not None:
+            reading.error("rejected", sum(retired.errors.values()))
+            counts.add(reading.total, retired.samples)
         else:
-            metric.add_sample(entry.name, entry.labels, entry.value)
-
-    def _rebucket(self, found: dict, tainted: set, entries: list, foreign: list) -> None:
-        """A file written with other buckets (by an earlier version of the hooks): its buckets
-        fold exactly into ours when each of our bounds is one of its bounds, because then no
-        bucket of its straddles one of ours. Otherwise its label sets are left out."""
-        written: dict[str, set[float]] = {}
-        for e in entries:
-            le = dict(e.labels).get("le")
-            if le is not None and e.name.endswith("_bucket"):
-                written.setdefault(e.metric_name, set()).add(_float(le))
-        for spec, entry in foreign:
-            bounds = sorted(spec.buckets) + [math.inf]
-            labels = dict(entry.labels)
-            le = _float(labels.pop("le"))
-            if not set(bounds) <= written[spec.name]:
-                self._error("rejected")
-                tainted.add((spec.name, tuple(sorted(labels.items()))))
+            reading.error(self._unreadable_retired)
+            if self._retired is not None:  # read good before: its values stand
+                counts.add(reading.total, self._retired.samples)
+            else:
+                reading.skipped += 1
+                reading.whole.clear()
+        listed = reading.retired.listed if reading.retired is not None else frozenset()
+        found = retirement.listing(list(names))
+        gone, exists = {}, {}
+        for name, pid in sorted(found.count_files.items()):
+            if name in listed:
+                continue  # folded into retired.json, being removed
+            if pid is not None and pid not in stopped and pid not in found.state_files:
+                # No state file (its retirement began there, or it never wrote one): final
+                # once no process has its pid; one that does may be a master starting.
+                if pid not in exists:
+                    exists[pid] = state.pid_exists(pid)
+                if not exists[pid]:
+                    stopped.add(pid)
+            if pid in stopped:
+                gone[name] = names[name]  # final: read once, folded in memory
                 continue
-            ours = next(b for b in bounds if b >= le)
-            labels["le"] = "+Inf" if ours == math.inf else floatToGoString(ours)
-            metric = found.get(spec.name)
-            if metric is None:
-                metric = found[spec.name] = Metric(spec.name, spec.help, spec.kind)
-            metric.add_sample(entry.name, tuple(sorted(labels.items())), entry.value)
+            self._read_file(dir_fd, name, pid is not None, reading)
+        unread = len(gone.keys() - self._gone.names.keys())
+        retirer = self.retirer
+        if (gone or exists) and retirer is not None:
+            retirer.wake()
+            if retirer.first_pass and retirer.writing and unread > READ_AT_ONCE:
+                reading.deferred = unread
+                return reading
+        self._gone.update(dir_fd, gone, reading, self._known)
+        counts.add(reading.total, self._gone.total)
+        reading.whole &= self._gone.whole
+        return reading
+
+    def _read_file(self, dir_fd: int, name: str, master: bool, reading: _Reading) -> None:
+        """One live (or not judged) master's file, or mark-deploy's: read, or its last good."""
+        last = self._known.get(name)
+        try:
+            found = retirement.read_counts(dir_fd, name)
+        except FileNotFoundError:
+            if last is not None and master:
+                # Removed under its running master, which writes it whole again: until then,
+                # what it held.
+                reading.known[name] = last
+                reading.add(last)
+            return
+        except compaction.BadFile as e:
+            reading.error("unreadable" if e.kind == "io" else "malformed")
+            if last is not None:
+                reading.known[name] = last  # read good before: its values stand
+                reading.add(last)
+                return
+            reading.skipped += 1
+            if e.kind != "empty":  # zero bytes hold no count to miss
+                reading.whole.discard(_kind(name))
+            return
+        reading.known[name] = found
+        reading.add(found)
 
     # -- the masters -----------------------------------------------------------------------
 
-    def _masters(self) -> Iterator[Metric]:
-        masters, malformed, unreadable = state.read_all(self.layout)
+    def _masters(self, recorded: tuple[list[state.Master], int, int]) -> Iterator[Metric]:
+        masters, malformed, unreadable = recorded
         self._stats.files_skipped += malformed + unreadable
         self._error("malformed", malformed)
         if unreadable:  # a master we cannot see may be up: say nothing rather than a wrong 0
@@ -221,103 +355,3 @@ class LifecycleCollector:
         yield GaugeMetricFamily(metrics.WORKERS_DESIRED.name, metrics.WORKERS_DESIRED.help, desired)
         stuck = metrics.WORKERS_STUCK_BOOTING
         yield GaugeMetricFamily(stuck.name, stuck.help, sum(m.stuck_booting for m in live))
-
-
-def _invalid(spec: metrics.Spec | None, typ: str, name: str, labels: dict, value: float) -> str:
-    """Why an entry may not be served ("rejected" or "malformed"), or "" if it may; "foreign"
-    for a well-formed bucket whose bound is not one of ours."""
-    if spec is None or _KIND.get(typ) != spec.kind:
-        return "rejected"  # not a family of the contract, or in the wrong type of file
-    if not math.isfinite(value) or (spec.kind != "gauge" and value < 0):
-        return "malformed"  # counts are finite and never negative
-    names, foreign = set(spec.labels), False
-    if spec.kind == "counter":
-        ok_name = name == spec.name + "_total"
-    elif spec.kind == "histogram":
-        ok_name = name in (spec.name + "_sum", spec.name + "_bucket")
-        if name == spec.name + "_bucket":
-            names.add("le")
-            if labels.get("le") not in _bounds(spec):
-                if _float(labels.get("le")) is None:
-                    return "rejected"
-                foreign = True
-    else:
-        ok_name = name == spec.name
-    if not ok_name or set(labels) != names:
-        return "rejected"
-    for label in spec.labels:
-        if labels[label] not in metrics.LABEL_VALUES.get(label, ()):
-            return "rejected"
-    return "foreign" if foreign else ""
-
-
-def _float(le: object) -> float | None:
-    """A bucket bound as written by prometheus_client (floatToGoString), or None."""
-    try:
-        bound = float(le)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return bound if bound == bound and bound > -math.inf else None
-
-
-def _bounds(spec: metrics.Spec) -> frozenset[str]:
-    return frozenset([floatToGoString(b) for b in spec.buckets] + ["+Inf"])
-
-
-def _with_defaults(spec: metrics.Spec, found: Metric | None) -> Metric:
-    """A counter family (its files were all read), with the series that start at 0.
-
-    Every pod pays for each zero series, so only those an alert must see rise from 0 start
-    there: every known (cause, signal) pair of exits, and the unlabelled counters. Other
-    labelled counters (hook errors, directory faults, timeouts by phase) appear with their
-    first event, even where the hooks stored a 0: absent is unknown, never a false zero.
-    """
-    family = Metric(spec.name, spec.help, "counter")
-    present = {}
-    if found is not None:
-        for s in found.samples:
-            if s.value or spec is metrics.WORKER_EXITS or not spec.labels:
-                present[tuple(sorted(s.labels.items()))] = s.value
-    if spec is metrics.WORKER_EXITS:
-        defaults = [{"cause": c, "signal": sig} for c, sig in causes.KNOWN_EXITS]
-    elif spec.labels:
-        defaults = []
-    else:
-        defaults = [{}]
-    for labels in defaults:
-        present.setdefault(tuple(sorted(labels.items())), 0.0)
-    for key, value in sorted(present.items()):
-        family.add_sample(spec.name + "_total", dict(key), value)
-    return family
-
-
-def _complete_histograms(found: dict[str, Metric]) -> None:
-    """Every bucket and a _sum for each label set seen, before accumulation.
-
-    Buckets are stored per bucket (non-cumulative), so a bucket no file holds is a bucket with
-    no observation: 0. Adding the zeros makes each label set whole whatever the writer chose
-    to store, and a whole histogram is what promtool and Prometheus expect.
-    """
-    for metric in found.values():
-        if metric.type != "histogram":
-            continue
-        spec = SPECS[metric.name]
-        seen = {tuple(p for p in s.labels if p[0] != "le") for s in metric.samples}
-        for key in seen:
-            metric.add_sample(spec.name + "_sum", key, 0.0)
-            for le in _bounds(spec):
-                metric.add_sample(spec.name + "_bucket", tuple(sorted(key + (("le", le),))), 0.0)
-
-
-def _whole_histograms(spec: metrics.Spec, found: Metric, tainted: set) -> Metric:
-    """The histogram's label sets with no sample rejected.
-
-    A label set with a rejected bucket (a file written with other buckets, or a forged one)
-    would serve a _count that is not the sum of its buckets: it is left out instead.
-    """
-    family = Metric(spec.name, spec.help, "histogram")
-    for s in found.samples:
-        key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
-        if (spec.name, key) not in tainted:
-            family.samples.append(s)
-    return family

@@ -186,7 +186,8 @@ class WorkerSampler:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.sample()
+        # The first sample on the thread too: the sidecar listens (and answers /-/ready) at
+        # once, however many state files there are to read; a scrape before it samples itself.
         threading.Thread(target=self._run, name="sampler", daemon=True).start()
 
     def stop(self) -> None:
@@ -197,7 +198,9 @@ class WorkerSampler:
             self.errors[kind] = self.errors.get(kind, 0) + n
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.interval
             try:
                 self.sample()
             except Exception as e:  # a sampler that dies silently would freeze every series
