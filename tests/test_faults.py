@@ -13,6 +13,7 @@ own directory; the demo app's own prometheus_client files stay outside it), so t
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from tests.harness import (
     FAILING_WORKER_HOOK,
     PLAIN_APP,
     ROOT,
+    alive,
     exits,
     http_get,
     kill_all,
@@ -148,6 +150,95 @@ def test_removing_the_directory_costs_no_request_and_recording_resumes(
     assert out.count("event=directory_fault fault=missing") == 1
     assert out.count("event=directory_recovered fault=missing") == 1
     assert value(e.scrape(), "gunicorn_monitor_directory_faults_total", fault="missing") == 1
+
+
+def _lifecycle(samples: dict) -> dict:
+    """The counts the hooks write (counters and histograms): what must never go down."""
+    skip = ("gunicorn_exporter_", "gunicorn_worker_exit_memory", "gunicorn_worker_cpu")
+    return {
+        k: v
+        for k, v in samples.items()
+        if k[0].startswith("gunicorn_")
+        and not k[0].startswith(skip)
+        and "_total" in k[0]
+        or k[0].startswith(("gunicorn_worker_lifetime", "gunicorn_worker_boot"))
+    }
+
+
+def test_a_scrape_while_the_directory_is_removed_never_lowers_a_count(make_master, make_exporter):
+    # The churn's finding: a scrape between `rm -rf` and the masters writing their files again
+    # served every count at 0 (or only the masters that had written theirs), and
+    # gunicorn_up 0: Prometheus reads a reset, and increase() invents every exit again.
+    m = make_master(workers=2).start()
+    e = make_exporter()
+    m.kill_a_worker(2)
+    wait_for(lambda: exits(e.scrape()) == {("killed", "SIGKILL"): 1.0}, 15, "the exit")
+    before = _lifecycle(e.scrape())
+
+    def not_lower(samples: dict) -> bool:
+        return all(samples.get(k, v) >= v for k, v in before.items())
+
+    def up(samples: dict) -> float | None:
+        return samples.get(("gunicorn_up", ()))  # None: left out
+
+    m.signal(signal.SIGSTOP)  # it cannot write them again until it resumes
+    try:
+        remove(m.dir)
+        gone = e.scrape()  # no directory at all: a gap
+        assert not_lower(gone) and up(gone) is None  # it may be up: never a wrong 0
+        # Nobody wrote it again within STALL_SECONDS: no master is working there.
+        wait_for(lambda: up(e.scrape()) == 0, 30, "up 0 at last")
+        own(m).mkdir(parents=True, mode=0o700)  # back, empty: only its files are missing
+        empty = e.scrape()
+        assert _lifecycle(empty) == before  # the values read last, not zeros
+    finally:
+        m.signal(signal.SIGCONT)
+    m.kill_a_worker(2)
+    wait_for(lambda: exits(e.scrape()) == {("killed", "SIGKILL"): 2.0}, 15, "counted again")
+    wait_for(lambda: up(e.scrape()) == 1, 15, "up, judged after it resumed")
+    assert not_lower(e.scrape())
+    assert_unharmed(m)
+
+
+def test_after_a_removal_a_master_writes_its_counts_only_under_its_lock_there(make_master):
+    # The churn's other finding: a master whose directory was removed kept the lock on the old
+    # heartbeat file and wrote its counts into the new directory at its next event, without
+    # the lock there; the sidecar's retirement, taking that lock, found counts and no state
+    # file (the master writes it at the end of its loop turn), folded them into retired.json
+    # as a dead master's and removed them; the master wrote them whole again: counted twice.
+    m = make_master(workers=2).start()
+    m.kill_a_worker(2)
+    m.signal(signal.SIGSTOP)
+    try:
+        remove(m.dir)
+        beats = own(m) / "heartbeat"
+        beats.mkdir(parents=True)
+        for path in (m.dir, own(m), beats):
+            path.chmod(0o700)
+        held = os.open(beats / str(m.pid), os.O_RDONLY | os.O_CREAT, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a retirement takes it
+        # An exit waiting for the master when it resumes: its first event there, before the
+        # end of the loop turn that beats.
+        victim = m.live_children()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not alive(victim), 10, "the worker dead")
+    finally:
+        m.signal(signal.SIGCONT)
+    try:
+        wait_for(lambda: "event=counts_waiting" in m.output(), 15, "the master waiting")
+        m.wait_workers(2, exclude={victim})  # the exit was handled, and the spawn after it
+        assert not list(own(m).glob(f"*_{m.pid}.db"))  # nothing written under our lock
+    finally:
+        os.close(held)
+    counter = own(m) / f"counter_{m.pid}.db"
+    wait_for(counter.exists, 15, "its counts written once the lock is free")
+    done = {
+        dict(e.labels)["cause"]: e.value
+        for e in read_entries(str(counter))
+        if e.name == "gunicorn_worker_exits_total" and e.value
+    }
+    assert done == {"killed": 2.0}  # every exit, kept in memory meanwhile
+    assert_unharmed(m)
 
 
 def test_a_hup_and_a_usr2_upgrade_work_with_the_directory_gone(

@@ -149,6 +149,11 @@ class Heartbeat:
         if fd >= 0:
             close_quietly(fd)
 
+    def moved(self) -> None:
+        """The directory was removed or replaced: the lock held is on a file nobody can open
+        any more, so it guards nothing; `owned` takes the new directory's."""
+        self._release()
+
     def forked(self) -> None:
         """In a forked child: its copy of the lock fd goes; the master's lock stays held."""
         self._release()

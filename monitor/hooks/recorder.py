@@ -218,6 +218,12 @@ class Monitor:
     # -- the disk -------------------------------------------------------------------------------
 
     def _write_counts(self, fd: int, verify: bool = False) -> None:
+        if self.disk.generation != self.generation:
+            # The lock we hold, if any, is on the heartbeat file of the directory we wrote
+            # into before (removed or replaced since): it keeps nobody out of this one. Our
+            # counts go here only under the lock on its own, or the sidecar's retirement could
+            # take them for a dead master's while we write them again (counted twice).
+            self.heartbeat.moved()
         if not self.heartbeat.owned(fd):
             return  # another master is counting a dead predecessor's orphans into our files
         if self.disk.generation != self.generation:

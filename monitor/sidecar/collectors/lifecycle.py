@@ -36,7 +36,16 @@ when the fold must be made again because another such file vanished: the rebuild
 Folds are made again only when a retirement removed files, promptly after the master is
 accounted for.)
 
-A directory that cannot be listed or opened leaves out everything here.
+A directory that cannot be listed or opened leaves out everything here. One that is missing is
+zero only if this sidecar never read a count there: removed under running masters (`rm -rf`),
+it comes back within a turn of their loops, each master writing its files whole from the counts
+it keeps in memory, one master after another. Meanwhile a file of a master that still runs (the
+same process this sidecar saw live, by its /proc start) is served with the values last read
+from it, whether the directory or only that file is missing. What a removal takes for good is
+what no running process will write again: the files of masters gone before it, and
+retired.json; and a sidecar that starts while it is missing has read nothing. (The masters'
+gauges say what the state files there say: until each master has written its own again, at
+the end of its loop turn, it is not counted. A missing top directory is readiness.py's.)
 
 The masters' gauges (up, workers, desired) come from the state files, read by
 contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
@@ -57,6 +66,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from monitor.contract import directory, metrics, state
+from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts, retirement
 from monitor.sidecar.liveness import Liveness
@@ -140,6 +150,13 @@ class _GoneFold:
             self.names[name] = present[name]
 
 
+def _same(pid: int, ticks: int | None) -> bool:
+    """`pid` still runs the process that started at `ticks` (any, for an earlier version's
+    state file that did not say)."""
+    found = state.proc(pid)
+    return found is not None and not found.dead and ticks in (None, found.ticks)
+
+
 def _kind(name: str) -> str:
     """The kind of family a file holds, from its name (counter_, histogram_, gauge_...)."""
     return name.split("_", 1)[0]
@@ -162,6 +179,9 @@ class LifecycleCollector:
         self._children = state.Children()
         self._rejected_children = 0
         self._known: dict[str, counts.FileCounts] = {}  # last good, by file name
+        # Masters live at this collection, or seen live before and still running with their
+        # state file missing: pid -> its /proc start.
+        self._live: dict[int, int | None] = {}
         self._retired: retirement.Retired | None = None  # retired.json, as last read good
         self._gone = _GoneFold()
         self._deferred_said = False
@@ -183,14 +203,23 @@ class LifecycleCollector:
         try:
             dir_fd = directory.open_own_for_reading(self.layout)  # checked, never a symlink
         except FileNotFoundError:
-            # No Gunicorn has run here yet: nothing recorded, truly zero.
-            yield from counts.families({}, counts.KINDS, self.lifetime)
-            yield from self._masters(state.read_all(self.layout))
+            recorded = state.read_all(self.layout)
+            self._note_live(recorded[0])
+            if not self._known:
+                # No Gunicorn has run here yet: nothing recorded, truly zero.
+                yield from counts.families({}, counts.KINDS, self.lifetime)
+            else:
+                # Removed: what the masters that still run held, until they write it again.
+                reading = self._take(self._read(-1, retirement.Retired(), {}, set()))
+                if reading is not None:  # always: nothing listed, nothing deferred
+                    yield from counts.families(reading.total, reading.whole, self.lifetime)
+            yield from self._masters(recorded)
             return
         except OSError:
             self._error("unreadable")  # nothing here can be told: not even gunicorn_up
             return
         recorded = state.read_all(self.layout)
+        self._note_live(recorded[0])
         try:
             reading = self._read_counts(dir_fd, {m.pid for m in recorded[0] if m.stopped})
         except OSError:
@@ -221,6 +250,11 @@ class LifecycleCollector:
         if reading is None:
             self._error("collect")  # retirements kept replacing retired.json: next time
             return None
+        return self._take(reading)
+
+    def _take(self, reading: _Reading) -> _Reading | None:
+        """A reading taken as this collector's own: its errors counted, its files' values kept
+        as the last good ones; None when the families are left out this time."""
         self._stats.files_skipped += reading.skipped
         for kind, n in reading.errors.items():
             self._error(kind, n)
@@ -289,6 +323,13 @@ class LifecycleCollector:
                 gone[name] = names[name]  # final: read once, folded in memory
                 continue
             self._read_file(dir_fd, name, pid is not None, reading)
+        for name in sorted(self._known.keys() - names.keys() - listed):
+            db = parse_name(name)
+            if db is not None and db.pid in self._live:
+                # Removed under its running master (with the directory, say), which writes
+                # it whole again within a turn of its loop: until then, what it held.
+                reading.known[name] = self._known[name]
+                reading.add(self._known[name])
         unread = len(gone.keys() - self._gone.names.keys())
         retirer = self.retirer
         if (gone or exists) and retirer is not None:
@@ -327,6 +368,14 @@ class LifecycleCollector:
         reading.add(found)
 
     # -- the masters -----------------------------------------------------------------------
+
+    def _note_live(self, masters: list[state.Master]) -> None:
+        """Remember the live masters: those recorded live now, and those seen live before that
+        still run with their state file missing (removed with the directory: each writes its
+        files again within a turn of its loop)."""
+        recorded = {m.pid for m in masters}
+        hidden = {p: t for p, t in self._live.items() if p not in recorded and _same(p, t)}
+        self._live = {**hidden, **{m.pid: m.start_ticks for m in masters if m.alive}}
 
     def _masters(self, recorded: tuple[list[state.Master], int, int]) -> Iterator[Metric]:
         masters, malformed, unreadable = recorded
