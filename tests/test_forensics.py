@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from monitor.contract import captures, inflight
+from monitor.contract import captures, directory, inflight
 from monitor.contract.directory import Layout
 from monitor.contract.inflight import Request, Snapshot
 from monitor.hooks import forensics
@@ -73,10 +73,20 @@ def test_stuck_and_timed_out_boots():
     assert forensics.boot_timed_out(11.0, 10)
 
 
+def _subdir(layout: Layout, name: str) -> int:
+    """A checked fd of gunicorn-monitor/<name>, made as the master makes it."""
+    own = directory.open_private(layout, create=True)
+    try:
+        return directory.open_subdir(own, name, name, create=True)
+    finally:
+        os.close(own)
+
+
 def test_the_table_is_read_back_as_written_and_a_torn_slot_is_a_gap(tmp_path):
     layout = Layout(str(tmp_path))
-    os.makedirs(inflight.live_dir(layout))
-    table = inflight.Table.create(layout, os.getpid(), 2, tracks=True)
+    live = _subdir(layout, inflight.LIVE)
+    table = inflight.Table.create(live, os.getpid(), 2, tracks=True)
+    os.close(live)
     assert inflight.read(layout, os.getpid()).ready is False
     table.armed()
     table.ready(True)
@@ -97,10 +107,12 @@ def test_captures_are_bounded_oldest_first_and_the_drops_are_said(tmp_path, monk
     layout = Layout(str(tmp_path))
     monkeypatch.setattr(captures, "MAX_COUNT", 3)
     names = []
+    fd = _subdir(layout, captures.DIR)
     for i in range(5):
-        name, dropped = captures.save(layout, {"time": 1000.0 + i, "pid": 7, "stack": "x"})
+        name, dropped = captures.save(fd, {"time": 1000.0 + i, "pid": 7, "stack": "x"})
         names.append(name)
         assert dropped == (1 if i >= 3 else 0)
+    os.close(fd)
     kept, bad = captures.load(layout)
     assert [r["name"] for r in kept] == names[2:] and bad == 0
     (tmp_path / "gunicorn-monitor" / "captures" / "0000000000000001-9.json").write_text("{")
@@ -304,6 +316,9 @@ def test_a_capture_that_cannot_be_saved_costs_the_capture_only(make_master, make
         )
         m.wait_workers(1, timeout=20)
     assert exits(e.scrape()) == {("timeout", "SIGABRT"): 2}
-    assert m.output().count("event=hook_failed hook=capture ") == 1  # said once
-    assert value(e.scrape(), "gunicorn_monitor_hook_errors_total", hook="capture") >= 2
+    out = m.output()
+    assert out.count("event=directory_fault fault=missing") == 1  # said once
+    assert out.count("event=worker_capture") == 2  # each capture still logged, whole
+    assert value(e.scrape(), "gunicorn_monitor_directory_faults_total", fault="missing") == 1
+    assert "hook_failed" not in out
     assert m.proc.poll() is None and http_get(m.url + "/")[0] == 200

@@ -301,7 +301,9 @@ def test_doctor_sees_a_running_master_and_its_smaps(make_master):
 
 
 def test_status_shows_no_worker_a_state_file_merely_names(tmp_path):
-    """A forged state file: a live process as master, an unrelated live pid as its worker."""
+    """A forged state file: a live process as master, an unrelated live pid as its worker.
+    Neither is shown: that process is not a master the kernel vouches for (it holds no
+    heartbeat lock of the directory; state.Genuine), and the pid is not its child."""
     import psutil
 
     from monitor.contract import directory, state
@@ -322,8 +324,7 @@ def test_status_shows_no_worker_a_state_file_merely_names(tmp_path):
             },
         )
         snap = json.loads(_run("status", "--json", "--dir", layout.root).stdout)
-        [shown] = snap["masters"]
-        assert shown["pid"] == master.pid and shown["workers"] == []
+        assert snap["masters"] == []
     finally:
         master.kill()
         master.wait()

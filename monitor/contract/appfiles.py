@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 import uuid
 from typing import NamedTuple
+
+from monitor.contract import directory
+from monitor.contract.directory import Layout
 
 AGGREGATE_ID = "aggregate"
 STATE_DIR = ".compacting"
@@ -108,20 +112,51 @@ def dirs(path: str) -> tuple[str, str, str]:
     return state, os.path.join(state, "staged"), os.path.join(state, "next")
 
 
-def stage_process_files(path: str, pid: int) -> int:
+# The live-mode gauges' files: a dead process's are removed, as prometheus_client's own
+# mark_process_dead does (which globs and removes by path; here by name, relative to the
+# checked top directory's fd, so that a top directory swapped under the master is never
+# followed).
+LIVE_PREFIXES = tuple(prefix for prefix, how in FOLD.items() if how == DROP)
+
+
+def mark_process_dead(top_fd: int, pid: int) -> None:
+    """prometheus_client's mark_process_dead, in the checked top directory `top_fd`."""
+    for prefix in LIVE_PREFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{prefix}_{pid}.db", dir_fd=top_fd)  # never follows a symlink
+
+
+def open_staged(top_fd: int, layout: Layout) -> int:
+    """A checked fd of `.compacting/staged/` (each level created 0700 if missing, never a
+    symlink, ours alone: in a top directory others may write, they may have put their own
+    there). The caller closes it once."""
+    state, staged, _ = dirs(layout.root)
+    state_fd = directory.open_subdir(top_fd, STATE_DIR, state, create=True)
+    try:
+        return directory.open_subdir(state_fd, os.path.basename(staged), staged, create=True)
+    finally:
+        os.close(state_fd)
+
+
+def stage_process_files(top_fd: int, layout: Layout, pid: int) -> int:
     """Move one dead pid's files out of the glob; returns how many.
 
     Safe without the lock (the fold only consumes the staged files its journal names), so
     gunicorn's child_exit hook may call it in the master before it forks a replacement, which
-    closes the pid-reuse window entirely.
+    closes the pid-reuse window entirely. Only regular files are moved (a symlink someone put
+    under the pid's name stays where it is), by name between two checked directory fds.
     """
-    _, staged, _ = dirs(path)
-    os.makedirs(staged, exist_ok=True)
-    token, moved = new_token(), 0
-    for name in os.listdir(path):
-        db = parse_name(name)
-        if db is not None and db.pid == pid and db.prefix in FOLD:
+    staged = open_staged(top_fd, layout)
+    try:
+        token, moved = new_token(), 0
+        for name in os.listdir(top_fd):
+            db = parse_name(name)
+            if db is None or db.pid != pid or db.prefix not in FOLD:
+                continue
             with contextlib.suppress(FileNotFoundError):
-                os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
-                moved += 1
-    return moved
+                if stat.S_ISREG(os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_mode):
+                    os.rename(name, f"{token}~{name}", src_dir_fd=top_fd, dst_dir_fd=staged)
+                    moved += 1
+        return moved
+    finally:
+        os.close(staged)

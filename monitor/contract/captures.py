@@ -1,7 +1,9 @@
 """Captures: the stacks and requests of a worker the master gave up on, kept on disk, bounded.
 
 `gunicorn-monitor/captures/<microseconds since the epoch>-<pid>.json`, one JSON object each,
-written by the master (tmp file, then rename: a reader sees whole files only). The exit record
+written by the master (tmp file, then rename: a reader sees whole files only), every name
+relative to the fd of `captures/` it checked (contract/directory.py), never through a symlink:
+nothing outside it is ever listed, written or removed. The exit record
 in the journal names its capture (`"capture": "<file name>"`), and `gunicorn-monitor events
 --stacks` prints them.
 
@@ -16,7 +18,9 @@ import contextlib
 import json
 import os
 import re
+import stat
 
+from monitor.contract import directory as directories
 from monitor.contract.directory import Layout
 
 DIR = "captures"
@@ -49,54 +53,63 @@ def name(time_s: float, pid: int) -> str:
     return f"{int(time_s * 1e6):016d}-{pid}.json"
 
 
-def _names(path: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(path) if _NAME.match(n))
-    except FileNotFoundError:
-        return []
-
-
-def save(layout: Layout, record: dict) -> tuple[str, int]:
-    """Write one capture; returns its file name and how many old ones were dropped for it."""
-    path = directory(layout)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+def save(captures_fd: int, record: dict) -> tuple[str, int]:
+    """Write one capture into the checked directory `captures_fd`; returns its file name and
+    how many old ones were dropped for it. OSError when it cannot be written."""
     data = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     fname = name(record["time"], record["pid"])
     existing = []
-    for n in _names(path):
+    for n in sorted(n for n in os.listdir(captures_fd) if _NAME.match(n)):
         with contextlib.suppress(OSError):
-            existing.append((n, os.stat(os.path.join(path, n)).st_size))
+            st = os.stat(n, dir_fd=captures_fd, follow_symlinks=False)
+            existing.append((n, st.st_size if stat.S_ISREG(st.st_mode) else 0))
     total = sum(size for _, size in existing)
     dropped = 0
     while existing and (len(existing) >= MAX_COUNT or total + len(data) > MAX_BYTES):
         old, size = existing.pop(0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, old))
+        with contextlib.suppress(OSError):
+            os.unlink(old, dir_fd=captures_fd)
         total -= size
         dropped += 1
-    tmp = os.path.join(path, f".{fname}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(path, fname))
+    directories.replace_file(captures_fd, fname, data)
     return fname, dropped
 
 
 def load(layout: Layout) -> tuple[list[dict], int]:
-    """Every capture on disk, oldest first, and how many files could not be read as one."""
-    path = directory(layout)
+    """Every capture on disk, oldest first, and how many files could not be read as one.
+    Read through checked directory fds, never through a symlink or into a FIFO: a `captures/`
+    swapped for anything not ours is read as none (a reader's gap, never another file)."""
+    try:
+        own = directories.open_own_for_reading(layout)
+    except OSError:
+        return [], 0
+    try:
+        sub = directories.open_subdir_for_reading(own, DIR, directory(layout))
+    except OSError:
+        return [], 0
+    finally:
+        os.close(own)
     records, bad = [], 0
-    for n in _names(path):
-        try:
-            with open(os.path.join(path, n), "rb") as f:
-                rec = json.loads(f.read(MAX_BYTES))
-        except FileNotFoundError:
-            continue  # dropped while we listed
-        except (OSError, ValueError):
-            bad += 1
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("stack", ""), str):
-            bad += 1
-            continue
-        rec["name"] = n
-        records.append(rec)
+    try:
+        for n in sorted(n for n in os.listdir(sub) if _NAME.match(n)):
+            try:
+                fd = directories.open_file(sub, n)
+            except FileNotFoundError:
+                continue  # dropped while we listed
+            except OSError:
+                bad += 1
+                continue
+            try:
+                with os.fdopen(fd, "rb") as f:  # the file object closes the fd, once
+                    rec = json.loads(f.read(MAX_BYTES))
+            except (OSError, ValueError):
+                bad += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("stack", ""), str):
+                bad += 1
+                continue
+            rec["name"] = n
+            records.append(rec)
+    finally:
+        os.close(sub)
     return records, bad

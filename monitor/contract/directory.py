@@ -19,6 +19,20 @@ user or to root (an orchestrator's volume, e.g. a Kubernetes emptyDir, which is 
 and may be writable by others only when it is root's. No component of ours is ever a symlink:
 writers open each level with O_NOFOLLOW and everything below it relative to the directory fd,
 so a path swapped under them cannot send a write anywhere else.
+
+The primitives every writer uses (the hooks now; the sidecar's writers may too), and why each is
+enough even in a top directory any local user may write (a Kubernetes emptyDir is root's, 0777,
+with no sticky bit: anyone may rename `gunicorn-monitor/` away and put their own in its place):
+
+- `open_top`, `open_private`, `open_subdir`: a directory fd, each level opened with O_NOFOLLOW
+  relative to the fd of the level above, then checked by fstat (a real directory; ours alone,
+  or, for the top only, root's). A fd is an inode: whatever the names later say, everything
+  opened relative to it lands in the directory that was checked.
+- `open_file`: an existing file in a checked directory, never through a symlink (O_NOFOLLOW),
+  never hanging on a FIFO (O_NONBLOCK), and only a regular file.
+- `create_file`: a new file of our own (O_CREAT | O_EXCL | O_NOFOLLOW, 0600, whatever had that
+  name removed first, never followed), its bytes allocated before anything is written: the
+  only kind of file anything of ours may map (a full disk fails the creation, never a store).
 """
 
 from __future__ import annotations
@@ -51,6 +65,8 @@ class UnsafeDirectory(DirectoryError):
 
 HEARTBEATS = "heartbeat"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Added to every file open: never through a symlink, never waiting for a FIFO's other end.
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def resolve(path: str | None = None) -> str:
@@ -135,22 +151,110 @@ def _is_symlink(name: str, parent: int | None) -> bool:
         return False
 
 
+def open_top(layout: Layout, create: bool = False) -> int:
+    """A checked fd of the top directory (`$PROMETHEUS_MULTIPROC_DIR`): ours, or root's (then
+    possibly writable by others: only what is opened below it through `open_subdir` is ours).
+    The caller owns the fd and closes it once."""
+    return _open_level(None, layout.root, layout.root, create, top=True)
+
+
 def open_private(layout: Layout, create: bool = True) -> int:
     """A checked fd of `gunicorn-monitor/`, for a writer.
 
     DirectoryError (an OSError) when missing or unusable, UnsafeDirectory when not ours alone.
     The caller owns the fd and closes it once.
     """
-    root = _open_level(None, layout.root, layout.root, create, top=True)
+    root = open_top(layout, create)
     try:
-        return _open_level(root, OWN, layout.own, create, top=False)
+        return open_subdir(root, OWN, layout.own, create)
     finally:
         os.close(root)
 
 
+def open_subdir(parent: int, name: str, shown: str, create: bool = False) -> int:
+    """A checked fd of the directory `name` below the checked directory fd `parent`: created
+    0700 if missing and asked, never a symlink, ours alone (UnsafeDirectory otherwise).
+    `shown` is its path, for messages. The caller owns the fd and closes it once."""
+    return _open_level(parent, name, shown, create, top=False)
+
+
 def open_heartbeats(own_fd: int, layout: Layout, create: bool = False) -> int:
     """A checked fd of `heartbeat/` below an open `gunicorn-monitor/`; the caller closes it."""
-    return _open_level(own_fd, HEARTBEATS, layout.heartbeats, create, top=False)
+    return open_subdir(own_fd, HEARTBEATS, layout.heartbeats, create)
+
+
+def open_file(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> int:
+    """The existing regular file `name` in a checked directory, opened with `flags`: never
+    through a symlink (ELOOP), never waiting on a FIFO, and OSError (EINVAL) for anything but a
+    regular file. The caller owns the fd and closes it once."""
+    fd = os.open(name, flags | _FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+    except BaseException:
+        os.close(fd)  # ours alone, never handed out: closed once
+        raise
+    return fd
+
+
+def create_file(dir_fd: int, name: str, flags: int = os.O_WRONLY, size: int = 0) -> int:
+    """A new, empty file of our own (0600) named `name` in a checked directory, opened with
+    `flags`, with `size` bytes allocated (posix_fallocate: ENOSPC now, never SIGBUS from a
+    store into a mapping of it later).
+
+    Whatever had that name is removed first (unlink never follows a symlink), and the file is
+    created O_EXCL | O_NOFOLLOW: the fd is always of a file this call made, never of one that
+    someone else put, linked or swapped there. On any failure nothing is left behind. The
+    caller owns the fd and closes it once.
+    """
+    _unlink_quietly(dir_fd, name)
+    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)  # ours alone, never handed out: closed once
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
+def replace_file(
+    dir_fd: int, name: str, data: bytes, sync: bool = False, tmp: str | None = None
+) -> tuple[int, int]:
+    """`name` in a checked directory replaced whole by `data`: written into a new file of our
+    own (`create_file`, named `tmp`: by default `.<name>.<pid>.tmp`), fsynced if `sync`, then
+    renamed over it, so that a reader sees the old file or the new one, never a part. Returns
+    the new file's (st_dev, st_ino). On any failure nothing is left behind."""
+    tmp = tmp or f".{name}.{os.getpid()}.tmp"
+    fd = create_file(dir_fd, tmp)  # a plain write: ENOSPC is an error, nothing maps it
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            if sync:
+                os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    return st.st_dev, st.st_ino
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def create(path: str | None = None) -> Layout:
@@ -205,6 +309,50 @@ def open_for_reading(path: str | None = None, missing_ok: bool = False) -> Layou
         if not os.access(shown, os.R_OK | os.X_OK):
             raise DirectoryError(errno.EACCES, cannot_read(shown))
     return layout
+
+
+def open_own_for_reading(layout: Layout) -> int:
+    """A checked fd of `gunicorn-monitor/` for a reader, by `open_for_reading`'s rules, each
+    level opened without following a symlink: whatever its name leads to later, what is read
+    through the fd is the directory that was checked. FileNotFoundError when it is not there
+    (yet), UnsafeDirectory or DirectoryError otherwise. The caller closes it once."""
+    parent = None
+    try:
+        for name, shown, top in ((layout.root, layout.root, True), (OWN, layout.own, False)):
+            fd = _open_read_level(parent, name, shown, top)
+            if parent is not None:
+                os.close(parent)  # the level above, ours alone: closed once
+            parent = fd
+    except BaseException:
+        if parent is not None:
+            os.close(parent)
+        raise
+    return parent
+
+
+def open_subdir_for_reading(parent: int, name: str, shown: str) -> int:
+    """A checked fd of the directory `name` below a reader's checked fd `parent`, by the same
+    rules (ours, or root's that only root may write; never a symlink). The caller closes it."""
+    return _open_read_level(parent, name, shown, top=False)
+
+
+def _open_read_level(parent: int | None, name: str, shown: str, top: bool) -> int:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, parent):
+            raise UnsafeDirectory(f"{shown} is a symlink; give the real directory") from None
+        raise DirectoryError(e.errno, cannot_read(shown, e)) from None
+    try:
+        st = os.fstat(fd)
+        roots = st.st_uid == 0 and not st.st_mode & 0o022
+        check_private(st, shown, top=top or roots)
+    except BaseException:
+        os.close(fd)  # ours alone, never handed out: closed once
+        raise
+    return fd
 
 
 def cannot_read(path: str, error: OSError | None = None) -> str:

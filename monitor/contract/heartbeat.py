@@ -38,6 +38,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from monitor.contract import directory
 from monitor.contract.directory import Layout
 
 STALL_SECONDS = 10.0
@@ -86,9 +87,10 @@ def decode(data: bytes, pid: int, ticks: int) -> float | None:
 
 
 def read(layout: Layout, pid: int, ticks: int) -> float | None:
-    """The master's last beat (its CLOCK_MONOTONIC seconds), or None when there is none to read."""
+    """The master's last beat (its CLOCK_MONOTONIC seconds), or None when there is none to read.
+    Read through the readers' checked directory fds, never through a symlink."""
     try:
-        fd = os.open(path(layout, pid), os.O_RDONLY | FLAGS)
+        fd = _open_for_reading(layout, str(pid))
     except OSError:
         return None
     try:
@@ -101,6 +103,18 @@ def read(layout: Layout, pid: int, ticks: int) -> float | None:
         return None
     finally:
         os.close(fd)
+
+
+def _open_for_reading(layout: Layout, name: str) -> int:
+    own = directory.open_own_for_reading(layout)
+    try:
+        hb = directory.open_subdir_for_reading(own, directory.HEARTBEATS, layout.heartbeats)
+    finally:
+        os.close(own)
+    try:
+        return os.open(name, os.O_RDONLY | FLAGS, dir_fd=hb)
+    finally:
+        os.close(hb)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,14 @@ request). Next to it, `<pid>.stacks` receives the worker's thread stacks, writte
 `faulthandler` from C when the master sends CAPTURE_SIGNAL.
 
 Safety:
-- The file is allocated with posix_fallocate before it is mapped, so a full disk fails the
-  creation (the worker then simply has no table) instead of raising SIGBUS on a later store.
-- Only the worker writes it; the master only reads it (pread, never a mapping) and removes it
-  once the worker is reaped.
+- The worker maps only a file it has just created itself (directory.create_file: O_CREAT |
+  O_EXCL | O_NOFOLLOW, relative to the fd of `live/` the master checked and handed it at the
+  fork), allocated with posix_fallocate before it is mapped: nobody else's file is ever
+  truncated or mapped through a name swapped in, and a full disk fails the creation (the
+  worker then simply has no table) instead of raising SIGBUS on a later store.
+- Only the worker writes it; the master only reads it (pread, never a mapping, relative to
+  the same checked fd, never through a symlink or into a FIFO) and removes it once the worker
+  is reaped.
 - A slot is busy while its start time is not 0. The worker writes the method and path of a
   request first and its start time last (one aligned 8-byte store), and frees the slot by
   zeroing the start time: a reader never pairs a start time with another request's path. A
@@ -26,11 +30,12 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import stat
 import struct
 import time
 from dataclasses import dataclass
 
-from monitor.contract import state
+from monitor.contract import directory, state
 from monitor.contract.directory import Layout
 
 LIVE = "live"
@@ -59,12 +64,12 @@ def live_dir(layout: Layout) -> str:
     return os.path.join(layout.own, LIVE)
 
 
-def table_path(layout: Layout, pid: int) -> str:
-    return os.path.join(live_dir(layout), f"{pid}.inflight")
+def table_name(pid: int) -> str:
+    return f"{pid}.inflight"
 
 
-def stacks_path(layout: Layout, pid: int) -> str:
-    return os.path.join(live_dir(layout), f"{pid}.stacks")
+def stacks_name(pid: int) -> str:
+    return f"{pid}.stacks"
 
 
 def _size(capacity: int) -> int:
@@ -93,12 +98,13 @@ class Table:
         self._header(BOOTING)
 
     @classmethod
-    def create(cls, layout: Layout, pid: int, capacity: int, tracks: bool) -> Table:
+    def create(cls, live_fd: int, pid: int, capacity: int, tracks: bool) -> Table:
+        """A new table in the checked directory `live_fd`; OSError when it cannot be made."""
         capacity = max(0, min(capacity, MAX_CAPACITY))
         size = _size(capacity)
-        fd = os.open(table_path(layout, pid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Ours, new, allocated: ENOSPC here, never SIGBUS later (the module's docstring).
+        fd = directory.create_file(live_fd, table_name(pid), os.O_RDWR, size)
         try:
-            os.posix_fallocate(fd, 0, size)  # ENOSPC here, never SIGBUS later
             mm = mmap.mmap(fd, size)  # the mapping keeps its own reference to the file
         finally:
             os.close(fd)
@@ -177,9 +183,30 @@ class Snapshot:
 
 
 def read(layout: Layout, pid: int) -> Snapshot | None:
-    """The worker's table, or None when it has none (creation failed, or another pid's)."""
+    """The worker's table, by the directory's path (`gunicorn-monitor status`); see read_at."""
     try:
-        fd = os.open(table_path(layout, pid), os.O_RDONLY)
+        own = directory.open_own_for_reading(layout)
+    except OSError:
+        return None
+    try:
+        live = directory.open_subdir_for_reading(own, LIVE, live_dir(layout))
+    except OSError:
+        return None
+    finally:
+        os.close(own)
+    try:
+        return read_at(live, pid)
+    finally:
+        os.close(live)
+
+
+def read_at(live_fd: int, pid: int) -> Snapshot | None:
+    """The worker's table in the directory `live_fd` (-1: none), or None when it has none
+    (creation failed, or another pid's, or not a table)."""
+    if live_fd < 0:
+        return None
+    try:
+        fd = directory.open_file(live_fd, table_name(pid))
     except OSError:
         return None
     try:
@@ -229,23 +256,51 @@ def _read_slot(fd: int, off: int) -> Request | None:
     return None
 
 
-def discard(layout: Layout, pid: int) -> None:
-    for path in (table_path(layout, pid), stacks_path(layout, pid)):
+def read_stack(live_fd: int, pid: int, offset: int, limit: int) -> tuple[str, bool]:
+    """What the worker's stacks file holds from `offset` on (at most `limit` bytes), and
+    whether there was more; empty when there is no such file to read (or no `live_fd`)."""
+    if live_fd < 0:
+        return "", False
+    try:
+        fd = directory.open_file(live_fd, stacks_name(pid))
+    except OSError:
+        return "", False
+    try:
+        data = os.pread(fd, limit + 1, offset)
+    except OSError:
+        return "", False
+    finally:
+        os.close(fd)
+    return data[:limit].decode("utf-8", "replace"), len(data) > limit
+
+
+def stacks_size(live_fd: int, pid: int) -> int:
+    """The size of the worker's stacks file (0 when there is none, or it is not a file)."""
+    if live_fd < 0:
+        return 0
+    try:
+        st = os.stat(stacks_name(pid), dir_fd=live_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def discard(live_fd: int, pid: int) -> None:
+    """A reaped worker's files, from the directory `live_fd` (nothing without one)."""
+    if live_fd < 0:
+        return
+    for name in (table_name(pid), stacks_name(pid)):
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=live_fd)
         except OSError:
             pass
 
 
-def discard_stale(layout: Layout) -> None:
+def discard_stale(live_fd: int) -> None:
     """Files of pids that no longer run are from workers of an earlier master."""
-    try:
-        names = os.listdir(live_dir(layout))
-    except FileNotFoundError:
-        return
-    for name in names:
+    for name in os.listdir(live_fd):
         if not state.names_live_pid(name.split(".", 1)[0]):
             try:
-                os.unlink(os.path.join(live_dir(layout), name))
+                os.unlink(name, dir_fd=live_fd)
             except OSError:
                 pass

@@ -47,7 +47,9 @@ import re
 import stat
 import time
 from collections.abc import Iterator
+from typing import BinaryIO
 
+from monitor.contract import directory
 from monitor.contract.directory import Layout, open_private
 
 MAX_BYTES = 4 * 1024 * 1024  # the live file rotates once it holds this much
@@ -192,7 +194,7 @@ class Reader:
         self.bad = 0
         self._fds: list[int] = []
         try:
-            dir_fd = os.open(layout.own, _DIR_FLAGS)
+            dir_fd = directory.open_own_for_reading(layout)
         except FileNotFoundError:
             return
         try:
@@ -356,13 +358,13 @@ class Tail:
     """
 
     def __init__(self, layout: Layout) -> None:
-        self.path = layout.journal
+        self.layout = layout
         self.bad = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._partial = b""
         self._mid_line = False
         try:
-            self._file = open(self.path, "rb")
+            self._file = self._open(NAME)
             end = self._file.seek(0, os.SEEK_END)
             if end > 0:
                 # Started inside a line: its rest is not a record to count as damaged.
@@ -371,16 +373,41 @@ class Tail:
         except OSError:  # not there yet, or not ours to read: nothing to follow
             pass
 
+    def _open(self, name: str) -> BinaryIO:
+        """A journal file, through the checked fd of the directory, never through a symlink
+        or into a FIFO (contract/directory.py); OSError when it cannot be."""
+        own = directory.open_own_for_reading(self.layout)
+        try:
+            return os.fdopen(directory.open_file(own, name), "rb")
+        finally:
+            os.close(own)
+
+    def _names(self) -> list[str]:
+        own = directory.open_own_for_reading(self.layout)
+        try:
+            return rotated_names(os.listdir(own))
+        finally:
+            os.close(own)
+
+    def _live_inode(self) -> int:
+        own = directory.open_own_for_reading(self.layout)
+        try:
+            return os.stat(NAME, dir_fd=own, follow_symlinks=False).st_ino
+        finally:
+            os.close(own)
+
     def read_new(self) -> list[dict]:
         records = []
         while True:
             if self._file is not None:
                 records.extend(self._parse(self._file.read()))
                 try:
-                    if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
+                    if self._live_inode() == os.fstat(self._file.fileno()).st_ino:
                         return records
                 except FileNotFoundError:
                     return records
+                except OSError:
+                    return records  # the directory refused or unreadable now: later, again
                 # Rotated: what we had open is a rotated file now. A writer may have appended
                 # to it between our read and the rotation: read it to its end. Then whatever
                 # was rotated after it (two rotations between our calls), then the new file
@@ -393,21 +420,20 @@ class Tail:
                 self._mid_line = False
                 records.extend(self._rotated_after(ino))
             try:
-                self._file = open(self.path, "rb")
+                self._file = self._open(NAME)
             except OSError:
                 self._file = None
                 return records
 
     def _rotated_after(self, ino: int) -> list[dict]:
-        folder = os.path.dirname(self.path)
         try:
-            names = rotated_names(os.listdir(folder))
+            names = self._names()
         except OSError:
             return []
         records, after = [], False
         for name in names:
             try:
-                with open(os.path.join(folder, name), "rb") as f:
+                with self._open(name) as f:
                     if after:
                         for line in _lines_forward(f.fileno()):
                             found, torn = _records(line)

@@ -27,8 +27,6 @@ claimant and no new master given the same pid writes them meanwhile.
 
 from __future__ import annotations
 
-import errno
-import glob
 import json
 import os
 import re
@@ -37,7 +35,14 @@ from dataclasses import dataclass
 
 import psutil
 
-from monitor.contract.directory import Layout, open_private
+from monitor.contract.directory import (
+    HEARTBEATS,
+    Layout,
+    open_file,
+    open_own_for_reading,
+    open_private,
+    replace_file,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc's start times are in these
 
@@ -56,29 +61,9 @@ def write(layout: Layout, pid: int, state: dict, dir_fd: int | None = None) -> t
         finally:
             os.close(own)
     name = os.path.basename(layout.master_state(pid))
-    tmp = f"{name}.{os.getpid()}.tmp"
     data = json.dumps(state, separators=(",", ":")).encode()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)  # left by a crash
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-    try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
-        raise
-    return st.st_dev, st.st_ino
+    # The temporary's name is the one retirement knows a crash may leave (sidecar/retirement.py).
+    return replace_file(dir_fd, name, data, tmp=f"{name}.{os.getpid()}.tmp")
 
 
 def process_start_time(pid: int) -> float | None:
@@ -189,13 +174,30 @@ def is_running(pid: int, started: float, ticks: int | None = None) -> bool:
 
 def last_change(layout: Layout) -> float:
     """When any master last recorded a change of its workers (newest state file mtime)."""
-    newest = 0.0
-    for path in glob.glob(os.path.join(layout.own, "master-*.json")):
-        try:
-            newest = max(newest, os.stat(path).st_mtime)
-        except OSError:
-            pass
-    return newest
+    return max((mtime for _, _, _, mtime in fingerprints(layout)), default=0) / 1e9
+
+
+def fingerprints(layout: Layout) -> list[tuple[str, int, int, int]]:
+    """Each state file's name, inode, size and mtime (ns), sorted: what changes when one is
+    rewritten. Listed through the checked fd of the directory, never through a symlink; empty
+    when it cannot be read (read_all then says why)."""
+    found = []
+    try:
+        own = open_own_for_reading(layout)
+    except OSError:
+        return found
+    try:
+        for name in sorted(_state_names(own)):
+            try:
+                st = os.stat(name, dir_fd=own, follow_symlinks=False)
+            except OSError:
+                continue
+            found.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError:
+        pass
+    finally:
+        os.close(own)
+    return found
 
 
 # What a reader accepts. Every value below may become a label or a pid the sidecar acts on, so
@@ -239,6 +241,7 @@ class Master:
     stuck_booting: int = 0  # workers booting for longer than `timeout` (hooks/watch.py)
     start_ticks: int | None = None  # its /proc start: who the pid is (None from earlier versions)
     stopped: bool = False  # said so itself at on_exit, or its orphans were accounted for
+    forged: bool = False  # names a running process the kernel says is not this master
 
     @property
     def slot_cap(self) -> int:
@@ -258,27 +261,127 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
 
     A malformed file (or one saying anything outside the contract) is skipped whole: it says
     nothing about the other masters. A file that cannot be read may be a live master's, so a
-    reader that would count masters or workers must not answer (a gap, not a zero).
+    reader that would count masters or workers must not answer (a gap, not a zero); a
+    directory that fails the readers' check (a symlink, another user's: swapped under us) is
+    such a gap too. Everything is read relative to the checked fd of `gunicorn-monitor/`, never
+    through a symlink, and a master is alive only if the kernel says it is that master
+    (`Genuine`): a file naming an unrelated process is `forged`.
     """
+    try:
+        own = open_own_for_reading(layout)
+    except FileNotFoundError:
+        return [], 0, 0
+    except OSError:
+        return [], 0, 1
     masters, malformed, unreadable = [], 0, 0
-    for path in sorted(glob.glob(os.path.join(layout.own, "master-*.json"))):
-        name = _NAME.fullmatch(os.path.basename(path))
-        if name is None:  # not master-<pid>.json
-            malformed += 1
-            continue
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            continue  # the master removed it, or replaced it between glob and open
-        except OSError:
-            unreadable += 1
-            continue
-        try:
-            masters.append(parse(json.loads(data), int(name.group(1))))
-        except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
-            malformed += 1
+    try:
+        genuine = Genuine(own)
+        for name in sorted(_state_names(own)):
+            found = _NAME.fullmatch(name)
+            if found is None:  # not master-<pid>.json
+                malformed += 1
+                continue
+            try:
+                fd = open_file(own, name)
+            except FileNotFoundError:
+                continue  # the master removed it, or replaced it between listing and open
+            except OSError:
+                unreadable += 1
+                continue
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                unreadable += 1
+                continue
+            finally:
+                os.close(fd)
+            try:
+                master = parse(json.loads(data), int(found.group(1)))
+            except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
+                malformed += 1
+                continue
+            if master.alive and not genuine(master.pid):
+                master.alive, master.forged = False, True
+            masters.append(master)
+    except OSError:
+        return [], malformed, unreadable + 1
+    finally:
+        os.close(own)
     return masters, malformed, unreadable
+
+
+def _state_names(own_fd: int) -> list[str]:
+    """The names a `master-*.json` glob matches, in the directory `own_fd`."""
+    return [n for n in os.listdir(own_fd) if n.startswith("master-") and n.endswith(".json")]
+
+
+class Genuine:
+    """Is a live pid a state file names really the master that wrote it? What the directory
+    says is checked against the kernel before anyone serves or samples it:
+
+    - the process's effective uid is the owner of `gunicorn-monitor/` (a master makes its
+      directory itself and writes only into one of its own: contract/directory.py);
+    - it holds the flock on `heartbeat/<pid>` in that very directory (a master takes it before
+      it writes its state, and keeps it for its life: "Who writes a master's files" above),
+      or, while another master counts its predecessor's orphans, a process of that owner does.
+      Checked in /proc/locks, by the inode the directory's fd leads to. A reader that may not
+      search `heartbeat/` (a sidecar of another uid than a root Gunicorn's) has only the uid.
+
+    Its start ticks were compared by `parse` already. One read of /proc/locks per call of
+    `read_all` that finds a live master, one of /proc/<pid>/status per such master.
+    """
+
+    def __init__(self, own_fd: int) -> None:
+        self.owner = os.fstat(own_fd).st_uid
+        self._own = own_fd
+        self._locks: dict[tuple[int, int, int], set[int]] | None = None
+
+    def __call__(self, pid: int) -> bool:
+        if euid(pid) != self.owner:
+            return False
+        try:
+            st = os.stat(f"{HEARTBEATS}/{pid}", dir_fd=self._own, follow_symlinks=False)
+        except PermissionError:
+            return True  # heartbeat/ is not ours to search: the uid is all we can tell
+        except OSError:
+            return False  # no heartbeat: not a master of ours (it takes the lock first)
+        if self._locks is None:
+            self._locks = flocks()
+        holders = self._locks.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), set())
+        return pid in holders or any(euid(h) == self.owner for h in holders)
+
+
+def flocks() -> dict[tuple[int, int, int], set[int]]:
+    """/proc/locks' FLOCK entries held (not waited for): {(major, minor, inode): pids}."""
+    found: dict[tuple[int, int, int], set[int]] = {}
+    try:
+        with open("/proc/locks", "rb") as f:  # the kernel's own file, never the directory's
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != b"FLOCK":  # "->" marks a waiter
+            continue
+        try:
+            major, minor, ino = fields[5].split(b":")
+            key = (int(major, 16), int(minor, 16), int(ino))
+            found.setdefault(key, set()).add(int(fields[4]))
+        except ValueError:
+            continue
+    return found
+
+
+def euid(pid: int) -> int | None:
+    """The effective uid of a running process (/proc/<pid>/status), None when gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:  # the kernel's own file
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def load(dir_fd: int, pid: int) -> tuple[dict, Master] | None:

@@ -1,7 +1,16 @@
 """The worker's side of a capture: a stacks file faulthandler writes, and the in-flight table.
 
 Armed in post_fork, in the child, before Gunicorn's init_process: a worker that hangs while
-importing the app is covered too. The signal is CAPTURE_SIGNAL, a real-time signal that
+importing the app is covered too (and before Gunicorn's `user`/`group` settings drop the
+worker's privileges there: the files are made with the master's). Both files are created new
+(directory.create_file: O_EXCL, O_NOFOLLOW) relative to the fd of `live/` that the master
+checked and the worker inherited (hooks/disk.py, `handed`): the worker resolves no path, so no
+name swapped in the shared directory can send its truncation or its mapping anywhere else.
+When the master held no `live/` (its fault, said there) the worker has no table; when the
+worker cannot create its files (a full disk), it tells the master through its channel slot,
+and the master says it once: either way a gap in captures (`unknown`), never a failure.
+
+The signal is CAPTURE_SIGNAL, a real-time signal that
 Worker.init_signals (which resets Gunicorn's own list to SIG_DFL) and the worker classes never
 touch. `faulthandler` writes the stack of every thread from its C handler, without the GIL: it
 works while a thread holds the GIL in a C call, where a Python-level handler never runs.
@@ -22,6 +31,7 @@ requests: their captures say `unknown`.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import inspect
 import logging
@@ -31,6 +41,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from monitor.contract import directory, inflight, workerclasses
+from monitor.hooks.channel import CHANNEL
 from monitor.hooks.contain import guard
 from monitor.hooks.worker import drop_own_frame
 
@@ -38,19 +49,29 @@ _table: inflight.Table | None = None
 _debug = False  # Gunicorn's loglevel is debug: its default pre_request logs each request
 
 
-def booting(worker: Any) -> None:
-    """post_fork, in the new worker: the table, then the stacks file and its signal."""
+def booting(worker: Any, live: int) -> None:
+    """post_fork, in the new worker: the table, then the stacks file and its signal, in the
+    directory `live` (the fd its master handed it, or -1: none). `live` is closed here, once."""
+    if live < 0:
+        return  # the master holds no checked live/ now: its fault was said once, there
+    try:
+        _arm(worker, live)
+    except OSError as e:
+        CHANNEL.no_table(e.errno or errno.EIO)  # the master says it, once for all workers
+    finally:
+        os.close(live)
+
+
+def _arm(worker: Any, live: int) -> None:
     global _table
-    layout = directory.Layout(directory.resolve())
-    if not os.path.isdir(inflight.live_dir(layout)):
-        return  # the master's watch did not start (its failure was said once, there)
+    directory.check_private(os.fstat(live), inflight.LIVE)  # still ours alone
     pid = os.getpid()
     kind = workerclasses.of(worker)
     capacity = kind.capacity(worker.cfg) if kind is not None else 0
-    table = inflight.Table.create(layout, pid, capacity, kind is not None)
+    table = inflight.Table.create(live, pid, capacity, kind is not None)
     _table = table
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    fd = os.open(inflight.stacks_path(layout, pid), flags, 0o600)
+    flags = os.O_WRONLY | os.O_APPEND
+    fd = directory.create_file(live, inflight.stacks_name(pid), flags)
     try:
         faulthandler.register(inflight.CAPTURE_SIGNAL, file=fd, all_threads=True, chain=False)
     except BaseException:

@@ -22,12 +22,15 @@ Protocol:
 - Only the process that claimed the slot writes it: a process the app forks from a worker
   inherits the pages, and writes nothing.
 - The master reads the slot in child_exit (the worker is dead: every store is visible), checks
-  the pid in it, and frees it.
+  the pid in it, and frees it. One field it reads while the worker lives: why the worker could
+  not create its in-flight table, if it could not (an errno, one aligned 4-byte store), so that
+  the master says it once for all its workers instead of each worker in its own log.
 
 Times are `time.monotonic()`: CLOCK_MONOTONIC, one clock for every process on Linux, so the
 master compares the worker's moments with its own (the signals it sent) directly.
 
-Slot (64 bytes): owner pid u32, flags u32, max_requests_at f64, signal u64 + signal_at f64.
+Slot (64 bytes): owner pid u32, flags u32, max_requests_at f64, signal u64 + signal_at f64,
+table errno u32.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ _PER_PAGE = PAGE // SLOT
 _OWNER = struct.Struct("<II")  # pid, flags
 _AT = struct.Struct("<d")
 _SIGNAL = struct.Struct("<Qd")
+_ERRNO = struct.Struct("<I")
 _MAX_REQUESTS_AT = 8
 _SIGNAL_AT = 16
+_TABLE_ERRNO_AT = 32
 KNOWN_CLASS = 1  # flag: the worker's class is in the worker-class table
 
 ATTRIBUTE = "_gunicorn_monitor_slot"  # on the worker object: the slot's number
@@ -116,6 +121,16 @@ class Channel:
             signal_at=sig_at if sig else None,
         )
 
+    def table_error(self, worker: Any) -> int:
+        """The errno a live worker met creating its in-flight table; 0 when none (yet)."""
+        slot = getattr(worker, ATTRIBUTE, None)
+        if slot is None or self.held.get(slot) is not worker:
+            return 0
+        page, offset = self._where(slot)
+        if _OWNER.unpack_from(page, offset)[0] != worker.pid:
+            return 0  # not claimed yet
+        return _ERRNO.unpack_from(page, offset + _TABLE_ERRNO_AT)[0]
+
     # -- the worker ---------------------------------------------------------------------------
 
     def claim(self, worker: Any, known_class: bool) -> None:
@@ -138,6 +153,12 @@ class Channel:
         where = self._own()
         if where is not None and not _SIGNAL.unpack_from(where[0], where[1] + _SIGNAL_AT)[0]:
             _SIGNAL.pack_into(where[0], where[1] + _SIGNAL_AT, signum, time.monotonic())
+
+    def no_table(self, errno: int) -> None:
+        """The worker could not create its in-flight table (hooks/capture.py), for `errno`."""
+        where = self._own()
+        if where is not None:
+            _ERRNO.pack_into(where[0], where[1] + _TABLE_ERRNO_AT, errno)
 
     def _own(self) -> tuple[mmap.mmap, int] | None:
         if self._mine is None or os.getpid() != self._pid:

@@ -10,15 +10,22 @@ What can happen to a shared directory under a running master, and what this does
   which is classified into a fixed set of faults (metrics.DIRECTORY_FAULT_KINDS); writes are
   retried on the next event and at least once per turn of the master's loop;
 - made unsafe (a symlink, another user's, writable by others): refused until fixed;
-- a file of ours removed or replaced (garbage, a symlink): rewritten whole (store.py).
+- a file of ours removed or replaced (garbage, a symlink): rewritten whole (store.py);
+- a subdirectory it holds (`live/`, `captures/`) removed, replaced, or made unsafe: checked
+  once per turn of the master's loop (`check_subdirs`), recreated 0700 when missing, refused
+  while unsafe (`held` then has nothing to hand out: workers forked meanwhile have no in-flight
+  table, and captures are logged, not saved).
 
 Each fault kind is logged once when it starts (`event=directory_fault`), then nothing until a
 whole round of writes succeeds (`event=directory_recovered`), and counted in
 gunicorn_monitor_directory_faults_total{fault}, which reaches the disk with the next successful
 write. Gunicorn never sees any of it: no exception leaves `session`, and nothing here blocks.
 
-The only fd held is the directory's (O_RDONLY: it never pins a mount writable). It is closed
-exactly once, with the number forgotten first; a forked worker forgets the master's copy.
+The fds held are the directory's and its subdirectories' (O_RDONLY: none pins a mount
+writable). Each is closed exactly once, with the number forgotten first. A forked child closes
+its copies at once, except the one of `live/`, which a worker takes in post_fork (`handed`) to
+create its own files in, relative to the directory its master checked: a worker resolves no
+path at all.
 """
 
 from __future__ import annotations
@@ -29,10 +36,15 @@ import os
 import time
 from collections.abc import Callable
 
-from monitor.contract import directory
+from monitor.contract import captures, directory, inflight
 from monitor.contract.directory import Layout
 
 log = logging.getLogger("gunicorn.error")
+
+# The subdirectories of `gunicorn-monitor/` held open from one loop turn to the next; the first
+# is handed to every worker forked.
+SUBDIRS = (inflight.LIVE, captures.DIR)
+HANDED = inflight.LIVE
 
 # A fault is over once writes have succeeded for this long without a single failure. Space
 # and inodes come and go by the byte and by the file while others write beside us (a worker's
@@ -63,6 +75,10 @@ class Disk:
         self._id: tuple[int, int] | None = None
         self._active: dict[str, str] = {}  # fault kind -> what was said about it
         self._failed_at = 0.0  # monotonic time of the last failure
+        self._subdirs: dict[str, tuple[int, tuple[int, int]]] = {}  # name -> fd, (dev, ino)
+        self._handed = -1  # in a forked child: its copy of the fd of HANDED, until taken
+        # Told of each subdirectory (name, fd) when it is opened anew; must not raise.
+        self.opened: Callable[[str, int], None] = lambda name, fd: None
 
     # -- the directory fd ---------------------------------------------------------------------
 
@@ -76,9 +92,15 @@ class Disk:
             except OSError:
                 top = own = None
             if own is not None and (own.st_dev, own.st_ino) == self._id:
-                # The same directory, but its owner or mode may have changed under us.
-                directory.check_private(top, self.layout.root, top=True)
-                directory.check_private(own, self.layout.own)
+                # The same directory, but its owner or mode may have changed under us: then
+                # nothing below it is handed out either until it is fixed.
+                try:
+                    directory.check_private(top, self.layout.root, top=True)
+                    directory.check_private(own, self.layout.own)
+                except OSError:
+                    for name in list(self._subdirs):
+                        self._drop(name)
+                    raise
                 return self._fd
             self._close()
             # Removed, or another directory put in its place: said once, then recreated or
@@ -93,16 +115,75 @@ class Disk:
 
     def _close(self) -> None:
         fd, self._fd, self._id = self._fd, -1, None
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for name in list(self._subdirs):
+            self._drop(name)
+        _close_quietly(fd)
 
     def forked(self) -> None:
-        """In a forked child (a worker): the master's directory is not the child's to write."""
+        """In a forked child (a worker): the master's directory is not the child's to write.
+        Its copies of the fds are closed once, in the child, but for HANDED's: see `handed`."""
         self.owner = -1
-        self._close()  # the child's own copy of the fd, closed once, in the child
+        found = self._subdirs.pop(HANDED, None)
+        self._handed = found[0] if found is not None else -1
+        self._close()
+
+    def handed(self) -> int:
+        """In a worker: its copy of the fd of `live/` its master held at the fork, checked at
+        the master's last loop turn, or -1 when the master had none (or it was taken). The
+        caller owns it and closes it once."""
+        fd, self._handed = self._handed, -1
+        return fd
+
+    # -- the subdirectories -----------------------------------------------------------------
+
+    def held(self, name: str) -> int:
+        """The fd of the subdirectory `name` as checked at the last loop turn, or -1 while
+        there is none (not yet, refused, or the directory itself at fault). Never reopened
+        here: between two checks the master uses the very directory it checked (a fd is an
+        inode; whatever its name later leads to, nothing of ours goes anywhere else)."""
+        found = self._subdirs.get(name) if os.getpid() == self.owner else None
+        return found[0] if found is not None else -1
+
+    def check_subdirs(self, fd: int) -> None:
+        """A session step: each of SUBDIRS below the checked `fd`, still the one held and still
+        ours alone; reopened (created 0700) when its name no longer leads to it. OSError
+        (UnsafeDirectory: refused, nothing held) after trying each."""
+        failed: OSError | None = None
+        for name in SUBDIRS:
+            try:
+                self._check_subdir(fd, name)
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
+    def _check_subdir(self, fd: int, name: str) -> None:
+        shown = os.path.join(self.layout.own, name)
+        found = self._subdirs.get(name)
+        if found is not None:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == found[1]:
+                try:
+                    directory.check_private(st, shown)  # its owner or mode changed under us
+                    return
+                except OSError:
+                    self._drop(name)
+                    raise
+            self._drop(name)
+            gone = errno.ENOENT if st is None else errno.EEXIST
+            self.fault(OSError(gone, f"{shown} was removed or replaced"), "missing")
+        sub = directory.open_subdir(fd, name, shown, create=True)
+        st = os.fstat(sub)
+        self._subdirs[name] = (sub, (st.st_dev, st.st_ino))
+        self.opened(name, sub)
+
+    def _drop(self, name: str) -> None:
+        found = self._subdirs.pop(name, None)
+        if found is not None:
+            _close_quietly(found[0])
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -181,3 +262,11 @@ class Disk:
     @property
     def faults(self) -> frozenset[str]:
         return frozenset(self._active)
+
+
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

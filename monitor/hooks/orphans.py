@@ -247,7 +247,7 @@ class Orphans:
             }
         )
         if pid is not None:
-            inflight.discard(m.layout, pid)
+            inflight.discard(m.disk.held(inflight.LIVE), pid)
             m.retire_app_files(pid)
 
     def _still_ours(self, fd: int, claim: _Claim) -> bool:

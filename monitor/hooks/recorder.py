@@ -36,7 +36,6 @@ from typing import Any
 
 import gunicorn
 import gunicorn.arbiter
-from prometheus_client import multiprocess
 
 from monitor.contract import appfiles, causes, directory, journal, metrics, state
 from monitor.contract.store import Store
@@ -407,8 +406,13 @@ class Monitor:
         self.retire_app_files(pid)
 
     def retire_app_files(self, pid: int) -> None:
-        if "unsafe" not in self.disk.faults:  # never act on paths in a directory we refused
-            _retire_app_files(pid, self.layout.root)
+        try:
+            _retire_app_files(pid, self.layout)
+        except OSError as e:  # the top directory, or `.compacting/`, refused or failing
+            with self.lock:
+                self.disk.fault(e)
+        except Exception as e:
+            contain("retire_app_files", e)
 
     def count_failure(self, hook: str) -> None:
         """Counted in memory; written with the next event or loop turn."""
@@ -467,8 +471,21 @@ class Monitor:
                 functools.partial(self._write_counts, verify=True),
                 self._write_journal,
                 self._write_state,
+                self.disk.check_subdirs,
+                self._check_staging,
                 settle=True,
             )
+
+    def _check_staging(self, _fd: int) -> None:
+        """With folding on, `.compacting/staged/` checked (and made) once a loop turn: refused
+        (another user's, a symlink), it is a fault said once that lasts while it does, not one
+        said again at each exit. The sidecar then stages what the master could not."""
+        if _folding():
+            top = directory.open_top(self.layout)
+            try:
+                os.close(appfiles.open_staged(top, self.layout))
+            finally:
+                os.close(top)
 
     def beat(self) -> None:
         """The heartbeat alone, between loop turns (a graceful stop reaping): rate-limited."""
@@ -528,7 +545,7 @@ def _folding() -> bool:
     return bool(settings.monitor_setting(settings.FOLD_APP_METRICS))
 
 
-def _retire_app_files(pid: int, root: str) -> None:
+def _retire_app_files(pid: int, layout: directory.Layout) -> None:
     """The app's own prometheus_client files of a dead worker.
 
     Its live-mode gauges go, as prometheus_client documents (mark_process_dead), and that is
@@ -536,10 +553,12 @@ def _retire_app_files(pid: int, root: str) -> None:
     which must keep seeing the dead worker's counts. With folding on (appfiles.FOLD_ENV) the
     rest is moved out of the glob for the exporter to compact, here in the master before it
     forks a replacement that could reuse the pid and append to the dead worker's files.
+    Everything by name relative to the checked top directory's fd. OSError when refused.
     """
+    top = directory.open_top(layout)
     try:
-        multiprocess.mark_process_dead(pid, root)
+        appfiles.mark_process_dead(top, pid)
         if _folding():
-            appfiles.stage_process_files(root, pid)
-    except Exception as e:
-        contain("retire_app_files", e)
+            appfiles.stage_process_files(top, layout, pid)
+    finally:
+        os.close(top)

@@ -21,6 +21,12 @@ default action would end the process.
 Captures are finished (read, saved under captures/, logged) when the worker is reaped, or for a
 worker left running, on the first loop turn after the dump has had time to be written. The
 exit record in the journal names its capture; timeouts are counted by phase.
+
+Every file is reached through the fds of `live/` and `captures/` the recorder's directory
+handle checks once per loop turn (hooks/disk.py, `held`): read with pread, never mapped, never
+through a symlink or into a FIFO. While either is refused (a fault said once, there), a
+capture still reads what it can and is logged whole, but not saved; workers forked meanwhile
+have no table, so their captures say `unknown`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 
 from monitor.contract import captures, causes, inflight, metrics
 from monitor.hooks import forensics
+from monitor.hooks.channel import CHANNEL
 from monitor.hooks.contain import contain, guard
 
 log = logging.getLogger("gunicorn.error")
@@ -70,16 +77,29 @@ class Watch:
         self.boot_aborted: set[int] = set()
         self.timeout_phase: dict[int, str] = {}
         self.last_capture: dict[int, str] = {}
-        os.makedirs(inflight.live_dir(self.layout), mode=0o700, exist_ok=True)
-        os.makedirs(captures.directory(self.layout), mode=0o700, exist_ok=True)
-        inflight.discard_stale(self.layout)
+        self.tableless: set[int] = set()  # workers said to have no table
+        self.disk = monitor.disk
+        self.disk.opened = self._opened
         with monitor.lock:
+            # live/ and captures/ before the first worker is forked (then every loop turn).
+            self.disk.session(self.disk.check_subdirs)
             for phase in captures.PHASES:  # every series exists at 0 from the start
                 monitor.store.declare(metrics.WORKER_TIMEOUTS, phase=phase)
             monitor.store.declare(metrics.CAPTURES_DROPPED)
         for name in ("kill_worker", "murder_workers"):
             original = getattr(server, name)
             setattr(server, name, functools.partial(getattr(self, "_" + name), original))
+
+    def _opened(self, name: str, fd: int) -> None:
+        """A `live/` opened anew: files of pids that no longer run are from earlier workers."""
+        if name == inflight.LIVE:
+            guard("capture", inflight.discard_stale, fd)
+
+    def _read(self, pid: int) -> inflight.Snapshot | None:
+        return inflight.read_at(self.disk.held(inflight.LIVE), pid)
+
+    def _stacks_size(self, pid: int) -> int:
+        return inflight.stacks_size(self.disk.held(inflight.LIVE), pid)
 
     # -- wrappers ---------------------------------------------------------------------------
 
@@ -121,10 +141,10 @@ class Watch:
 
     def ask(self, pid: int, reason: str) -> inflight.Snapshot | None:
         """Read the worker's table and send it CAPTURE_SIGNAL if its handler is armed."""
-        snap = inflight.read(self.layout, pid)
+        snap = self._read(pid)
         if pid in self.pending:
             self.finish(pid)  # an earlier capture of the same worker goes first
-        offset = _size(inflight.stacks_path(self.layout, pid))
+        offset = self._stacks_size(pid)
         signalled = False
         if snap is not None and snap.armed and not _zombie(pid):
             try:
@@ -150,7 +170,7 @@ class Watch:
                 given_up = time.monotonic() - p.asked >= KILL_WAIT
                 if not p.signalled or p.written or given_up or _zombie(pid):
                     continue
-                size = _size(inflight.stacks_path(self.layout, pid))
+                size = self._stacks_size(pid)
                 if size > p.offset and sizes.get(pid) == size:
                     p.written = True
                 else:
@@ -169,8 +189,10 @@ class Watch:
         for pid, worker in list(self.server.WORKERS.items()):
             if pid in self.booted:
                 continue
-            snap = inflight.read(self.layout, pid)
-            if snap is not None and snap.ready:
+            snap = self._read(pid)
+            if snap is None:
+                self._no_table(pid, worker)
+            elif snap.ready:
                 self.booted.add(pid)
                 self.stuck.discard(pid)
                 with self.monitor.lock:
@@ -208,6 +230,16 @@ class Watch:
             with self.monitor.lock:
                 self.monitor._save()
 
+    def _no_table(self, pid: int, worker: Any) -> None:
+        """A worker that could not create its table (it says why in its channel slot): said
+        once, for all workers alike, as the directory fault it is; its captures say unknown."""
+        err = CHANNEL.table_error(worker) if pid not in self.tableless else 0
+        if err:
+            self.tableless.add(pid)
+            why = f"worker {pid} has no in-flight table ({os.strerror(err)}): captures say unknown"
+            with self.monitor.lock:
+                self.disk.fault(OSError(err, why))
+
     def _abort_boot(self, pid: int, worker: Any) -> None:
         """What murder_workers does to a worker past its timeout: SIGABRT, then SIGKILL."""
         if pid not in self.boot_aborted:
@@ -229,7 +261,8 @@ class Watch:
         p = self.pending.pop(pid, None)
         if p is None:
             return None
-        stack, truncated = _read_stack(inflight.stacks_path(self.layout, pid), p.offset)
+        live = self.disk.held(inflight.LIVE)
+        stack, truncated = inflight.read_stack(live, pid, p.offset, captures.MAX_STACK)
         if not stack:
             stack = (
                 "(no stack: the worker had no capture handler armed)"
@@ -251,13 +284,28 @@ class Watch:
             "stack": stack,
             "truncated": truncated,
         }
-        fname, dropped = captures.save(self.layout, record)
+        fname = self._save(record)
         record["name"] = fname
-        self.last_capture[pid] = fname
+        if fname is not None:
+            self.last_capture[pid] = fname
+        log.warning("%s\n%s", forensics.log_line(record), stack.rstrip("\n"))
+        return fname
+
+    def _save(self, record: dict) -> str | None:
+        """The capture's file name once saved; None when it cannot be (a fault of the
+        directory, said once and counted there: the capture is still logged whole)."""
+        held = self.disk.held(captures.DIR)
+        if held < 0:
+            return None
+        try:
+            fname, dropped = captures.save(held, record)
+        except OSError as e:
+            with self.monitor.lock:
+                self.disk.fault(e)
+            return None
         if dropped:
             with self.monitor.lock:
                 self.monitor.store.inc(metrics.CAPTURES_DROPPED, float(dropped))
-        log.warning("%s\n%s", forensics.log_line(record), stack.rstrip("\n"))
         return fname
 
     # -- called by the recorder -----------------------------------------------------------------
@@ -278,9 +326,9 @@ class Watch:
         except Exception as e:  # the exit record is written with or without these fields
             contain("capture", e)
         finally:
-            for s in (self.booted, self.stuck, self.boot_aborted):
+            for s in (self.booted, self.stuck, self.boot_aborted, self.tableless):
                 s.discard(pid)
-            inflight.discard(self.layout, pid)
+            inflight.discard(self.disk.held(inflight.LIVE), pid)
         return fields
 
     def state_fields(self) -> dict:
@@ -300,27 +348,9 @@ class Watch:
         }
 
 
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
     except (OSError, IndexError):
         return True
-
-
-def _read_stack(path: str, offset: int) -> tuple[str, bool]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(captures.MAX_STACK + 1)
-    except OSError:
-        return "", False
-    truncated = len(data) > captures.MAX_STACK
-    return data[: captures.MAX_STACK].decode("utf-8", "replace"), truncated

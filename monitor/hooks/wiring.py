@@ -46,8 +46,10 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    guard("capture_arm", capture.booting, worker)
+    # The channel slot claimed first: the capture's arming reports its failure there.
     guard("post_fork", worker_side.booting, server, worker)
+    live = _monitor.disk.handed() if _monitor is not None else -1
+    guard("capture_arm", capture.booting, worker, live)
 
 
 def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:

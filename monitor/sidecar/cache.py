@@ -44,7 +44,7 @@ from typing import Any
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
-from monitor.contract import state
+from monitor.contract import directory, state
 from monitor.contract.directory import Layout
 from monitor.sidecar.liveness import Liveness
 
@@ -228,19 +228,16 @@ class DirectoryInputs:
         known: dict[int, bool] = {}  # one kill(0) a pid
         exists = functools.partial(_exists, known)
         try:
-            entries = list(os.scandir(self.layout.own))
+            # Checked by the readers' rules, never through a symlink: the inputs are of the
+            # directory the collectors read, not of whatever its name leads to meanwhile.
+            own = directory.open_own_for_reading(self.layout)
         except FileNotFoundError:
             own_files[self.layout.own] = None
-            entries = []
-        for e in entries:
-            if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
-                own_files[e.path] = (e.inode(), self._files.read(e.path, e.inode()))
-            else:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:  # gone since the listing
-                    continue
-                own_files[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        else:
+            try:
+                self._own_files(own, own_files)
+            finally:
+                os.close(own)
         retiring = self.retirement() if self.retirement is not None else None
         self._files.keep_only(own_files)
         app = self.app.inputs(exists) if self.app is not None else None
@@ -293,6 +290,22 @@ class DirectoryInputs:
             found.append((pid, verdict is not None, judged, tuple(map(exists, workers))))
         return found
 
+    def _own_files(self, own: int, found: dict[str, object]) -> None:
+        """Each file of `gunicorn-monitor/` (the checked fd `own`): a counts file by its inode
+        and its used bytes, any other by its inode, size and mtime."""
+        with os.scandir(own) as it:
+            entries = list(it)
+        for e in entries:
+            path = os.path.join(self.layout.own, e.name)
+            if e.name.endswith(".db") and e.is_file(follow_symlinks=False):
+                found[path] = (e.inode(), self._files.read(own, path, e.inode()))
+            else:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:  # gone since the listing
+                    continue
+                found[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 def _ticks(m: state.Master) -> int | None:
     """The /proc start of a live master: recorded, or (from an earlier version) read now."""
@@ -314,7 +327,9 @@ class _UsedBytes:
         self.max_open = max_open
         self._open: dict[str, tuple[int, int]] = {}  # path -> (inode, fd); closed only here
 
-    def read(self, path: str, inode: int) -> bytes | None:
+    def read(self, dir_fd: int, path: str, inode: int) -> bytes | None:
+        """The used bytes of `path`, a file of the directory `dir_fd` (opened by its name
+        there, never through a symlink), kept open by path and inode."""
         kept = self._open.get(path)
         if kept is not None and kept[0] != inode:  # replaced (compaction renames over)
             del self._open[path]
@@ -324,7 +339,8 @@ class _UsedBytes:
             fd = kept[1]
         else:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(os.path.basename(path), flags, dir_fd=dir_fd)
             except OSError:
                 return None
         try:

@@ -64,6 +64,7 @@ Liveness is judged with kill(pid, 0), so the exporter must share the app's pid n
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -74,13 +75,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client.mmap_dict import MmapedDict
 
-from monitor.contract import state
+from monitor.contract import directory, state
 from monitor.contract.appfiles import (
     AGGREGATE_ID,
     DROP,
     FOLD,
+    STATE_DIR,
     DbName,
-    dirs,
     new_token,
     parse_name,
 )
@@ -120,12 +121,55 @@ def pid_alive(pid: int) -> bool:
     return state.pid_exists(pid)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
+@dataclass
+class _Dirs:
+    """Checked fds of DIR (the top, which may be root's and writable by others: a Kubernetes
+    emptyDir) and of `.compacting/`, `staged/` and `next/` below it (each ours alone, never a
+    symlink: contract/directory.py). Every name below is opened, renamed, linked or removed
+    relative to these fds, never by a path: a `.compacting/` (or `quarantine/`) swapped by
+    another user for a symlink, or for a directory of theirs, is refused, so nothing outside
+    the monitor's own is ever written, moved or removed by a sidecar run as root."""
+
+    top: int
+    state: int = -1
+    staged: int = -1
+    nxt: int = -1
+
+    def close(self) -> None:
+        for name in ("nxt", "staged", "state", "top"):
+            fd = getattr(self, name)
+            setattr(self, name, -1)  # forgotten first: closed once
+            if fd >= 0:
+                os.close(fd)
+
+    def reopen_staged(self) -> None:
+        """After `staged/` was removed and made anew: the fd of the new one."""
+        fd, self.staged = self.staged, -1
         os.close(fd)
+        self.staged = _subdir(self.state, "staged", self.top, create=True)
+
+
+def _subdir(parent: int, name: str, top: int, create: bool) -> int:
+    return directory.open_subdir(parent, name, f"{_shown(top)}/{name}", create=create)
+
+
+def _shown(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "<directory>"
+
+
+@contextlib.contextmanager
+def _opened(path: str, create: bool = True) -> Iterator[_Dirs]:
+    d = _Dirs(directory.open_top(directory.Layout(path), create=False))
+    try:
+        d.state = _subdir(d.top, STATE_DIR, d.top, create)
+        d.staged = _subdir(d.state, "staged", d.top, create)
+        d.nxt = _subdir(d.state, "next", d.top, create)
+        yield d
+    finally:
+        d.close()
 
 
 @contextlib.contextmanager
@@ -134,10 +178,9 @@ def directory_lock(path: str) -> Iterator[None]:
 
     Not reentrant: flock conflicts between two opens even in one process.
     """
-    state, staged, nxt = dirs(path)
-    for d in (state, staged, nxt):
-        os.makedirs(d, exist_ok=True)
-    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    with _opened(path) as d:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open("lock", flags, 0o644, dir_fd=d.state)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -145,13 +188,24 @@ def directory_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def quarantine(path: str, source: str) -> str:
-    """Move an unreadable file to DIR/quarantine/ under a unique name; never deletes it."""
-    qdir = os.path.join(path, QUARANTINE_DIR)
-    os.makedirs(qdir, exist_ok=True)
-    target = os.path.join(qdir, f"{new_token()}~{os.path.basename(source).split('~')[-1]}")
-    os.rename(source, target)
-    return target
+def quarantine(path: str, name: str) -> str:
+    """Move the unreadable file `name` of DIR to DIR/quarantine/ under a unique name; never
+    deletes it. Returns its new path."""
+    top = directory.open_top(directory.Layout(path))
+    try:
+        return _quarantine(top, top, name)
+    finally:
+        os.close(top)
+
+
+def _quarantine(top: int, src_fd: int, name: str) -> str:
+    qdir = _subdir(top, QUARANTINE_DIR, top, create=True)
+    try:
+        target = f"{new_token()}~{name.split('~')[-1]}"
+        os.rename(name, target, src_dir_fd=src_fd, dst_dir_fd=qdir)
+        return f"{_shown(qdir)}/{target}"
+    finally:
+        os.close(qdir)
 
 
 @dataclass
@@ -170,63 +224,69 @@ class CompactionReport:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-def _read_commit(state: str) -> dict[str, list[str]] | None:
+def _read_commit(d: _Dirs) -> dict[str, list[str]] | None:
     try:
-        with open(os.path.join(state, "COMMIT"), encoding="utf-8") as f:
-            return json.load(f)
+        fd = directory.open_file(d.state, "COMMIT")
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, encoding="utf-8") as f:  # the file object closes the fd, once
+        return json.load(f)
 
 
-def _apply(path: str, commit: dict[str, list[str]]) -> None:
+def _apply(d: _Dirs, commit: dict[str, list[str]]) -> None:
     """Finish a committed fold. Idempotent, so recovery can simply run it again."""
-    state, staged, nxt = dirs(path)
     for i, name in enumerate(commit["aggregates"]):
         with contextlib.suppress(FileNotFoundError):  # already moved by an earlier attempt
-            os.replace(os.path.join(nxt, name), os.path.join(path, name))
+            os.replace(name, name, src_dir_fd=d.nxt, dst_dir_fd=d.top)
         if i == 0:
             _checkpoint("applied-one")
-    _fsync_dir(path)
-    _fsync_dir(nxt)
+    os.fsync(d.top)
+    os.fsync(d.nxt)
     _checkpoint("applied")
     for i, name in enumerate(commit["consumed"]):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(staged, name))
+            os.unlink(name, dir_fd=d.staged)
         if i == 0:
             _checkpoint("cleaned-one")
-    _fsync_dir(staged)
+    os.fsync(d.staged)
     if len(commit["consumed"]) > 1000:
         # A directory keeps the size of its largest listing; every scrape lists this one.
-        with contextlib.suppress(OSError):  # not empty: a hook staged meanwhile; keep it
-            os.rmdir(staged)
-            os.mkdir(staged)
+        try:
+            os.rmdir("staged", dir_fd=d.state)
+        except OSError:
+            pass  # not empty: a hook staged meanwhile; keep it
+        else:
+            d.reopen_staged()
     _checkpoint("cleaned")
-    os.unlink(os.path.join(state, "COMMIT"))
-    _fsync_dir(state)
+    os.unlink("COMMIT", dir_fd=d.state)
+    os.fsync(d.state)
 
 
 def recover(path: str) -> None:
     """Finish (COMMIT present) or roll back (absent) an interrupted fold. Hold the lock."""
-    state, _, nxt = dirs(path)
-    commit = _read_commit(state)
+    with _opened(path) as d:
+        _recover(d)
+
+
+def _recover(d: _Dirs) -> None:
+    commit = _read_commit(d)
     if commit is not None:
-        _apply(path, commit)
+        _apply(d, commit)
         return
-    for name in os.listdir(nxt):
-        os.unlink(os.path.join(nxt, name))
-    for name in os.listdir(state):
-        if name.startswith("COMMIT."):  # a journal that never reached its rename
-            os.unlink(os.path.join(state, name))
+    for name in os.listdir(d.nxt):
+        os.unlink(name, dir_fd=d.nxt)
+    for name in os.listdir(d.state):
+        if name.startswith((".COMMIT.", "COMMIT.")):  # a journal that never reached its rename
+            os.unlink(name, dir_fd=d.state)
 
 
 def _stage_dead(
-    path: str, is_alive: AliveCheck, report: CompactionReport, names: list[str] | None
+    d: _Dirs, is_alive: AliveCheck, report: CompactionReport, names: list[str] | None
 ) -> None:
     """Stage the dead pids' files among `names` (every file of the glob when None)."""
-    _, staged, _ = dirs(path)
     token, alive = new_token(), {}
     moved = False
-    for name in os.listdir(path) if names is None else names:
+    for name in os.listdir(d.top) if names is None else names:
         db = parse_name(name)
         if db is None or db.pid is None or db.prefix not in FOLD:
             continue
@@ -235,23 +295,22 @@ def _stage_dead(
         if alive[db.pid]:
             continue
         try:
-            os.rename(os.path.join(path, name), os.path.join(staged, f"{token}~{name}"))
+            os.rename(name, f"{token}~{name}", src_dir_fd=d.top, dst_dir_fd=d.staged)
         except FileNotFoundError:
             continue  # mark_process_dead or the hooks were faster
         moved = True
         report.staged += 1
         _checkpoint("staged-one")
     if moved:
-        _fsync_dir(path)
-        _fsync_dir(staged)
+        os.fsync(d.top)
+        os.fsync(d.staged)
     _checkpoint("staged")
 
 
 def _unstage_reused(
-    path: str, pending: list[str], is_alive: AliveCheck, report: CompactionReport
+    d: _Dirs, pending: list[str], is_alive: AliveCheck, report: CompactionReport
 ) -> list[str]:
     """Put back staged files whose pid lives again; return the pending files safe to fold."""
-    _, staged, _ = dirs(path)
     keep, alive = [], {}
     for sname in pending:
         name = sname.split("~", 1)[-1]
@@ -262,59 +321,65 @@ def _unstage_reused(
         if pid is None or not alive[pid]:
             keep.append(sname)
             continue
-        src, dst = os.path.join(staged, sname), os.path.join(path, name)
         try:
-            os.link(src, dst)  # never replaces a fresh file the new process created
+            # Never replaces a fresh file the new process created; never follows a symlink.
+            os.link(sname, name, src_dir_fd=d.staged, dst_dir_fd=d.top, follow_symlinks=False)
         except FileExistsError:
-            if not os.path.samefile(src, dst):
+            if _inode(d.staged, sname) != _inode(d.top, name):
                 keep.append(sname)  # the new process has its own file: this one is dead data
                 continue
         _checkpoint("relinked")
-        os.unlink(src)  # (a crash before this leaves two links: folded once, see _fold)
+        os.unlink(sname, dir_fd=d.staged)  # (a crash before this: two links, folded once)
         report.unstaged += 1
         _checkpoint("unstaged-one")
     return keep
+
+
+def _inode(dir_fd: int, name: str) -> tuple[int, int]:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    return st.st_dev, st.st_ino
 
 
 def fold_into(acc: Acc, how: str, db: DbName, entries: list[Entry]) -> None:
     dbfile.fold(acc, how, db.ident, [(e.key, e.value, e.timestamp) for e in entries])
 
 
-def _write_aggregate(target: str, acc: Acc) -> None:
+def _write_aggregate(nxt: int, name: str, acc: Acc) -> None:
     # Written through the library's own writer, so the format is whatever the reader expects.
+    # It opens a path: this one goes through the fd of next/ (a magic link to the directory
+    # checked, ours alone: nobody else can put a name in it), never through `.compacting/`'s
+    # name again.
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(target)
-    d = MmapedDict(target)
+        os.unlink(name, dir_fd=nxt)
+    d = MmapedDict(f"/proc/self/fd/{nxt}/{name}")
     try:
         for key, (value, timestamp) in acc.items():
             d.write_value(key, value, timestamp)
     finally:
         d.close()
-    fd = os.open(target, os.O_RDONLY)
+    fd = directory.open_file(nxt, name)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
-    state, staged, nxt = dirs(path)
+def _fold(d: _Dirs, pending: list[str], report: CompactionReport) -> None:
     accs: dict[str, Acc] = {}
     consumed, seen_inodes = [], set()
     for sname in sorted(pending):
-        src = os.path.join(staged, sname)
         db = parse_name(sname.split("~", 1)[-1])
         how = FOLD.get(db.prefix) if db is not None else None
         try:
-            inode = os.stat(src).st_ino
+            inode = _inode(d.staged, sname)
             if how is None:
                 raise BadFile("name", sname)
-            entries = [] if how == DROP or inode in seen_inodes else read_entries(src)
+            entries = [] if how == DROP or inode in seen_inodes else read_entries(sname, d.staged)
         except FileNotFoundError:
             continue
         except BadFile as e:
             report.error(e.kind)
-            quarantine(path, src)
+            _quarantine(d.top, d.staged, sname)
             report.quarantined += 1
             _checkpoint("quarantined")
             continue
@@ -327,41 +392,37 @@ def _fold(path: str, pending: list[str], report: CompactionReport) -> None:
         seen_inodes.add(inode)
         report.folded += 1
         if db.prefix not in accs:
-            accs[db.prefix] = _load_aggregate(path, db.prefix, report)
+            accs[db.prefix] = _load_aggregate(d, db.prefix, report)
         fold_into(accs[db.prefix], how, db, entries)
     if not consumed:
         return
     names = []
     for prefix, acc in accs.items():
         name = f"{prefix}_{AGGREGATE_ID}.db"
-        _write_aggregate(os.path.join(nxt, name), acc)
+        _write_aggregate(d.nxt, name, acc)
         names.append(name)
-    _fsync_dir(nxt)
+    os.fsync(d.nxt)
     _checkpoint("written")
-    tmp = os.path.join(state, f"COMMIT.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"consumed": consumed, "aggregates": names}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, os.path.join(state, "COMMIT"))  # the commit point
-    _fsync_dir(state)
+    data = json.dumps({"consumed": consumed, "aggregates": names}).encode()
+    directory.replace_file(d.state, "COMMIT", data, sync=True)  # the commit point
+    os.fsync(d.state)
     _checkpoint("committed")
-    _apply(path, {"consumed": consumed, "aggregates": names})
+    _apply(d, {"consumed": consumed, "aggregates": names})
 
 
-def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> Acc:
+def _load_aggregate(d: _Dirs, prefix: str, report: CompactionReport) -> Acc:
     acc: Acc = {}
-    target = os.path.join(path, f"{prefix}_{AGGREGATE_ID}.db")
+    name = f"{prefix}_{AGGREGATE_ID}.db"
     db = DbName(prefix, prefix.split("_")[0], prefix.partition("_")[2], AGGREGATE_ID)
     try:
-        fold_into(acc, FOLD[prefix], db, read_entries(target))
+        fold_into(acc, FOLD[prefix], db, read_entries(name, d.top))
     except FileNotFoundError:
         pass
     except BadFile as e:
         # Only a broken disk gets here (aggregates are fsynced and renamed into place). Moving
         # it aside loses its totals from the output, but keeps them on disk for an operator.
         report.error("aggregate-" + e.kind)
-        quarantine(path, target)
+        _quarantine(d.top, d.top, name)
         report.quarantined += 1
     return acc
 
@@ -369,16 +430,26 @@ def _load_aggregate(path: str, prefix: str, report: CompactionReport) -> Acc:
 def has_pending(path: str) -> bool:
     """True if a fold has work left (staged files, or a COMMIT to finish): the one question a
     folding-off scrape asks before it takes the lock. Cheap: one listdir, usually empty."""
-    state, staged, _ = dirs(path)
-    if os.path.lexists(os.path.join(state, "COMMIT")):
-        return True
     try:
-        with os.scandir(staged) as it:
-            return any(True for _ in it)
+        with _opened(path, create=False) as d:
+            if _exists(d.state, "COMMIT"):
+                return True
+            with os.scandir(d.staged) as it:
+                return any(True for _ in it)
     except FileNotFoundError:
         return False
-    except OSError:
-        return True  # can't tell: let the locked path try, and count what fails there
+    except OSError as e:
+        # ENOENT from a level missing; anything else (refused, unreadable): can't tell: let
+        # the locked path try, and count what fails there.
+        return e.errno != errno.ENOENT
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def compact(
@@ -394,13 +465,13 @@ def compact(
     directory_lock."""
     report = CompactionReport()
     started = time.perf_counter()
-    recover(path)
-    if stage_dead:
-        _stage_dead(path, is_alive, report, names)
-    _, staged, _ = dirs(path)
-    pending = _unstage_reused(path, sorted(os.listdir(staged)), is_alive, report)
-    if pending:
-        _fold(path, pending, report)
+    with _opened(path) as d:
+        _recover(d)
+        if stage_dead:
+            _stage_dead(d, is_alive, report, names)
+        pending = _unstage_reused(d, sorted(os.listdir(d.staged)), is_alive, report)
+        if pending:
+            _fold(d, pending, report)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -411,3 +482,21 @@ def run_compaction(
     """compact() under the directory lock, for callers outside the collector (CLI, tests)."""
     with directory_lock(path):
         return compact(path, is_alive, stage_dead=stage_dead)
+
+
+def read_staged(path: str) -> list[tuple[str, list[Entry] | BadFile]]:
+    """Each staged file's name and entries (or why it is bad), read where it lies through the
+    checked fd of `staged/`: what a failed compaction left outside the aggregates."""
+    found: list[tuple[str, list[Entry] | BadFile]] = []
+    try:
+        with _opened(path, create=False) as d:
+            for sname in sorted(os.listdir(d.staged)):
+                try:
+                    found.append((sname, read_entries(sname, d.staged)))
+                except FileNotFoundError:
+                    continue  # folded meanwhile by another exporter: in the aggregate now
+                except BadFile as e:
+                    found.append((sname, e))
+    except OSError:
+        pass
+    return found

@@ -82,24 +82,41 @@ class DirectoryGate:
 def master_recorded(layout: Layout) -> bool:
     """A live master is recorded in the directory. However many dead masters' state files are
     there, only those whose pid runs a process are read: /-/ready answers in a listing and a
-    kill(0) per file, not a parse of each."""
+    kill(0) per file, not a parse of each. Read through the checked fd of the directory, and a
+    master counts only if the kernel says it is that master (state.Genuine)."""
     try:
-        names = os.listdir(layout.own)
+        own = directory.open_own_for_reading(layout)
     except OSError:
         return False
-    for name in names:
-        if not name.startswith("master-") or not name.endswith(".json"):
-            continue
-        pid = name[len("master-") : -len(".json")]
-        if not (pid.isascii() and pid.isdigit() and len(pid) < 8 and state.pid_exists(int(pid))):
-            continue
-        try:
-            with open(os.path.join(layout.own, name), "rb") as f:
-                if state.parse(json.loads(f.read(1 << 20)), int(pid)).alive:
-                    return True
-        except (OSError, ValueError):
-            continue  # unreadable or malformed: says no master is live
+    try:
+        genuine = state.Genuine(own)
+        for name in os.listdir(own):
+            if not name.startswith("master-") or not name.endswith(".json"):
+                continue
+            pid = name[len("master-") : -len(".json")]
+            if not (pid.isascii() and pid.isdigit() and len(pid) < 8):
+                continue
+            if state.pid_exists(int(pid)) and _live(own, name, int(pid), genuine):
+                return True
+    except OSError:
+        return False
+    finally:
+        os.close(own)
     return False
+
+
+def _live(own: int, name: str, pid: int, genuine: state.Genuine) -> bool:
+    try:
+        fd = directory.open_file(own, name)
+    except OSError:
+        return False  # unreadable: says no master is live
+    try:
+        master = state.parse(json.loads(os.read(fd, 1 << 20)), pid)
+    except (OSError, ValueError):
+        return False  # unreadable or malformed: says no master is live
+    finally:
+        os.close(fd)
+    return master.alive and genuine(pid)
 
 
 class GatedCollector:

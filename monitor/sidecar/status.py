@@ -132,7 +132,7 @@ def deploys(layout: Layout) -> tuple[dict[int, float], float | None, float | Non
     per_file: dict[str, float] = {}
     overall = None
     try:
-        dir_fd = os.open(layout.own, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = directory.open_own_for_reading(layout)  # checked, never a symlink
     except FileNotFoundError:
         return {}, None, None
     try:

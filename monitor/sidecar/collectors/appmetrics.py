@@ -37,11 +37,14 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitor.contract.appfiles import AGGREGATE_ID, STATE_DIR, DbName, parse_name
+from monitor.contract.appfiles import AGGREGATE_ID, DbName, parse_name
 from monitor.sidecar import compaction
 from monitor.sidecar.appindex import RESCAN, AppFiles
-from monitor.sidecar.compaction import BadFile, pid_alive
+from monitor.sidecar.compaction import BadFile, Entry, pid_alive
 from monitor.sidecar.deadfiles import DEAD_FOLD, FOLDING_ON
+
+# A staged file: its name parsed, its name, and its entries (or why it was skipped).
+Staged = tuple[DbName | None, str, list[Entry] | BadFile]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ class AppMetricsCollector:
 
     def _prepare(
         self, drain: bool = False, exists: Callable[[int], bool] | None = None
-    ) -> list[tuple[DbName | None, str, str]]:
+    ) -> list[Staged]:
         """Bring the index up to date, then compact when there is anything to fold on disk:
         files staged (by the hooks, or an earlier fold-on run), or, folding on, a file that
         went from under the look (a hook staged it) or dead processes' files (BATCH at most:
@@ -281,17 +284,17 @@ class AppMetricsCollector:
             self._failed("recovery", f"event=recovery_failed dir={self._path} error={e!r}")
             return False
 
-    def _staged(self) -> list[tuple[DbName | None, str, str]]:
-        """Dead pids' staged files, to read in place; their live* gauges went with them."""
-        staged = os.path.join(self._path, STATE_DIR, "staged")
+    def _staged(self) -> list[Staged]:
+        """Dead pids' staged files, read in place; their live* gauges went with them."""
         found = []
-        for sname in _ls(staged):
+        for sname, entries in compaction.read_staged(self._path):
             name = sname.split("~", 1)[-1]
             if not name.startswith("gauge_live"):
-                found.append((parse_name(name), name, os.path.join(staged, sname)))
+                db = parse_name(name)
+                found.append((db, name, BadFile("name", name) if db is None else entries))
         return found
 
-    def _families(self, staged: list[tuple[DbName | None, str, str]]) -> list[Metric]:
+    def _families(self, staged: list[Staged]) -> list[Metric]:
         """Merge the fold, every unfolded file as last read, and `staged` (read now)."""
         metrics: dict[str, Metric] = {}
         skipped = 0
@@ -302,43 +305,31 @@ class AppMetricsCollector:
                 skipped += 1
                 self._error(entries.kind)
                 if self._compact:
-                    self._maybe_quarantine(os.path.join(self._path, name), entries)
+                    self._maybe_quarantine(name, entries)
                 continue
             _add_samples(metrics, db, entries)  # type: ignore[arg-type]
-        for db, name, path in staged:
-            try:
-                if db is None:
-                    raise BadFile("name", name)
-                entries = compaction.read_entries(path)
-                self._staged_reads += 1
-            except FileNotFoundError:
-                continue  # folded meanwhile by another exporter: in the aggregate now
-            except BadFile as e:
+        for db, _, entries in staged:
+            if isinstance(entries, BadFile):
                 skipped += 1
-                self._error(e.kind)
+                self._error(entries.kind)
                 continue
-            _add_samples(metrics, db, entries)
+            self._staged_reads += 1
+            _add_samples(metrics, db, entries)  # type: ignore[arg-type]
         self._bump(files_skipped=skipped)
         return list(MultiProcessCollector._accumulate_metrics(metrics, True))
 
-    def _maybe_quarantine(self, path: str, error: BadFile) -> None:
+    def _maybe_quarantine(self, name: str, error: BadFile) -> None:
+        path = os.path.join(self._path, name)
         try:
-            age = time.time() - os.stat(path).st_mtime
+            age = time.time() - os.stat(path, follow_symlinks=False).st_mtime
             if age < self._quarantine_after:
                 log.debug("event=skipped file=%s reason=%s", path, error)
                 return
-            target = compaction.quarantine(self._path, path)
+            target = compaction.quarantine(self._path, name)
         except OSError:
             return  # gone already, or the directory is read-only: skipped and counted anyway
         log.warning("event=quarantined file=%s as=%s reason=%s", path, target, error)
         self._bump(files_quarantined=1)
-
-
-def _ls(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
 
 
 def _add_samples(metrics: dict[str, Metric], db: DbName, entries: list[compaction.Entry]) -> None:

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import metrics, state
+from monitor.contract import directory, metrics, state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts, retirement
@@ -75,7 +75,6 @@ log = logging.getLogger("gunicorn_monitor")
 
 READ_AT_ONCE = 256  # unread files of gone masters a collection reads while a retirement runs
 ATTEMPTS = 3  # reads of the counts before a collection gives up on a retirement racing it
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -202,7 +201,7 @@ class LifecycleCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            dir_fd = os.open(self.layout.own, _DIR_FLAGS)
+            dir_fd = directory.open_own_for_reading(self.layout)  # checked, never a symlink
         except FileNotFoundError:
             recorded = state.read_all(self.layout)
             self._note_live(recorded[0])
@@ -385,7 +384,8 @@ class LifecycleCollector:
         if unreadable:  # a master we cannot see may be up: say nothing rather than a wrong 0
             self._error("unreadable", unreadable)
             return
-        self._error("rejected", sum(m.rejected for m in masters))
+        # Worker entries left out, and masters whose pid the kernel says is another process.
+        self._error("rejected", sum(m.rejected + m.forged for m in masters))
         live = [m for m in masters if m.alive]
         workers = self._children.live(live)
         self._error("rejected", self._children.rejected - self._rejected_children)

@@ -19,7 +19,6 @@ very directory the app collector serves, and every scrape would carry it twice.
 from __future__ import annotations
 
 import bisect
-import glob
 import logging
 import os
 import threading
@@ -232,13 +231,7 @@ class WorkerSampler:
         moves with time alone); in between, a master parsed live stays live while its own
         process is (its stat file, kept open, still reads: not gone, not a zombie). Parsing
         every master's workers on every sample was a third of the sampler's cost."""
-        files = []
-        for path in sorted(glob.glob(os.path.join(self.layout.own, "master-*.json"))):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            files.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        files = state.fingerprints(self.layout)
         if files != self._state_files or self._tick % REPARSE == 0:
             # Malformed files and rejected pids are counted by the lifecycle collector, which
             # reads the same files on every scrape; here they are only left out.
@@ -256,7 +249,10 @@ class WorkerSampler:
             return False
 
     def _sample(self) -> None:
-        self._seen_change = state.last_change(self.layout)
+        # Said seen only once the snapshot is out: a scrape meanwhile (the first sample on
+        # the thread, say) finds a change still unseen and waits for a sample of its own,
+        # never the empty snapshot from before.
+        seen = state.last_change(self.layout)
         self._tick += 1
         masters = self._masters()
         live = self._children.live(masters)
@@ -290,6 +286,7 @@ class WorkerSampler:
         }
         self._stat.keep(self._procs)
         self.snapshot = snap
+        self._seen_change = seen
 
     def _measure(self, key: tuple, slot: int, snap: Snapshot) -> Sample | None:
         """`key` is (pid, start): a pid reused by a new worker gets a new psutil.Process."""
