@@ -291,12 +291,15 @@ def test_usr2_then_sigkill_of_the_old_master_counts_its_orphans_once(make_master
         assert value(samples, UP) == 1
         # Each was watched until it died: its age is known.
         assert value(samples, "gunicorn_worker_lifetime_seconds_count", cause="orphaned") == 2
-        # Accounted for: its state says stopped, or the sidecar has already retired its files
-        # (sidecar/retirement.py), which it does only for a state that says so.
+        # Accounted for: its state says stopped, or the sidecar is retiring its files
+        # (sidecar/retirement.py), which it does only for a state that says so: state file
+        # first, then its counts, into retired.json.
         try:
             assert json.loads((own / f"master-{old.pid}.json").read_text())["stopped"] is True
         except FileNotFoundError:
-            assert not (own / f"counter_{old.pid}.db").exists()
+            wait_for(
+                lambda: not (own / f"counter_{old.pid}.db").exists(), 20, "its counts retired"
+            )
             assert (own / "retired.json").exists()
         # Nothing more is owed: no heartbeat (the retirement's lock on one, if it holds one
         # for a moment, goes with the files).
