@@ -17,16 +17,14 @@ a master may be running there. Its scrapes carry only `gunicorn_exporter_errors_
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import directory, metrics, state
+from monitor.contract import directory, metrics
 from monitor.contract.directory import Layout
 from monitor.contract.heartbeat import STALL_SECONDS
 from monitor.sidecar.collectors.scrape import errors_family
@@ -77,29 +75,6 @@ class DirectoryGate:
             log.info("event=directory_missing dir=%s", self.layout.root)
         else:
             log.warning("event=directory_refused dir=%s reason=%r", self.layout.root, why)
-
-
-def master_recorded(layout: Layout) -> bool:
-    """A live master is recorded in the directory. However many dead masters' state files are
-    there, only those whose pid runs a process are read: /-/ready answers in a listing and a
-    kill(0) per file, not a parse of each."""
-    try:
-        names = os.listdir(layout.own)
-    except OSError:
-        return False
-    for name in names:
-        if not name.startswith("master-") or not name.endswith(".json"):
-            continue
-        pid = name[len("master-") : -len(".json")]
-        if not (pid.isascii() and pid.isdigit() and len(pid) < 8 and state.pid_exists(int(pid))):
-            continue
-        try:
-            with open(os.path.join(layout.own, name), "rb") as f:
-                if state.parse(json.loads(f.read(1 << 20)), int(pid)).alive:
-                    return True
-        except (OSError, ValueError):
-            continue  # unreadable or malformed: says no master is live
-    return False
 
 
 class GatedCollector:
