@@ -125,15 +125,17 @@ class MasterIndex:
         fd = self._watch.fd
         names = os.listdir(fd) if fd is not None else []
         first, self._listed = not self._listed, True
-        present = set()
+        # Listed again after each overflow of inotify's queue (a first retirement removing
+        # 175,000 files overflows it): the backlog's names are not looked at again.
+        present = {n for n in names if n.startswith("master-") and n.endswith(".json")}
+        present = {n for n in present if _is_state_name(n)}
         dead: list[str] = []
-        for name in names:
-            if _is_state_name(name):
-                present.add(name)
+        for name in present:
+            if name not in self._unread or first:
                 pid = _pid_of(name)
                 if first and pid is not None and not state.pid_exists(pid):
                     dead.append(name)  # decided below: parsed now, or left to the backlog
-                elif name not in self._unread:
+                else:
                     self._refresh(name)
         if first:
             self.gone_at_start = self._gone_files(names, dead)
@@ -143,7 +145,9 @@ class MasterIndex:
                 self._unread[name] = None
             else:
                 self._refresh(name)
-        for name in [n for n in [*self._entries, *self._unread] if n not in present]:
+        for name in [n for n in self._entries if n not in present]:
+            self._forget(name)
+        for name in [n for n in self._unread if n not in present]:
             self._forget(name)
 
     def _gone_files(self, names: list[str], dead: list[str]) -> int:
@@ -151,12 +155,8 @@ class MasterIndex:
         contract/appfiles.py) of no master with a state file and a process: how much the
         first retirement pass has to read, as a size (no kill(0) a count file)."""
         live = {n[len("master-") : -len(".json")] for n in self._entries}
-        gone = len(dead)
-        for name in names:
-            if name.endswith(".db"):
-                pid = name[name.rfind("_") + 1 : -len(".db")]
-                gone += pid.isdigit() and pid not in live
-        return gone
+        pids = [n[n.rfind("_") + 1 : -len(".db")] for n in names if n.endswith(".db")]
+        return len(dead) + sum(1 for p in pids if p.isdigit() and p not in live)
 
     def _refresh(self, name: str) -> int:
         """Parse `name` again if it was replaced (or never parsed); 1 if it was parsed."""
