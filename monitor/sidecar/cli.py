@@ -232,15 +232,7 @@ def build_registry(
         app.start()  # reads the directory now, not at the first scrape
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(
-        layout,
-        sampler,
-        gate,
-        app,
-        liveness,
-        retirer,
-        masters=index,
-    )
+    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness, retirer, masters=index)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
