@@ -11,7 +11,8 @@ In the same run:
   kind of exporter would: time to its first answer, its scrapes, its CPU;
 - `gunicorn-monitor serve`: time from its start to /-/ready answering 200, its first scrape,
   the time until the counts are served (its first retirement pass folds the dead masters'
-  files into retired.json and removes them), the files left, its scrapes after that (as
+  files into retired.json and removes them) and the slowest scrape meanwhile (once a
+  second: they leave the counter families out), the files left, its scrapes after that (as
   Prometheus asks: OpenMetrics, gzip; "unchanged" as a quiet app's, "changed" after a worker
   exit), and its CPU while scraped every --interval seconds (Prometheus' default 15 s).
 Both must serve the same gunicorn_worker_spawns_total (checked).
@@ -53,49 +54,15 @@ from tests.harness import (  # noqa: E402
     BIN,
     Master,
     free_port,
+    gone_masters,
     http_get,
     parse,
     value,
     wait_for,
-    write_master,
 )
 
 CLI = str(BIN / "gunicorn-monitor")
 SPAWNS = "gunicorn_worker_spawns_total"
-
-
-def gone_masters(shared: Path, n: int) -> int:
-    """The files of `n` dead masters, each accounted for (its state file says `stopped`, as a
-    clean exit leaves it), a day old; returns the spawns they hold.
-
-    Four kinds of master (some crashed workers, some not) written by the recorder's own
-    writer once, then copied byte for byte under further pids (only the state file names its
-    pid). No process has their pid: above the kernel's pid_max here."""
-    layout = directory.Layout(str(shared))
-    own = Path(layout.own)
-    templates = []
-    for kind in range(4):
-        pid = 4_000_000 + kind
-        write_master(layout, pid, spawns=1 + kind, crashes=kind % 2)
-        files = {}
-        for path in own.glob(f"*{pid}*"):
-            files[path.name.replace(str(pid), "{}")] = path.read_bytes()
-            path.unlink()
-        templates.append(files)
-    day_ago = time.time() - 86400
-    spawns = 0
-    for i in range(n):
-        kind, pid = i % 4, 100_000 + i
-        for pattern, data in templates[kind].items():
-            name = pattern.format(pid)
-            if name.startswith("master-"):
-                data = data.replace(b'"pid":%d' % (4_000_000 + kind), b'"pid":%d' % pid)
-            fd = os.open(own / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, data)
-            os.close(fd)
-            os.utime(own / name, (day_ago, day_ago))
-        spawns += 1 + kind
-    return spawns
 
 
 def timed_get(
@@ -173,7 +140,12 @@ def part_masters(n: int, interval: float, window: float) -> bool:
 
         # Scraped once a second meanwhile (each scrape of a directory of 175,000 files costs
         # a listing and a read of every state file: a tighter loop would measure itself).
-        while value(samples_of(http_get(base + "/metrics", 60, HEADERS)[1]), SPAWNS) == 0:
+        waiting = []  # the scrapes made before the counts are served
+        while True:
+            took, _, body = timed_get(base + "/metrics", HEADERS)
+            if value(samples_of(body), SPAWNS) != 0:
+                break
+            waiting.append(took)
             assert time.perf_counter() - t0 < 900, "the counts never served"
             time.sleep(1.0)
         counted = time.perf_counter() - t0
@@ -210,6 +182,8 @@ def part_masters(n: int, interval: float, window: float) -> bool:
     print(f"{'first answer / ready (s)':34}{stock_first:>18.2f}{ready:>18.2f}")
     print(f"{'first scrape (s)':34}{stock_scrapes[0]:>18.2f}{first:>18.2f}")
     print(f"{'counts served after (s)':34}{stock_first:>18.2f}{counted:>18.2f}")
+    before = f"{1e3 * max(waiting):.1f} ({len(waiting)})" if waiting else "-"
+    print(f"{'scrapes until then, max ms (n)':34}{'':>18}{before:>18}")
     print(f"{'files in gunicorn-monitor/ after':34}{files_before:>18,}{files_after:>18,}")
     quiet = f"{ms(unchanged, 50)} / {ms(unchanged, 99)}"
     stock_ms = 1e3 * statistics.median(stock_scrapes)

@@ -433,6 +433,41 @@ def check_metrics(body: bytes) -> str:
     return output
 
 
+def gone_masters(shared: Path, n: int, first_pid: int = 100_000) -> int:
+    """The files of `n` dead masters, each accounted for (its state file says `stopped`, as a
+    clean exit leaves it), a day old; returns the spawns they hold.
+
+    Four kinds of master (some crashed workers, some not) written by the recorder's own
+    writer once, then copied byte for byte under further pids (only the state file names its
+    pid), from `first_pid` on: a range no process has (the caller's choice). What months of
+    restarts leave: benchmarks/growth.py's directory, and the tests' smaller ones."""
+    layout = directory.Layout(str(shared))
+    own = Path(layout.own)
+    templates = []
+    for kind in range(4):
+        pid = 4_000_000 + kind
+        write_master(layout, pid, spawns=1 + kind, crashes=kind % 2)
+        files = {}
+        for path in own.glob(f"*{pid}*"):
+            files[path.name.replace(str(pid), "{}")] = path.read_bytes()
+            path.unlink()
+        templates.append(files)
+    day_ago = time.time() - 86400
+    spawns = 0
+    for i in range(n):
+        kind, pid = i % 4, first_pid + i
+        for pattern, data in templates[kind].items():
+            name = pattern.format(pid)
+            if name.startswith("master-"):
+                data = data.replace(b'"pid":%d' % (4_000_000 + kind), b'"pid":%d' % pid)
+            fd = os.open(own / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            os.close(fd)
+            os.utime(own / name, (day_ago, day_ago))
+        spawns += 1 + kind
+    return spawns
+
+
 def parse(text: str) -> dict[tuple, float]:
     """{(sample name, ((label, value), ...)): value} for every sample of a scrape."""
     samples = {}

@@ -297,9 +297,7 @@ def test_usr2_then_sigkill_of_the_old_master_counts_its_orphans_once(make_master
         try:
             assert json.loads((own / f"master-{old.pid}.json").read_text())["stopped"] is True
         except FileNotFoundError:
-            wait_for(
-                lambda: not (own / f"counter_{old.pid}.db").exists(), 20, "its counts retired"
-            )
+            wait_for(lambda: not (own / f"counter_{old.pid}.db").exists(), 20, "its counts retired")
             assert (own / "retired.json").exists()
         # Nothing more is owed: no heartbeat (the retirement's lock on one, if it holds one
         # for a moment, goes with the files).

@@ -10,6 +10,7 @@ started and killed where that is the scenario.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from monitor.contract.directory import Layout
 from monitor.hooks import beat
 from monitor.sidecar import retirement
 from monitor.sidecar.collectors.lifecycle import LifecycleCollector
-from tests.harness import ROOT, exits, value, wait_for, write_master
+from tests.harness import ROOT, exits, gone_masters, value, wait_for, write_master
 
 GONE = 1_000_000  # pids from here on: no process has one (above any pid_max this runs under)
 
@@ -279,6 +280,91 @@ def test_thousands_of_dead_masters_at_start_are_served_whole_or_not_at_all(
     assert set(seen) <= {None, 1500.0}  # never a partial sum
     assert exits(e.scrape()) == {("crash", "none"): 1500.0}
     wait_for(lambda: len(os.listdir(layout.own)) < 10, 60, "the directory retired")
+
+
+# The sidecar, its retirement held at its first commit until the test opens the FIFO named by
+# $HOLD_RETIREMENT for writing: the backlog is still being read for as long as the test wants.
+HELD_RETIREMENT = """
+import os, sys
+from monitor.sidecar import cli, retirement
+hold = os.environ["HOLD_RETIREMENT"]
+def held(step):
+    if step == "written" and os.path.exists(hold):
+        with open(hold) as fifo:
+            fifo.read()
+        os.unlink(hold)
+retirement._crash_hook = held
+sys.exit(cli.main(sys.argv[2:]))
+"""
+COUNTERS = ("gunicorn_worker_spawns_total", "gunicorn_worker_exits_total")
+
+
+def _pid(name: str) -> int | None:
+    """The pid a master's file is named for."""
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits and name.endswith((".db", ".json")) else None
+
+
+@pytest.mark.timeout(600)  # 17,500 files written and read on a machine shared with other work
+def test_a_backlog_of_dead_masters_leaves_counters_out_of_scrapes_never_short(
+    shared_dir, make_master, make_exporter, tmp_path
+):
+    """5,000 dead masters' files at the sidecar's start (benchmarks/growth.py's directory, at a
+    tenth of its size), one live master: while their files are being read, scrapes answer with
+    gunicorn_up and the exporter's own families and without the lifecycle counters (a gap,
+    never a partial sum), and /-/ready says ready and why the counters are missing. Once
+    served, no count is ever below the truth, and after the backlog the counts are the truth."""
+    layout = Layout(str(shared_dir))
+    m = make_master(workers=1).start()
+    gone_masters(shared_dir, 5000, first_pid=GONE)
+    truth = served(layout)  # every master's counts, read in memory by a fresh collector
+    assert value(truth, "gunicorn_worker_spawns_total") > 5000
+    hold = tmp_path / "hold"
+    os.mkfifo(hold)
+    e = make_exporter(
+        prefix=(sys.executable, "-c", HELD_RETIREMENT), env={"HOLD_RETIREMENT": str(hold)}
+    )
+    wait_for(lambda: e.get("/-/ready")[0] == 200, 60, "ready while the backlog is read")
+    assert b"reading the files of dead masters" in e.get("/-/ready")[1]
+    first = e.scrape()
+    assert value(first, "gunicorn_up") == 1
+    assert value(first, "gunicorn_workers") == 1
+    assert not [k for k in first if k[0].startswith(COUNTERS)], "a counter family during the read"
+    assert ("gunicorn_exporter_scrape_duration_seconds", ()) in first
+
+    def release() -> bool:
+        try:
+            fd = os.open(hold, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:  # ENXIO: the retirement has not reached its first commit yet
+            assert err.errno == errno.ENXIO
+            return False
+        os.close(fd)  # the held commit reads end of file and goes on
+        return True
+
+    wait_for(release, 60, "the retirement at its first commit")
+    seen = []
+
+    def counted() -> bool:
+        samples = e.scrape()
+        assert value(samples, "gunicorn_up") == 1
+        counts = {k: v for k, v in samples.items() if k in truth}
+        if [k for k in samples if k[0].startswith(COUNTERS)]:
+            assert counts == truth  # served whole or not at all: never a count below the truth
+        seen.append(bool(counts))
+        return bool(counts)
+
+    wait_for(counted, 120, "the counts served")
+
+    def dead_files() -> list[str]:
+        return [n for n in os.listdir(layout.own) if (p := _pid(n)) is not None and p >= GONE]
+
+    wait_for(lambda: not dead_files(), 120, "the dead masters' files retired")
+    assert {k: v for k, v in e.scrape().items() if k in truth} == truth
+    assert b"backlog" not in e.get("/-/ready")[1]
+    assert m.worker_pids()
+    e.kill()
+    log = e.proc.stdout.read()
+    assert log.count(b"event=backlog_reading") == 1 and log.count(b"event=backlog_read ") == 1
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bind-mounts the directory read-only")

@@ -47,6 +47,8 @@ from prometheus_client.metrics_core import Metric
 from monitor.contract import directory, state
 from monitor.contract.directory import Layout
 from monitor.sidecar.liveness import Liveness
+from monitor.sidecar.masters import MasterIndex
+from monitor.sidecar.retirement import Retirer
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
@@ -198,19 +200,26 @@ class DirectoryInputs:
         gate: Any = None,
         app: Any = None,
         liveness: Liveness | None = None,
-        retirement: Callable[[], object] | None = None,
+        retirer: Retirer | None = None,
+        masters: MasterIndex | None = None,
     ) -> None:
-        """`retirement`: the state of the sidecar's retirement of gone masters' files
-        (retirement.Retirer.generation), an input of the lifecycle counts: the first
-        collection after its first pass serves counts the ones during it left out."""
+        """`retirer`: the sidecar's retirement of gone masters' files; its state
+        (`generation`, `backlog`) is an input of the lifecycle counts: the first collection
+        after its first pass, or after the backlog was read, serves counts the ones before
+        left out. While `backlog` (dead masters' files found at start being read) the
+        collection leaves the counts out, so their files are not looked at here either (a
+        listing of 200,000 files and a read of each count file's header, every scrape).
+        `masters`: the recorded masters as they change (sidecar/masters.py), shared with the
+        collection."""
         self.layout = layout
         self.sampler = sampler
         self.gate = gate
         self.app = app
         self.liveness = liveness or Liveness(layout)
-        self.retirement = retirement
+        self.retirer = retirer
+        self.masters = masters or MasterIndex(layout)
         self._files = _UsedBytes()
-        self._states: tuple = ()  # the master-*.json stats the parse below is of
+        self._version = -1  # the masters' index version the list below is of
         self._masters: list[tuple[int, int | None, tuple[int, ...]]] = []
         self._here: tuple | None = None  # our own files and the masters at the last call
         self._parts: dict[str, object] = {}  # each source's inputs, until a collection takes them
@@ -227,21 +236,24 @@ class DirectoryInputs:
         own_files: dict[str, object] = {}
         known: dict[int, bool] = {}  # one kill(0) a pid
         exists = functools.partial(_exists, known)
+        masters = self._live_masters(exists)
+        retirer = self.retirer
+        retiring = (retirer.generation, retirer.backlog) if retirer is not None else None
         try:
-            # Checked by the readers' rules, never through a symlink: the inputs are of the
-            # directory the collectors read, not of whatever its name leads to meanwhile.
-            own = directory.open_own_for_reading(self.layout)
+            if retiring is not None and retiring[1]:
+                own_files[self.layout.own] = "backlog"  # the counts are left out meanwhile
+            else:
+                # Checked by the readers' rules, never through a symlink: the inputs are of
+                # the directory the collectors read, not of whatever its name leads to.
+                own = directory.open_own_for_reading(self.layout)
+                try:
+                    self._own_files(own, own_files)
+                finally:
+                    os.close(own)
         except FileNotFoundError:
             own_files[self.layout.own] = None
-        else:
-            try:
-                self._own_files(own, own_files)
-            finally:
-                os.close(own)
-        retiring = self.retirement() if self.retirement is not None else None
         self._files.keep_only(own_files)
         app = self.app.inputs(exists) if self.app is not None else None
-        masters = self._live_masters(own_files, exists)
         here = (own_files, masters)
         sampled = None
         if self.sampler is not None:
@@ -264,27 +276,29 @@ class DirectoryInputs:
             parts, self._parts = self._parts, {}
         return parts
 
-    def _live_masters(self, files: dict[str, object], exists: Callable[[int], bool]) -> list:
+    def _live_masters(self, exists: Callable[[int], bool]) -> list:
         """Each recorded master, alive or not, its verdict, and which of its workers exist.
-        The state files are parsed again only when one of them changed (they are replaced
-        whole)."""
-        prefix = os.path.join(self.layout.own, "master-")
-        states = tuple(sorted((p, v) for p, v in files.items() if p.startswith(prefix)))
-        if states != self._states:
+        The list is made again only when the masters' index changed (a state file came, went
+        or was replaced, or a master died); a dead master's entry costs nothing."""
+        recorded = self.masters.look()
+        if self.masters.version != self._version:
+            self._version = self.masters.version
             self._masters = [
                 (m.pid, _ticks(m) if m.alive else None, tuple(w.pid for w in m.workers))
-                for m in state.read(self.layout)[0]
+                for m in recorded.masters
             ]
-            self._states = states
             self.liveness.forget_all_but({(p, t) for p, t, _ in self._masters if t is not None})
         # A master recorded dead stays dead (stopped, or its process gone); a live one stays
         # live while its process is the one that was live then, and not a zombie. Its verdict
         # is the same while it is up; while it is not, its age moves it on every scrape, and
         # its workers are collected again (a zombie among them is told apart from a worker
         # there; kill(0) alone, here, cannot: with a master that is up, it is reaped within
-        # a loop turn, and the state file it rewrites changes the inputs).
-        found = []
+        # a loop turn, and the state file it rewrites changes the inputs). A dead master that
+        # lists no worker is only its index's version: thousands of them cost nothing here.
+        found: list = [self._version]
         for pid, ticks, workers in self._masters:
+            if ticks is None and not workers:
+                continue
             verdict = self.liveness.judge(pid, ticks) if ticks is not None else None
             judged = None if verdict is None else True if verdict.up else verdict
             found.append((pid, verdict is not None, judged, tuple(map(exists, workers))))

@@ -45,6 +45,7 @@ from monitor.sidecar.collectors.scrape import ScrapeCollector
 from monitor.sidecar.collectors.workers import WorkerSampler, WorkersCollector
 from monitor.sidecar.exporter import Exporter
 from monitor.sidecar.liveness import Liveness
+from monitor.sidecar.masters import MasterIndex
 
 DEFAULT_LISTEN = "0.0.0.0:9971"
 log = logging.getLogger("gunicorn_monitor")
@@ -212,14 +213,16 @@ def build_registry(
     `enabled` switches the optional collectors (COLLECTORS; missing means on).
     """
     on = {name: True for name in COLLECTORS} | (enabled or {})
-    sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"])
+    index = MasterIndex(layout, background=True)  # the state files, parsed as they change
+    sampler = WorkerSampler(layout, smaps=on["smaps"], exit_memory=on["exit_memory"], masters=index)
     sampler.start()
-    retirer = retirement.Retirer(layout)  # gone masters' files: folded, then removed
+    # Gone masters' files: folded, then removed; its thread reads the backlog of them first.
+    retirer = retirement.Retirer(layout, index)
     retirer.start()
     liveness = Liveness(layout)  # one verdict a master a scrape, for the inputs and the collection
     sources = {
         "lifecycle": LifecycleCollector(
-            layout, lifetime=on["lifetime"], liveness=liveness, retirer=retirer
+            layout, lifetime=on["lifetime"], liveness=liveness, retirer=retirer, index=index
         ),
         "workers": WorkersCollector(sampler),
     }
@@ -229,7 +232,7 @@ def build_registry(
         app.start()  # reads the directory now, not at the first scrape
     # Only an app collector that folds can fail to: no series for what cannot happen.
     kinds = tuple(k for k in scrape.KINDS if k != "compaction" or (on["app"] and fold))
-    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness, lambda: retirer.generation)
+    inputs = cache.DirectoryInputs(layout, sampler, gate, app, liveness, retirer, masters=index)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector(sources, kinds, inputs.take_parts))
     return registry, inputs
@@ -270,9 +273,10 @@ def _serve(args: argparse.Namespace) -> int:
         busy = inputs.app.busy if inputs.app is not None else None
         if busy is not None:
             return False, busy
-        if not readiness.master_recorded(layout):
+        if not any(m.alive for m in inputs.masters.look().masters):
             return False, "no live Gunicorn master recorded"
-        return True, "Ready."
+        reading = inputs.retirer.reading if inputs.retirer is not None else None
+        return (True, f"Ready; {reading}") if reading is not None else (True, "Ready.")
 
     app = Exporter(cache.RenderedMetrics(served, inputs), ready, served, auth)
     if auth is not None and context is None:

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -62,8 +63,14 @@ class DirWatch:
     None while it does not exist. `mode` is "inotify" or "stat".
     """
 
-    def __init__(self, path: str, use_inotify: bool = True) -> None:
+    def __init__(
+        self, path: str, use_inotify: bool = True, opener: Callable[[], int] | None = None
+    ) -> None:
+        """`opener`: how the directory is opened (an fd the caller's checks vouch for, e.g.
+        contract/directory.py's readers' rules); by default `path`, without following a
+        symlink."""
         self.path = path
+        self._opener = opener or (lambda: os.open(path, _DIR))
         self.fd: int | None = None
         self._id: tuple[int, int] | None = None
         self._inotify = None
@@ -103,7 +110,7 @@ class DirWatch:
 
     def _open(self) -> None:
         self.close()
-        fd = os.open(self.path, _DIR)
+        fd = self._opener()
         st = os.fstat(fd)
         if not stat.S_ISDIR(st.st_mode):  # O_DIRECTORY says so already; belt and braces
             os.close(fd)

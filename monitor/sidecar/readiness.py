@@ -17,16 +17,14 @@ a master may be running there. Its scrapes carry only `gunicorn_exporter_errors_
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from monitor.contract import directory, metrics, state
+from monitor.contract import directory, metrics
 from monitor.contract.directory import Layout
 from monitor.contract.heartbeat import STALL_SECONDS
 from monitor.sidecar.collectors.scrape import errors_family
@@ -77,46 +75,6 @@ class DirectoryGate:
             log.info("event=directory_missing dir=%s", self.layout.root)
         else:
             log.warning("event=directory_refused dir=%s reason=%r", self.layout.root, why)
-
-
-def master_recorded(layout: Layout) -> bool:
-    """A live master is recorded in the directory. However many dead masters' state files are
-    there, only those whose pid runs a process are read: /-/ready answers in a listing and a
-    kill(0) per file, not a parse of each. Read through the checked fd of the directory, and a
-    master counts only if the kernel says it is that master (state.Genuine)."""
-    try:
-        own = directory.open_own_for_reading(layout)
-    except OSError:
-        return False
-    try:
-        genuine = state.Genuine(own)
-        for name in os.listdir(own):
-            if not name.startswith("master-") or not name.endswith(".json"):
-                continue
-            pid = name[len("master-") : -len(".json")]
-            if not (pid.isascii() and pid.isdigit() and len(pid) < 8):
-                continue
-            if state.pid_exists(int(pid)) and _live(own, name, int(pid), genuine):
-                return True
-    except OSError:
-        return False
-    finally:
-        os.close(own)
-    return False
-
-
-def _live(own: int, name: str, pid: int, genuine: state.Genuine) -> bool:
-    try:
-        fd = directory.open_file(own, name)
-    except OSError:
-        return False  # unreadable: says no master is live
-    try:
-        master = state.parse(json.loads(os.read(fd, 1 << 20)), pid)
-    except (OSError, ValueError):
-        return False  # unreadable or malformed: says no master is live
-    finally:
-        os.close(fd)
-    return master.alive and genuine(pid)
 
 
 class GatedCollector:

@@ -88,6 +88,7 @@ from monitor.contract import directory, heartbeat, state
 from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts
+from monitor.sidecar.masters import BACKLOG, MasterIndex
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -531,16 +532,26 @@ class Retirer:
     inputs (a kept body made while the first pass ran is not kept past it). `errors`: the
     samples of the files it folded that the contract rejected (cumulative, by kind), for the
     collector's count: a file folded here is never read by the collector.
+
+    The backlog: with `index` (the sidecar's sidecar/masters.py), the thread first lists the
+    directory through it; when more than BACKLOG files there are dead masters' (months of
+    restarts, a Gunicorn run without a sidecar), `backlog` is True until its first pass has
+    folded them and the index has parsed the state files it left (`index.read_backlog`).
+    Meanwhile scrapes leave out the lifecycle counter families instead of reading it (a gap:
+    collectors/lifecycle.py) and /-/ready says so (`reading`); one log line says it at the
+    start and one when it is done.
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, index: MasterIndex | None = None) -> None:
         self.layout = layout
+        self.index = index
         self.writing = True
         self.first_pass = True
         self.generation = 0
         self.lock = threading.Lock()  # held by a commit, and by a collector's read
         self._wake = threading.Event()
         self._said: str | None = None
+        self._backlog_done = index is None
         self.errors: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="retirement", daemon=True)
 
@@ -550,11 +561,57 @@ class Retirer:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def backlog(self) -> bool:
+        """The dead masters' files found at start are still being read (see the class)."""
+        index = self.index
+        if self._backlog_done or index is None:
+            return False
+        large = index.gone_at_start > BACKLOG and self.first_pass and self.writing
+        return large or index.unread > 0
+
+    @property
+    def reading(self) -> str | None:
+        """While `backlog`, the one line that says so (for /-/ready and the log); else None."""
+        if not self.backlog or self.index is None:
+            return None
+        return (
+            f"reading the files of dead masters once ({self.index.gone_at_start} found at "
+            f"start in {self.layout.own}; {self.index.unread} state files left to parse after "
+            "retirement): the lifecycle counter families are left out of scrapes until then"
+        )
+
     def _run(self) -> None:
+        self._first()
         while True:
-            self.run_once()
             self._wake.wait(PERIOD)
             self._wake.clear()
+            self.run_once()
+
+    def _first(self) -> None:
+        """The first pass, and with it the backlog (the class docstring)."""
+        started, said = time.monotonic(), None
+        try:
+            if self.index is not None:
+                self.index.look()  # the first listing, unless a scrape made it already
+                said = self.reading
+                if said is not None:
+                    log.info("event=backlog_reading dir=%s reason=%r", self.layout.own, said)
+            self.run_once()
+            if self.index is not None:
+                self.index.read_backlog()
+        except Exception as e:  # never a backlog said forever: the counts come back
+            log.error("event=backlog_failed dir=%s error=%r", self.layout.own, e)
+        finally:
+            self._backlog_done = True
+            self.generation += 1
+        if said is not None:
+            log.info(
+                "event=backlog_read dir=%s files=%d seconds=%.3f",
+                self.layout.own,
+                self.index.gone_at_start if self.index is not None else 0,
+                time.monotonic() - started,
+            )
 
     def run_once(self) -> Report | None:
         started = time.monotonic()

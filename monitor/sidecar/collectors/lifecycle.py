@@ -14,10 +14,12 @@ has none, and no process has its pid) are final: each is read once and folded in
 in memory (made again from the files only when one of them vanishes, retired by this sidecar or
 another, or is written anew, by a new master given the pid). So a sidecar that may not write
 the directory serves the same counts, reading only the other masters' files on each collection.
-While this sidecar's first retirement runs over more than READ_AT_ONCE unread files of such
-masters (thousands of restarts left by a Gunicorn that ran without a sidecar, or by an earlier
-version), the count families are left out (a gap, said once in the log) rather than read twice
-over or served short; the collection after it has them all.
+While the sidecar reads a backlog of dead masters' files found at start (retirement.Retirer.
+`backlog`: thousands of restarts left by a Gunicorn that ran without a sidecar, or by an earlier
+version), the count families are left out and none of those files is looked at (a gap, said at
+its start and end in the log and on /-/ready) rather than read in a scrape or served short; the
+collection after it has them all. (Without that, the same holds while this sidecar's first
+retirement runs over more than READ_AT_ONCE unread files of such masters.)
 
 A bad file costs only itself. A file that cannot be read (garbage, cut mid-record, another
 user's, a FIFO or a symlink in its place) is skipped and counted
@@ -47,12 +49,13 @@ retired.json; and a sidecar that starts while it is missing has read nothing. (T
 gauges say what the state files there say: until each master has written its own again, at
 the end of its loop turn, it is not counted. A missing top directory is readiness.py's.)
 
-The masters' gauges (up, workers, desired) come from the state files, read by
-contract/state.py: a malformed file is skipped alone; one that cannot be read may be a live
-master's, so it leaves the gauges out; a worker counts only while it is a live child of its
-live master (a zombie is not: a stopped master reaps nothing). A live master is up only while it
-is not stopped and its loop turns (sidecar/liveness.py); the largest heartbeat age over the live
-masters is served beside it, when one could be read.
+The masters' gauges (up, workers, desired) come from the state files, parsed by
+contract/state.py as they change (sidecar/masters.py): a malformed file is skipped alone;
+one that cannot be read may be a live master's, so it leaves the gauges out; a worker counts
+only while it is a live child of its live master (a zombie is not: a stopped master reaps
+nothing). A live master is up only while it is not stopped and its loop turns
+(sidecar/liveness.py); the largest heartbeat age over the live masters is served beside it,
+when one could be read.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from monitor.contract.appfiles import parse_name
 from monitor.contract.directory import Layout
 from monitor.sidecar import compaction, counts, retirement
 from monitor.sidecar.liveness import Liveness
+from monitor.sidecar.masters import MasterIndex
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -170,8 +174,10 @@ class LifecycleCollector:
         lifetime: bool = True,
         liveness: Liveness | None = None,
         retirer: retirement.Retirer | None = None,
+        index: MasterIndex | None = None,
     ) -> None:
         self.layout = layout
+        self.index = index or MasterIndex(layout)  # the state files, read as they change
         self.lifetime = lifetime  # --collector.lifetime
         self.liveness = liveness or Liveness(layout)
         self.retirer = retirer  # None: this collector folds gone masters' files in memory only
@@ -203,8 +209,8 @@ class LifecycleCollector:
         try:
             dir_fd = directory.open_own_for_reading(self.layout)  # checked, never a symlink
         except FileNotFoundError:
-            recorded = state.read_all(self.layout)
-            self._note_live(recorded[0])
+            recorded = self.index.look()
+            self._note_live(recorded.masters)
             if not self._known:
                 # No Gunicorn has run here yet: nothing recorded, truly zero.
                 yield from counts.families({}, counts.KINDS, self.lifetime)
@@ -218,10 +224,13 @@ class LifecycleCollector:
         except OSError:
             self._error("unreadable")  # nothing here can be told: not even gunicorn_up
             return
-        recorded = state.read_all(self.layout)
-        self._note_live(recorded[0])
+        recorded = self.index.look()
+        self._note_live(recorded.masters)
         try:
-            reading = self._read_counts(dir_fd, {m.pid for m in recorded[0] if m.stopped})
+            if self.retirer is not None and self.retirer.backlog:
+                reading = None  # dead masters' files still being read: a gap, not a part
+            else:
+                reading = self._read_counts(dir_fd, {m.pid for m in recorded.masters if m.stopped})
         except OSError:
             self._error("unreadable")
             return
@@ -378,6 +387,7 @@ class LifecycleCollector:
         self._live = {**hidden, **{m.pid: m.start_ticks for m in masters if m.alive}}
 
     def _masters(self, recorded: tuple[list[state.Master], int, int]) -> Iterator[Metric]:
+        """The masters' gauges, from the masters' index (monitor/sidecar/masters.py)."""
         masters, malformed, unreadable = recorded
         self._stats.files_skipped += malformed + unreadable
         self._error("malformed", malformed)

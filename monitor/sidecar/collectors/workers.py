@@ -37,6 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from monitor.contract import causes, journal, metrics, state
 from monitor.contract.directory import Layout
+from monitor.sidecar.masters import MasterIndex
 
 log = logging.getLogger("gunicorn_monitor")
 
@@ -161,8 +162,12 @@ class WorkerSampler:
         *,
         smaps: bool = True,
         exit_memory: bool = True,
+        masters: MasterIndex | None = None,
     ) -> None:
         self.layout = layout
+        # The sidecar's index of the state files (sidecar/masters.py): a look costs what
+        # changed, not a stat of every dead master's file (50,000 after months of restarts).
+        self.masters = masters
         self.interval = interval
         self.smaps = smaps
         self.snapshot = Snapshot()
@@ -219,11 +224,19 @@ class WorkerSampler:
         sampled = [w.pid for w in snap.workers.values()]
         if snap.master is not None:
             sampled.append(snap.master.pid)
-        changed = state.last_change(self.layout) > self._seen_change
+        changed = self._mark() > self._seen_change
         if changed or not all(state.running(pid) for pid in sampled):  # a zombie is gone
             self.sample()
             snap = self.snapshot
         return snap
+
+    def _mark(self) -> float:
+        """What moves when the masters recorded a change: the index's version, or the newest
+        state file's mtime."""
+        if self.masters is not None:
+            self.masters.look()
+            return float(self.masters.version)
+        return state.last_change(self.layout)
 
     def _masters(self) -> list[state.Master]:
         """The live recorded masters, oldest first. The state files are parsed again when
@@ -231,6 +244,9 @@ class WorkerSampler:
         moves with time alone); in between, a master parsed live stays live while its own
         process is (its stat file, kept open, still reads: not gone, not a zombie). Parsing
         every master's workers on every sample was a third of the sampler's cost."""
+        if self.masters is not None:  # parsed as they change; a live one checked each look
+            live = [m for m in self.masters.look().masters if m.alive]
+            return sorted(live, key=lambda m: m.start_time)
         files = state.fingerprints(self.layout)
         if files != self._state_files or self._tick % REPARSE == 0:
             # Malformed files and rejected pids are counted by the lifecycle collector, which
@@ -252,7 +268,7 @@ class WorkerSampler:
         # Said seen only once the snapshot is out: a scrape meanwhile (the first sample on
         # the thread, say) finds a change still unseen and waits for a sample of its own,
         # never the empty snapshot from before.
-        seen = state.last_change(self.layout)
+        seen = self._mark()
         self._tick += 1
         masters = self._masters()
         live = self._children.live(masters)
