@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,13 @@ from monitor.sidecar.masters import MasterIndex
 from tests.harness import write_master
 
 GONE = 1_000_000  # pids from here on: no process has one
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], str(os.getpid())), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
 
 
 @pytest.fixture
@@ -26,8 +34,13 @@ def layout(tmp_path: Path) -> Layout:
 
 @pytest.fixture
 def live(layout: Layout) -> Iterator[subprocess.Popen]:
-    """A real process recorded as a live master (its own pid and /proc start)."""
-    proc = subprocess.Popen(["sleep", "120"])
+    """A real process recorded as a live master (its own pid and /proc start), holding the
+    lock on its heartbeat file as a master does (state.Genuine: else it is `forged`)."""
+    os.makedirs(layout.heartbeats, mode=0o700, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, layout.heartbeats], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
     ticks = state.start_ticks(proc.pid)
     recorded = {"pid": proc.pid, "start_time": 1.0, "start_ticks": ticks, "version": "27.0.1"}
     state.write(layout, proc.pid, recorded | {"worker_class": "sync", "workers": {}})
