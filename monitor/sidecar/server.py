@@ -50,6 +50,7 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept (uvicorn closes 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11's default, said once here)
 LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
 SHUTDOWN_GRACE = 5  # seconds a SIGTERM waits for responses in flight
+TURN = 1.0  # seconds between turns of the server's housekeeping (Server.main_loop)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -110,14 +111,60 @@ def serve(sock: socket.socket, settings: uvicorn.Config) -> None:
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addFilter(lines)
     try:
-        asyncio.run(_run(uvicorn.Server(settings), sock))
+        asyncio.run(_run(Server(settings), sock))
     finally:
         uvicorn_log.removeFilter(lines)
 
 
-async def _run(server: uvicorn.Server, sock: socket.socket) -> None:
+async def _run(server: Server, sock: socket.socket) -> None:
     asyncio.get_running_loop().set_exception_handler(_loop_error)
     await server.serve(sockets=[sock])
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose housekeeping turns once a TURN instead of ten times a second.
+
+    uvicorn wakes every 0.1 s to see whether a signal asked it to stop, and on every tenth
+    turn renews its Date header. Those wakeups were the largest part of an idle sidecar's CPU
+    (some 0.1 % of a core on a shared machine: as much as the stock exporter's whole cost
+    beside 64 workers, benchmarks/exporter_cost.py). Here the loop turns once a TURN, each
+    turn renewing the Date header (as fresh as uvicorn's own: to the second), and a stop
+    signal wakes it at once, so SIGTERM is acted on as soon as before. Something else that
+    sets `should_exit` (a test, say) is seen within a TURN."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn: asyncio.Future | None = None
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not await self.on_tick(0):  # tick 0: uvicorn renews its Date header
+            self._turn = self._loop.create_future()
+            timer = self._loop.call_later(TURN, self._wake)
+            try:
+                await self._turn
+            finally:
+                timer.cancel()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._wake_soon()
+
+    def stop(self) -> None:
+        """Stop as SIGTERM would (without its signal), from any thread."""
+        self.should_exit = True
+        self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        # The one call into the loop safe from a signal handler or another thread: it queues
+        # the wake and writes to the loop's self-pipe, which ends its wait.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._turn is not None and not self._turn.done():
+            self._turn.set_result(None)
 
 
 def protocol_class(
