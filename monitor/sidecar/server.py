@@ -35,8 +35,10 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from asyncio import sslproto
 from collections import OrderedDict
+from email.utils import formatdate
 from typing import Any
 
 import uvicorn
@@ -50,7 +52,7 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept (uvicorn closes 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11's default, said once here)
 LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
 SHUTDOWN_GRACE = 5  # seconds a SIGTERM waits for responses in flight
-TURN = 1.0  # seconds between turns of the server's housekeeping (Server.main_loop)
+TURN = 60.0  # seconds between turns of the server's loop when nothing wakes it (Server)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -122,15 +124,15 @@ async def _run(server: Server, sock: socket.socket) -> None:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, whose housekeeping turns once a TURN instead of ten times a second.
+    """uvicorn's server, whose loop sleeps until it is told to stop.
 
-    uvicorn wakes every 0.1 s to see whether a signal asked it to stop, and on every tenth
-    turn renews its Date header. Those wakeups were the largest part of an idle sidecar's CPU
-    (some 0.1 % of a core on a shared machine: as much as the stock exporter's whole cost
-    beside 64 workers, benchmarks/exporter_cost.py). Here the loop turns once a TURN, each
-    turn renewing the Date header (as fresh as uvicorn's own: to the second), and a stop
-    signal wakes it at once, so SIGTERM is acted on as soon as before. Something else that
-    sets `should_exit` (a test, say) is seen within a TURN."""
+    uvicorn wakes every 0.1 s to see whether a signal asked it to stop, and on every tenth turn
+    renews its Date header. Those wakeups were the largest part of an idle sidecar's CPU (some
+    0.17 % of a core on a shared machine, as much as the stock exporter's whole cost beside 64
+    workers: benchmarks/exporter_cost.py). Here a stop (a signal, or `stop()`) wakes the loop at
+    once, so SIGTERM is acted on as soon as before; the Date header is renewed by the protocol
+    as a request arrives (`_DateHeader`, to the second, as uvicorn's); and the loop turns on its
+    own once a TURN only, for a `should_exit` set some other way (a test, say)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
@@ -139,7 +141,7 @@ class Server(uvicorn.Server):
 
     async def main_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
-        while not await self.on_tick(0):  # tick 0: uvicorn renews its Date header
+        while not self.should_exit:
             self._turn = self._loop.create_future()
             timer = self._loop.call_later(TURN, self._wake)
             try:
@@ -173,7 +175,12 @@ def protocol_class(
     limit: int = MAX_CONNECTIONS,
 ) -> type[GuardedH11Protocol]:
     """The protocol uvicorn runs for one server: its connections, TLS context and deadline."""
-    attrs = {"table": Connections(limit), "context": context, "timeout": timeout}
+    attrs = {
+        "table": Connections(limit),
+        "context": context,
+        "timeout": timeout,
+        "dates": _DateHeader(),
+    }
     return type("GuardedH11Protocol", (GuardedH11Protocol,), attrs)
 
 
@@ -217,6 +224,22 @@ class Connections:
         self._busy.discard(conn)
 
 
+class _DateHeader:
+    """uvicorn's default headers (its Date header, to the second), renewed when a request
+    arrives in a second they are not of: what uvicorn's tick does, without a wakeup a second
+    when no request comes (Server)."""
+
+    def __init__(self) -> None:
+        self.second: int | None = None
+
+    def renew(self, state: Any, config: uvicorn.Config) -> None:
+        now = time.time()
+        if int(now) != self.second:
+            self.second = int(now)
+            date = [(b"date", formatdate(now, usegmt=True).encode())]
+            state.default_headers = (date if config.date_header else []) + config.encoded_headers
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a request-head deadline, TLS started under that deadline,
     and a place in the server's bounded `table` of connections (see the module docstring)."""
@@ -224,6 +247,7 @@ class GuardedH11Protocol(H11Protocol):
     table: Connections
     context: ssl.SSLContext | None
     timeout: float
+    dates: _DateHeader
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -292,6 +316,7 @@ class GuardedH11Protocol(H11Protocol):
     # Requests (uvicorn's hooks, extended)
 
     def handle_events(self) -> None:
+        self.dates.renew(self.server_state, self.config)  # before a request's cycle takes them
         cycle = self.cycle
         super().handle_events()
         if self.cycle is not cycle:  # a request's head is in: the app answers it now
