@@ -227,9 +227,15 @@ class WorkerSampler:
     def _all_running(self) -> bool:
         """Every process of the last snapshot still runs (neither gone nor a zombie): one pread
         of its stat file, kept open since it was sampled, which fails once that process is gone
-        even if its pid was given out again. Under the lock: the sampler closes those files."""
-        with self._lock:
-            return all(self._running(key) for key in self._sampled)
+        even if its pid was given out again. Under the lock, since the sampler closes those
+        files; while it samples, /proc is read anew instead, so a scrape never waits for it."""
+        sampled = self._sampled
+        if not self._lock.acquire(blocking=False):
+            return all(state.running(pid) for pid, _ in sampled)
+        try:
+            return all(self._running(key) for key in sampled)
+        finally:
+            self._lock.release()
 
     def _masters(self) -> list[state.Master]:
         """The live recorded masters, oldest first. The state files are parsed again when
