@@ -297,3 +297,21 @@ def test_the_sidecar_serves_a_dead_workers_file_that_appears_later(shared_dir, m
     assert b"reading the app's metric files" not in e.get("/-/ready")[1]
     dead_workers(shared_dir, DEAD + 500, 1)
     assert app(e.scrape()) == app(parse("\n".join(stock(shared_dir)) + "\n"))
+
+
+def test_the_default_collector_shares_the_scrapes_liveness_check(directory: Path):
+    """A scrape asks the kernel about each pid once (cache.DirectoryInputs: the masters'
+    workers and the app's files alike); the default collector takes the check it is given.
+    (It did not: its default check was a wrapper, which the index did not recognise, and each
+    scrape made a second kill(0) for every live worker.)"""
+    write(directory, os.getpid())
+    asked: list[int] = []
+
+    def exists(pid: int) -> bool:
+        asked.append(pid)
+        return True
+
+    collector = AppMetricsCollector(str(directory), compact=False)
+    collector.inputs(exists)
+    assert set(asked) == {os.getpid()}  # the caller keeps one answer a pid
+    assert exposition(collector) == stock(directory)

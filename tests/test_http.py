@@ -10,6 +10,7 @@ rest scrape the real `gunicorn-monitor serve` process.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import gzip
 import os
 import re
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import _bake_output
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -57,7 +57,7 @@ async def _hello(scope, receive, send):
 
 
 class _Running:
-    def __init__(self, port: int, uv: uvicorn.Server) -> None:
+    def __init__(self, port: int, uv: server.Server) -> None:
         self.port, self.uv = port, uv
         self.table: server.Connections = uv.config.http.table
 
@@ -71,17 +71,21 @@ class _Running:
 
 @contextmanager
 def _server(
-    app=_hello, context=None, limit: int = 10, timeout: float = DEADLINE
+    app=_hello,
+    context=None,
+    limit: int = 10,
+    timeout: float = DEADLINE,
+    cls: type[server.Server] = server.Server,
 ) -> Iterator[_Running]:
     sock = server.bind(f"127.0.0.1:{free_port()}")
-    uv = uvicorn.Server(server.config(app, context, timeout=timeout, limit=limit))
+    uv = cls(server.config(app, context, timeout=timeout, limit=limit))
     loop = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])))
     loop.start()
     try:
         wait_for(lambda: uv.started, 10, "server started")
         yield _Running(sock.getsockname()[1], uv)
     finally:
-        uv.should_exit = True
+        uv.stop()
         loop.join(15)
         sock.close()
 
@@ -109,6 +113,42 @@ def _server_context(pki: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
     return ctx
+
+
+def test_the_server_loop_sleeps_till_stopped_and_keeps_the_date(monkeypatch):
+    """uvicorn's own loop wakes ten times a second to look for a stop; ours sleeps till a stop
+    wakes it (an idle sidecar's largest cost), and its Date header is renewed as requests come."""
+    turns: list[int] = []
+
+    class Counting(server.Server):
+        async def on_tick(self, counter: int) -> bool:  # what uvicorn's loop calls every turn
+            turns.append(counter)
+            return await super().on_tick(counter)
+
+    dates: list[float] = []
+    with _server(cls=Counting) as s:
+        for _ in range(2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/", timeout=10) as resp:
+                dates.append(email.utils.parsedate_to_datetime(resp.headers["Date"]).timestamp())
+            assert abs(dates[-1] - time.time()) < 5
+            wait_for(lambda: time.time() >= dates[-1] + 1, 5, "the next second")
+        assert turns == []  # uvicorn's: some twenty by now
+    assert dates[1] > dates[0]
+    monkeypatch.setattr(server, "TURN", 600.0)  # a stop that waited for the turn would show
+    for how in ("stop", "signal"):
+        sock = server.bind(f"127.0.0.1:{free_port()}")
+        uv = server.Server(server.config(_hello))
+        loop = threading.Thread(target=lambda uv=uv, sock=sock: asyncio.run(uv.serve([sock])))
+        loop.start()
+        try:
+            wait_for(lambda uv=uv: uv._turn is not None, 30, "the loop waiting for its turn")
+            uv.stop() if how == "stop" else uv.handle_exit(signal.SIGTERM, None)
+            loop.join(30)
+            assert not loop.is_alive(), f"{how}: the loop waited for its turn"
+        finally:
+            uv.should_exit = True
+            loop.join(90)
+            sock.close()
 
 
 def test_idle_connections_hold_nothing_and_are_closed_at_the_deadline():

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -481,14 +482,20 @@ class Children:
     def __init__(self) -> None:
         self.rejected = 0
 
-    def live(self, masters: list[Master]) -> dict[int, list[Worker]]:
-        """{master pid: its live workers} for the live masters."""
+    def live(
+        self, masters: list[Master], known: Callable[[Worker], bool] | None = None
+    ) -> dict[int, list[Worker]]:
+        """{master pid: its live workers} for the live masters. A worker `known` says the
+        caller checked before, and checks again on its own, is taken without a read."""
         found: dict[int, list[Worker]] = {}
         for m in masters:
             if not m.alive:
                 continue
             found[m.pid] = []
             for w in m.workers:
+                if known is not None and known(w):
+                    found[m.pid].append(w)
+                    continue
                 p = proc(w.pid)
                 if p is None or p.dead:
                     continue  # exited; the master rewrites its file at the end of its loop turn

@@ -52,6 +52,10 @@ from monitor.sidecar.retirement import Retirer
 
 HEADER = 4096  # one read gets a small file whole, and every file's used-bytes count
 MAX_OPEN = 256  # files whose descriptors are kept between scrapes; the rest are reopened
+# zlib's own default. prometheus_client's gzip.compress() takes 9, which on a body of 64
+# workers' series takes twice as long for the same size within 0.2 % (the text compressed is
+# still the library's, byte for byte).
+GZIP_LEVEL = 6
 _unpack_int = struct.Struct("i").unpack_from
 
 
@@ -111,7 +115,7 @@ class RenderedMetrics:
                 self._families = _Families(list(self.collector.collect()))
             body = self._render(encoder, content_type, self._families.families)
             if gz:
-                body = gzip.compress(body)
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
             self._bodies[(content_type, gz)] = body
             return content_type, body
 

@@ -112,13 +112,12 @@ def read_entries(path: str, dir_fd: int | None = None) -> list[Entry]:
     return dbfile.entries(dbfile.raw_entries(data))
 
 
-def pid_alive(pid: int) -> bool:
-    """True unless the pid certainly has no process that could still write.
-
-    An unreaped zombie still counts as alive: it will never write again, so folding it later
-    is safe, and checking for one would read /proc for every live worker on every scrape.
-    """
-    return state.pid_exists(pid)
+# True unless the pid certainly has no process that could still write: kill(0). An unreaped
+# zombie still counts as alive: it will never write again, so folding it later is safe, and
+# checking for one would read /proc for every live worker on every scrape. The same function,
+# not a wrapper: the app's index knows it by identity, to share the scrape's one kill(0) a pid
+# (appindex.AppFiles.look) and to list /proc instead when it checks many pids at once.
+pid_alive: AliveCheck = state.pid_exists
 
 
 @dataclass

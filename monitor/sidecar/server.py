@@ -35,8 +35,10 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from asyncio import sslproto
 from collections import OrderedDict
+from email.utils import formatdate
 from typing import Any
 
 import uvicorn
@@ -50,6 +52,7 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept (uvicorn closes 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11's default, said once here)
 LISTEN_BACKLOG = 128  # a burst of connections waits in the kernel, not in a SYN retry
 SHUTDOWN_GRACE = 5  # seconds a SIGTERM waits for responses in flight
+TURN = 60.0  # seconds between turns of the server's loop when nothing wakes it (Server)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -110,14 +113,60 @@ def serve(sock: socket.socket, settings: uvicorn.Config) -> None:
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addFilter(lines)
     try:
-        asyncio.run(_run(uvicorn.Server(settings), sock))
+        asyncio.run(_run(Server(settings), sock))
     finally:
         uvicorn_log.removeFilter(lines)
 
 
-async def _run(server: uvicorn.Server, sock: socket.socket) -> None:
+async def _run(server: Server, sock: socket.socket) -> None:
     asyncio.get_running_loop().set_exception_handler(_loop_error)
     await server.serve(sockets=[sock])
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose loop sleeps until it is told to stop.
+
+    uvicorn wakes every 0.1 s to see whether a signal asked it to stop, and on every tenth turn
+    renews its Date header. Those wakeups were the largest part of an idle sidecar's CPU (some
+    0.17 % of a core on a shared machine, as much as the stock exporter's whole cost beside 64
+    workers: benchmarks/exporter_cost.py). Here a stop (a signal, or `stop()`) wakes the loop at
+    once, so SIGTERM is acted on as soon as before; the Date header is renewed by the protocol
+    as a request arrives (`_DateHeader`, to the second, as uvicorn's); and the loop turns on its
+    own once a TURN only, for a `should_exit` set some other way (a test, say)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn: asyncio.Future | None = None
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not self.should_exit:
+            self._turn = self._loop.create_future()
+            timer = self._loop.call_later(TURN, self._wake)
+            try:
+                await self._turn
+            finally:
+                timer.cancel()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._wake_soon()
+
+    def stop(self) -> None:
+        """Stop as SIGTERM would (without its signal), from any thread."""
+        self.should_exit = True
+        self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        # The one call into the loop safe from a signal handler or another thread: it queues
+        # the wake and writes to the loop's self-pipe, which ends its wait.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._turn is not None and not self._turn.done():
+            self._turn.set_result(None)
 
 
 def protocol_class(
@@ -126,7 +175,12 @@ def protocol_class(
     limit: int = MAX_CONNECTIONS,
 ) -> type[GuardedH11Protocol]:
     """The protocol uvicorn runs for one server: its connections, TLS context and deadline."""
-    attrs = {"table": Connections(limit), "context": context, "timeout": timeout}
+    attrs = {
+        "table": Connections(limit),
+        "context": context,
+        "timeout": timeout,
+        "dates": _DateHeader(),
+    }
     return type("GuardedH11Protocol", (GuardedH11Protocol,), attrs)
 
 
@@ -170,6 +224,22 @@ class Connections:
         self._busy.discard(conn)
 
 
+class _DateHeader:
+    """uvicorn's default headers (its Date header, to the second), renewed when a request
+    arrives in a second they are not of: what uvicorn's tick does, without a wakeup a second
+    when no request comes (Server)."""
+
+    def __init__(self) -> None:
+        self.second: int | None = None
+
+    def renew(self, state: Any, config: uvicorn.Config) -> None:
+        now = time.time()
+        if int(now) != self.second:
+            self.second = int(now)
+            date = [(b"date", formatdate(now, usegmt=True).encode())]
+            state.default_headers = (date if config.date_header else []) + config.encoded_headers
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a request-head deadline, TLS started under that deadline,
     and a place in the server's bounded `table` of connections (see the module docstring)."""
@@ -177,6 +247,7 @@ class GuardedH11Protocol(H11Protocol):
     table: Connections
     context: ssl.SSLContext | None
     timeout: float
+    dates: _DateHeader
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,6 +316,7 @@ class GuardedH11Protocol(H11Protocol):
     # Requests (uvicorn's hooks, extended)
 
     def handle_events(self) -> None:
+        self.dates.renew(self.server_state, self.config)  # before a request's cycle takes them
         cycle = self.cycle
         super().handle_events()
         if self.cycle is not cycle:  # a request's head is in: the app answers it now

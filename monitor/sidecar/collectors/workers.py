@@ -179,6 +179,7 @@ class WorkerSampler:
         self._procs: dict[tuple, psutil.Process] = {}  # kept: creating one reads /proc again
         self._stat = _StatFiles()
         self._children = state.Children()
+        self._sampled: list[tuple] = []  # the (pid, start) of the last snapshot's processes
         self._state_files: list[tuple] | None = None  # the master files the parse below is of
         self._parsed: list[state.Master] = []
         self._tick = 0
@@ -221,11 +222,8 @@ class WorkerSampler:
         or a dead master, nor misses a replacement for the length of the sampling interval.
         """
         snap = self.snapshot
-        sampled = [w.pid for w in snap.workers.values()]
-        if snap.master is not None:
-            sampled.append(snap.master.pid)
         changed = self._mark() > self._seen_change
-        if changed or not all(state.running(pid) for pid in sampled):  # a zombie is gone
+        if changed or not self._all_running():
             self.sample()
             snap = self.snapshot
         return snap
@@ -237,6 +235,19 @@ class WorkerSampler:
             self.masters.look()
             return float(self.masters.version)
         return state.last_change(self.layout)
+
+    def _all_running(self) -> bool:
+        """Every process of the last snapshot still runs (neither gone nor a zombie): one pread
+        of its stat file, kept open since it was sampled, which fails once that process is gone
+        even if its pid was given out again. Under the lock, since the sampler closes those
+        files; while it samples, /proc is read anew instead, so a scrape never waits for it."""
+        sampled = self._sampled
+        if not self._lock.acquire(blocking=False):
+            return all(state.running(pid) for pid, _ in sampled)
+        try:
+            return all(self._running(key) for key in sampled)
+        finally:
+            self._lock.release()
 
     def _masters(self) -> list[state.Master]:
         """The live recorded masters, oldest first. The state files are parsed again when
@@ -271,12 +282,19 @@ class WorkerSampler:
         seen = self._mark()
         self._tick += 1
         masters = self._masters()
-        live = self._children.live(masters)
+        # A worker sampled before is the process its kept stat file was opened for, checked
+        # then: its read below says whether it still runs. Only new ones are checked here
+        # (/proc read a worker: a third of a sample's cost when done for all).
+        live = self._children.live(masters, known=lambda w: (w.pid, w.spawned) in self._procs)
         snap = Snapshot(readable=dict(self.snapshot.readable))
         by_pid: dict[int, Sample] = {}
+        sampled: list[tuple] = []
         for m in masters:
             key = (m.pid, m.start_time)
-            snap.master = self._measure(key, -1, snap) or snap.master
+            master = self._measure(key, -1, snap)
+            if master is not None:
+                snap.master = master
+                sampled.append(key)
             snap.build = {"version": m.version, "worker_class": m.worker_class}
             # The newest master's workers win a shared slot (during a USR2 upgrade), and
             # within a master the newest worker (a reload overlaps old and new).
@@ -286,6 +304,7 @@ class WorkerSampler:
                 if s is not None:
                     by_pid[s.pid] = s
                     snap.workers[s.slot] = s
+                    sampled.append((w.pid, w.spawned))
         now = time.monotonic()
         self._last_seen.update((pid, (now, s)) for pid, s in by_pid.items())
         self._record_exits()
@@ -301,6 +320,7 @@ class WorkerSampler:
             k: v for k, v in self._procs.items() if k[0] in by_pid or k[0] in master_pids
         }
         self._stat.keep(self._procs)
+        self._sampled = [k for k in sampled if k in self._procs]
         self.snapshot = snap
         self._seen_change = seen
 
