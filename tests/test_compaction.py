@@ -700,3 +700,19 @@ def test_new_pids_are_the_range_the_kernel_gave_since_the_last_look(
     assert not since(401) and not since(32760) and not since(20000)
     last.unlink()  # unreadable: anything may be new
     assert new.since()(20000)
+
+
+def test_files_the_hooks_staged_are_pending_before_any_fold_made_next(tmp_path):
+    # The hooks stage a dead worker's files into .compacting/staged/ (contract/appfiles.py);
+    # next/ is made by the first fold. A look that required next/ said nothing was pending,
+    # so no fold ever ran and the dead workers' counts were left out of every scrape.
+    top = tmp_path / "multiproc"
+    staged = top / STATE_DIR / "staged"
+    staged.mkdir(parents=True)
+    for d in (top, top / STATE_DIR, staged):
+        d.chmod(0o700)
+    (staged / "18eec89b6701cae5e72e5277~counter_8614.db").write_bytes(b"\0" * 16)
+    assert compaction.has_pending(str(top))
+    assert [name for name, _ in compaction.read_staged(str(top))] == [
+        "18eec89b6701cae5e72e5277~counter_8614.db"
+    ]

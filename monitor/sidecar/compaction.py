@@ -165,7 +165,13 @@ def _opened(path: str, create: bool = True) -> Iterator[_Dirs]:
     try:
         d.state = _subdir(d.top, STATE_DIR, d.top, create)
         d.staged = _subdir(d.state, "staged", d.top, create)
-        d.nxt = _subdir(d.state, "next", d.top, create)
+        try:
+            d.nxt = _subdir(d.state, "next", d.top, create)
+        except OSError as e:
+            # A reader's look (create False): the hooks stage into `staged/` before any fold
+            # has made `next/`, and what is staged is still there to be found.
+            if create or e.errno != errno.ENOENT:
+                raise
         yield d
     finally:
         d.close()
