@@ -93,13 +93,25 @@ def test_an_unreadable_counter_file_or_directory_is_a_gap_never_a_reset(
     assert value(back, "gunicorn_worker_spawns_total") == 3
     assert exits(back) == {("killed", "SIGKILL"): 1.0}
 
+    # Whether the master is up can no longer be read: its state file replaced by one the
+    # sidecar may not read (a chmod alone changes nothing the sidecar parsed: the file's
+    # content is what it read last, sidecar/masters.py).
     master_state = m.file("master")
-    master_state.chmod(0o000)  # whether the master is up can no longer be read
+    said = master_state.read_bytes()
+
+    def replace_state(mode: int) -> None:
+        staged = master_state.with_name("master.tmp")
+        staged.write_bytes(said)
+        os.chown(staged, 65534, 65534)
+        staged.chmod(mode)
+        os.replace(staged, master_state)
+
+    replace_state(0o000)
     changed(3)
     unsure = e.scrape()
     assert not _families(unsure, "gunicorn_up") | _families(unsure, "gunicorn_workers")
     assert value(unsure, "gunicorn_worker_spawns_total") == 3  # the counts still can
-    master_state.chmod(0o600)
+    replace_state(0o600)
     changed(4)
     assert value(e.scrape(), "gunicorn_up") == 1
 
