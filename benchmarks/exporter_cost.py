@@ -8,14 +8,21 @@ side over the same --seconds and scraped the same way (every second, as Promethe
 OpenMetrics, gzip): the baseline, prometheus_client's own exporter (`MultiProcessCollector`
 behind `start_http_server`, the usual sidecar that serves nothing but the directory), and
 gunicorn-monitor's exporter, which also samples every worker's memory and CPU. Both run in the
-same window, so a busy machine weighs on both alike. Prints CPU as a share of one core, peak RSS,
-the body size, scrape latency (p50, p99), and the ratios; then, from the shapes measured, the
-cost of one more worker and of one more master, and a projection to 8 masters x 64 workers.
+same window, so a busy machine weighs on both alike.
+
+Each exporter is scraped as Prometheus scrapes it: over one HTTP/1.1 connection kept alive
+between scrapes (Go's http.Transport keeps idle connections for 5 minutes), opened again only
+when the server closed it. The stock exporter (wsgiref, HTTP/1.0) closes every connection, so
+each of its scrapes pays a new one: what its users get. `--new-connection` opens a new
+connection for every scrape of both, as this benchmark did before. Prints CPU as a share of one
+core, peak RSS, the body size, scrape latency (p50, p99), and the ratios; then, from the shapes
+measured, the cost of one more worker and of one more master, and a projection to 8 masters x 64
+workers.
 
 Targets: gunicorn-monitor's CPU no more than the baseline's, scrape p99 under 20 ms, RSS at most
 40 MB.
 
-    python benchmarks/exporter_cost.py [--shapes 1x16,1x64,4x16] [--seconds 120]
+    python benchmarks/exporter_cost.py [--shapes 1x16,1x64,4x16] [--seconds 120] [--new-connection]
 
 Both use little CPU (the baseline about a tenth of a percent of a core) and /proc reports it in
 10 ms units: a window of two minutes keeps that rounding within a few percent.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -113,9 +121,50 @@ def loaded_master(prefix: str, workers: int, masters: int = 1) -> Iterator[Path]
             master.kill()
 
 
+class Scraper:
+    """GETs of one URL over one kept-alive HTTP/1.1 connection, as Prometheus makes them: a
+    connection the server closed (after its answer, or while idle) is opened again for the next
+    scrape; `new` opens one for every scrape instead. Counts the connections opened."""
+
+    def __init__(self, port: int, new: bool) -> None:
+        self.port, self.new = port, new
+        self.conn: http.client.HTTPConnection | None = None
+        self.opened = 0
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        for attempt in range(2):
+            if self.conn is None or self.conn.sock is None:
+                self.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                self.conn.connect()
+                self.opened += 1
+                fresh = True
+            else:
+                fresh = False
+            try:
+                self.conn.request("GET", path, headers=HEADERS)
+                resp = self.conn.getresponse()
+                status, body = resp.status, resp.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                if fresh or attempt:  # not a kept connection the server had closed meanwhile
+                    raise
+                continue
+            if self.new or resp.will_close:
+                self.close()
+            return status, body
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 class Exporter:
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, new: bool = False) -> None:
         self.name, self.url = name, f"http://127.0.0.1:{port}/metrics"
+        self.scraper = Scraper(port, new)
         self.cmd = cmd
         self.threads: set[str] | None = None
         self.exact = True
@@ -127,7 +176,7 @@ class Exporter:
 
     def scrape(self) -> None:
         started = time.perf_counter()
-        status, body = http_get(self.url, 10, HEADERS)
+        status, body = self.scraper.get("/metrics")
         self.latencies.append(time.perf_counter() - started)
         assert status == 200, f"{self.name}: scrape failed"
         self.bytes = len(body)
@@ -159,15 +208,16 @@ class Exporter:
         return total / 1e9
 
     def kill(self) -> None:
+        self.scraper.close()
         self.proc.kill()
         self.proc.wait()
 
 
-def _measure(exporters: list[Exporter], shared: Path, seconds: float) -> list[float]:
+def _measure(exporters: list[Exporter], shared: Path, seconds: float, new: bool) -> list[float]:
     """Both exporters on `shared`, scraped once a second each for `seconds`: their CPU, as a
     share of one core. `exporters` is filled as they start, for the caller to kill."""
     for name, cmd, port in exporter_cmds(shared):
-        exporters.append(Exporter(name, cmd, port))
+        exporters.append(Exporter(name, cmd, port, new))
     for e in exporters:
         wait_for(lambda e=e: http_get(e.url, 2)[0] == 200, 20, f"{e.name} up")
     for _ in range(5):  # warm up: first scrapes, the sampler's first full pass
@@ -175,7 +225,7 @@ def _measure(exporters: list[Exporter], shared: Path, seconds: float) -> list[fl
             e.scrape()
         time.sleep(1)
     for e in exporters:
-        e.scrapes, e.cpu0, e.latencies = 0, e.cpu(), []
+        e.scrapes, e.cpu0, e.latencies, e.scraper.opened = 0, e.cpu(), [], 0
     t0 = next_at = time.monotonic()
     while time.monotonic() - t0 < seconds:
         for e in exporters:
@@ -191,12 +241,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def shape(masters: int, workers: int, seconds: float) -> dict[str, float]:
+def shape(masters: int, workers: int, seconds: float, new: bool) -> dict[str, float]:
     """One shape measured: CPU shares, peak RSS, body size and latencies of both exporters."""
     exporters: list[Exporter] = []
     with loaded_master("gm-cost-", workers, masters) as shared:
         try:
-            shares = _measure(exporters, shared, seconds)
+            shares = _measure(exporters, shared, seconds, new)
         finally:
             for e in exporters:
                 e.kill()
@@ -208,6 +258,7 @@ def shape(masters: int, workers: int, seconds: float) -> dict[str, float]:
         row[f"{key}_p50"] = percentile(e.latencies, 0.5) * 1e3
         row[f"{key}_p99"] = percentile(e.latencies, 0.99) * 1e3
         row[f"{key}_exact"] = e.exact
+        row[f"{key}_conns"] = e.scraper.opened / max(e.scrapes, 1)
     return row
 
 
@@ -215,16 +266,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1x16,1x64,4x16", help="MASTERSxWORKERS, each measured")
     ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument(
+        "--new-connection",
+        action="store_true",
+        help="a new connection for every scrape (default: one kept alive, as Prometheus does)",
+    )
     args = ap.parse_args()
 
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-    rows = [shape(m, w, args.seconds) for m, w in shapes]
-    print(f"One scrape per second each for {args.seconds:.0f} s, same window for both; CPU as a")
-    print("share of one core; latency from request to last byte (OpenMetrics, gzip).")
+    rows = [shape(m, w, args.seconds, args.new_connection) for m, w in shapes]
+    how = "a new connection each" if args.new_connection else "one kept-alive connection"
+    print(f"One scrape per second each for {args.seconds:.0f} s, same window for both, over")
+    print(f"{how}; CPU as a share of one core; latency from request to last byte")
+    print("(OpenMetrics, gzip); conns: connections opened per scrape.")
     print(
         f"{'masters x workers':>17} {'stock CPU %':>11} {'ours CPU %':>10} {'ours/stock':>10} "
         f"{'stock p50/p99 ms':>16} {'ours p50/p99 ms':>15} {'stock RSS MB':>12} "
-        f"{'ours RSS MB':>11} {'ours KB gzip':>12}"
+        f"{'ours RSS MB':>11} {'ours KB gzip':>12} {'conns stock/ours':>16}"
     )
     ok = True
     for r in rows:
@@ -235,7 +293,8 @@ def main() -> int:
             f"{100 * r['ours_cpu']:>10.3f} {ratio:>9.2f}x "
             f"{r['stock_p50']:>8.1f} /{r['stock_p99']:>6.1f} "
             f"{r['ours_p50']:>7.1f} /{r['ours_p99']:>6.1f} "
-            f"{r['stock_rss'] / 1e6:>12.1f} {r['ours_rss'] / 1e6:>11.1f} {r['ours_kb']:>12.1f}"
+            f"{r['stock_rss'] / 1e6:>12.1f} {r['ours_rss'] / 1e6:>11.1f} {r['ours_kb']:>12.1f} "
+            f"{r['stock_conns']:>9.2f} /{r['ours_conns']:>5.2f}"
         )
     by_shape = {(int(r["masters"]), int(r["workers"])): r for r in rows}
     one_w, one_m, four_m = by_shape.get((1, 16)), by_shape.get((1, 64)), by_shape.get((4, 16))

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -76,9 +76,10 @@ def _server(
     limit: int = 10,
     timeout: float = DEADLINE,
     cls: type[server.Server] = server.Server,
+    keep_alive: int = server.KEEP_ALIVE,
 ) -> Iterator[_Running]:
     sock = server.bind(f"127.0.0.1:{free_port()}")
-    uv = cls(server.config(app, context, timeout=timeout, limit=limit))
+    uv = cls(server.config(app, context, timeout=timeout, limit=limit, keep_alive=keep_alive))
     loop = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])))
     loop.start()
     try:
@@ -205,6 +206,54 @@ def test_past_the_connection_limit_the_longest_idle_is_dropped():
                 c.close()
 
 
+def _answered(c: socket.socket) -> bool:
+    """One request on `c`, kept alive: True if its whole answer came."""
+    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    c.settimeout(10)
+    got = b""
+    with suppress(OSError):
+        while not got.endswith(b"hello\n"):
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello\n")
+
+
+def test_a_kept_connection_idle_between_scrapes_is_served_again():
+    """Prometheus reuses its connection at the next scrape: one idle past the request deadline
+    and past uvicorn's default keep-alive (5 s) is still open and answered, and a request begun
+    on it still has the deadline."""
+    with _server() as s:  # a deadline of DEADLINE s, the shipped keep-alive
+        c = s.connect()
+        try:
+            assert _answered(c)
+            assert not _closed_by_server(c, 8), "closed while kept between scrapes"
+            assert _answered(c)
+            assert s.table.dropped == 0
+            c.sendall(b"GET / HTTP/1.1\r\n")  # a request begun, never finished
+            assert _closed_by_server(c, 10 * DEADLINE), "a begun request kept past its deadline"
+        finally:
+            c.close()
+
+
+def test_past_the_connection_limit_the_longest_idle_kept_connection_is_dropped():
+    """Kept connections are idle from their last answer: when the limit is reached, the one
+    whose last answer is oldest makes room, not the one opened first."""
+    with _server(limit=3) as s:
+        kept = [s.connect() for _ in range(3)]
+        try:
+            assert all(_answered(c) for c in kept)
+            assert _answered(kept[0])  # now the most recently answered: kept[1] is the oldest
+            assert s.get() == 200  # the fourth connection
+            assert _closed_by_server(kept[1], 5)
+            assert s.table.dropped == 1
+            assert _answered(kept[0]) and _answered(kept[2])
+        finally:
+            for c in kept:
+                c.close()
+
+
 def test_stalled_tls_handshakes_are_counted_dropped_and_block_nothing(pki):
     """TCP connections that never start their handshake, and one that stops inside it: each
     counts against the limit (so a flood of them is dropped oldest first) and is dropped at
@@ -242,7 +291,7 @@ def test_every_connection_sends_without_waiting_for_an_ack(pki):
 
 
 def test_pipelined_requests_are_each_answered_then_the_deadline_runs_again():
-    with _server() as s:
+    with _server(keep_alive=1) as s:
         c = s.connect()
         try:
             c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
@@ -441,7 +490,10 @@ GZIP = {"Accept-Encoding": "gzip"}
 MARK = b"Q" * 10_000
 ECHO_CASES = {
     "a 10 KB method": (MARK + b" / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
-    "a 64 KB method": (b"M" * 65_536 + MARK + b" / HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    "a 64 KB method": (
+        b"M" * 65_536 + MARK + b" / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        None,
+    ),
     "a 10 KB path": (b"GET /" + MARK + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
     "a POST with a body": (
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10000\r\n\r\n"
