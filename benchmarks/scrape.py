@@ -54,8 +54,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.exporter_cost import BASELINE, start_exporter  # noqa: E402
-from benchmarks.http_load import REQUEST  # noqa: E402
+from benchmarks.exporter_cost import BASELINE, HEADERS, start_exporter  # noqa: E402
 from monitor.sidecar.collectors.appmetrics import AppMetricsCollector  # noqa: E402
 from tests.harness import BIN, app_process, free_port, wait_for  # noqa: E402
 
@@ -135,6 +134,15 @@ def server(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
 
     wait_for(accepting, 120, "accepting")
     return proc, spawned
+
+
+# One scrape as Prometheus asks for it (exporter_cost.HEADERS), on a connection closed after
+# its answer: read to the end.
+REQUEST = (
+    b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Prometheus/3.0.0\r\n"
+    + b"".join(f"{k}: {v}\r\n".encode() for k, v in HEADERS.items())
+    + b"Connection: close\r\n\r\n"
+)
 
 
 def http_scrape(port: int) -> bytes:
