@@ -173,34 +173,6 @@ def is_running(pid: int, started: float, ticks: int | None = None) -> bool:
         return False
 
 
-def last_change(layout: Layout) -> float:
-    """When any master last recorded a change of its workers (newest state file mtime)."""
-    return max((mtime for _, _, _, mtime in fingerprints(layout)), default=0) / 1e9
-
-
-def fingerprints(layout: Layout) -> list[tuple[str, int, int, int]]:
-    """Each state file's name, inode, size and mtime (ns), sorted: what changes when one is
-    rewritten. Listed through the checked fd of the directory, never through a symlink; empty
-    when it cannot be read (read_all then says why)."""
-    found = []
-    try:
-        own = open_own_for_reading(layout)
-    except OSError:
-        return found
-    try:
-        for name in sorted(_state_names(own)):
-            try:
-                st = os.stat(name, dir_fd=own, follow_symlinks=False)
-            except OSError:
-                continue
-            found.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
-    except OSError:
-        pass
-    finally:
-        os.close(own)
-    return found
-
-
 # What a reader accepts. Every value below may become a label or a pid the sidecar acts on, so
 # anything outside these bounds about the master makes the whole file malformed (skipped and
 # counted); a worker entry outside them (a slot past the cap, a pid that cannot be a worker's)

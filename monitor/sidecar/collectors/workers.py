@@ -52,7 +52,6 @@ SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
 # stat, some 20 us a worker) most of the rest: more than the stock exporter's whole cost.
 INTERVAL = 5.0
 FULL_EVERY = 60
-REPARSE = 12  # samples between parses of unchanged master state files: a minute
 # How long a worker's last sample is kept after it was last seen, for its exit record: a sample
 # taken between its death and the journal's record of it no longer sees it.
 KEEP_GONE = 60.0
@@ -167,7 +166,7 @@ class WorkerSampler:
         self.layout = layout
         # The sidecar's index of the state files (sidecar/masters.py): a look costs what
         # changed, not a stat of every dead master's file (50,000 after months of restarts).
-        self.masters = masters
+        self.masters = masters or MasterIndex(layout)
         self.interval = interval
         self.smaps = smaps
         self.snapshot = Snapshot()
@@ -180,8 +179,6 @@ class WorkerSampler:
         self._stat = _StatFiles()
         self._children = state.Children()
         self._sampled: list[tuple] = []  # the (pid, start) of the last snapshot's processes
-        self._state_files: list[tuple] | None = None  # the master files the parse below is of
-        self._parsed: list[state.Master] = []
         self._tick = 0
         self._seen_change = 0.0
         self._warned: set[str] = set()
@@ -229,12 +226,9 @@ class WorkerSampler:
         return snap
 
     def _mark(self) -> float:
-        """What moves when the masters recorded a change: the index's version, or the newest
-        state file's mtime."""
-        if self.masters is not None:
-            self.masters.look()
-            return float(self.masters.version)
-        return state.last_change(self.layout)
+        """What moves when the masters recorded a change: the index's version."""
+        self.masters.look()
+        return float(self.masters.version)
 
     def _all_running(self) -> bool:
         """Every process of the last snapshot still runs (neither gone nor a zombie): one pread
@@ -250,23 +244,10 @@ class WorkerSampler:
             self._lock.release()
 
     def _masters(self) -> list[state.Master]:
-        """The live recorded masters, oldest first. The state files are parsed again when
-        one of them changed, and at least every REPARSE samples (a judgement of liveness that
-        moves with time alone); in between, a master parsed live stays live while its own
-        process is (its stat file, kept open, still reads: not gone, not a zombie). Parsing
-        every master's workers on every sample was a third of the sampler's cost."""
-        if self.masters is not None:  # parsed as they change; a live one checked each look
-            live = [m for m in self.masters.look().masters if m.alive]
-            return sorted(live, key=lambda m: m.start_time)
-        files = state.fingerprints(self.layout)
-        if files != self._state_files or self._tick % REPARSE == 0:
-            # Malformed files and rejected pids are counted by the lifecycle collector, which
-            # reads the same files on every scrape; here they are only left out.
-            parsed = [m for m in state.read(self.layout)[0] if m.alive]
-            self._parsed = sorted(parsed, key=lambda m: m.start_time)
-            self._state_files = files
-            return self._parsed
-        return [m for m in self._parsed if self._running((m.pid, m.start_time))]
+        """The live recorded masters, oldest first: the index parses a state file again when it
+        is replaced, and checks a master parsed live against /proc at each look."""
+        live = [m for m in self.masters.look().masters if m.alive]
+        return sorted(live, key=lambda m: m.start_time)
 
     def _running(self, key: tuple) -> bool:
         try:
