@@ -38,6 +38,7 @@ from monitor.contract.directory import Layout, UnsafeDirectory
 from monitor.sidecar import compaction
 from tests.harness import (
     BIN,
+    PLAIN_APP,
     ROOT,
     exits,
     http_get,
@@ -58,7 +59,8 @@ VICTIM_BYTES = 1520  # the reported victim's size
 # The app: answers, sleeps past the timeout on /sleep, and hangs while importing for as long
 # as the file HOSTILE_HANG names exists (a start-up waiting on a database), an hour at most.
 # No prometheus_client of its own: the app's own library is the app's business (README).
-APP = """
+APP = (
+    """
 import asyncio, os, time
 
 _HANG = os.environ.get("HOSTILE_HANG", "")
@@ -76,20 +78,19 @@ _hang_while_told()
 def _sleep(seconds):
     time.sleep(seconds)
 
+"""
+    + PLAIN_APP
+    + """
+
+_plain = app
+
 
 def app(environ, start_response):
     if environ.get("PATH_INFO") == "/sleep":
         _sleep(30)
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok\\n"]
-
-
-async def asgi_app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok\\n"})
+    return _plain(environ, start_response)
 """
+)
 
 # The neighbour, run as uid 65534 by setpriv. It takes `gunicorn-monitor/` and `.compacting/`
 # away (renames in the 0777 top), puts its own in their place (a directory of its own, or a
