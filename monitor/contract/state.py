@@ -250,29 +250,16 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
     try:
         genuine = Genuine(own)
         for name in sorted(_state_names(own)):
-            found = _NAME.fullmatch(name)
-            if found is None:  # not master-<pid>.json
-                malformed += 1
-                continue
-            try:
-                fd = open_file(own, name)
-            except FileNotFoundError:
+            master = read_file(own, name)
+            if master is None:
                 continue  # the master removed it, or replaced it between listing and open
-            except OSError:
-                unreadable += 1
-                continue
-            try:
-                data = os.read(fd, 1 << 20)
-            except OSError:
-                unreadable += 1
-                continue
-            finally:
-                os.close(fd)
-            try:
-                master = parse(json.loads(data), int(found.group(1)))
-            except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
+            if master == MALFORMED:
                 malformed += 1
                 continue
+            if master == UNREADABLE:
+                unreadable += 1
+                continue
+            assert isinstance(master, Master)
             if master.alive and not genuine(master.pid):
                 master.alive, master.forged = False, True
             masters.append(master)
@@ -281,6 +268,34 @@ def read_all(layout: Layout) -> tuple[list[Master], int, int]:
     finally:
         os.close(own)
     return masters, malformed, unreadable
+
+
+MALFORMED, UNREADABLE = "malformed", "unreadable"
+
+
+def read_file(own_fd: int, name: str) -> Master | str | None:
+    """What the state file `name` of the checked fd `own_fd` says: a Master (its liveness by
+    /proc, not yet by Genuine), MALFORMED (not master-<pid>.json, or outside the contract),
+    UNREADABLE, or None when it is gone. Opened with O_NOFOLLOW, never through a symlink."""
+    found = _NAME.fullmatch(name)
+    if found is None:
+        return MALFORMED
+    try:
+        fd = open_file(own_fd, name)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return UNREADABLE
+    try:
+        data = os.read(fd, 1 << 20)
+    except OSError:
+        return UNREADABLE
+    finally:
+        os.close(fd)
+    try:
+        return parse(json.loads(data), int(found.group(1)))
+    except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
+        return MALFORMED
 
 
 def _state_names(own_fd: int) -> list[str]:

@@ -27,7 +27,6 @@ master parsed live is one the kernel vouches for (state.Genuine), else it is `fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -40,8 +39,6 @@ from monitor.sidecar.dirwatch import DirWatch
 log = logging.getLogger("gunicorn_monitor")
 
 BACKLOG = 256  # dead masters' state files a look parses itself; more are read in the background
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_MALFORMED, _UNREADABLE = "malformed", "unreadable"
 
 
 class Recorded(NamedTuple):
@@ -78,7 +75,7 @@ class MasterIndex:
         # symlink): what is parsed is the directory that was checked.
         self._watch = DirWatch(layout.own, use_inotify, lambda: open_own_for_reading(layout))
         self._lock = threading.Lock()
-        # name -> (identity, what it said: a Master, _MALFORMED or _UNREADABLE), once parsed
+        # name -> (identity, what it said: a Master, state.MALFORMED or UNREADABLE), once parsed
         self._entries: dict[str, tuple[tuple | None, object]] = {}
         self._unread: dict[str, None] = {}  # the backlog, in listing order
         self._live: set[str] = set()  # the names of masters parsed live
@@ -166,49 +163,29 @@ class MasterIndex:
     def _refresh(self, name: str) -> int:
         """Parse `name` again if it was replaced (or never parsed); 1 if it was parsed."""
         fd = self._watch.fd
+        if fd is None:
+            return 0  # the directory went (read_backlog, between looks): the next look lists it
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             self._forget(name)
             return 0
         except OSError:
-            self._set(name, None, _UNREADABLE)
+            self._set(name, None, state.UNREADABLE)
             return 0
         identity = (st.st_ino, st.st_size, st.st_mtime_ns)
         kept = self._entries.get(name)
         if kept is not None and kept[0] == identity:
             return 0
         self._unread.pop(name, None)
-        said = self._parse(fd, name)
-        if isinstance(said, state.Master) and said.alive and fd is not None:
+        said = state.read_file(fd, name)
+        if isinstance(said, state.Master) and said.alive:
             # What the directory says is checked against the kernel (state.Genuine): a file
             # naming an unrelated process is served and sampled as no master.
             if not state.Genuine(fd)(said.pid):
                 said.alive, said.forged = False, True
         self._set(name, identity, said)
         return 1
-
-    @staticmethod
-    def _parse(fd: int | None, name: str) -> object:
-        pid = _pid_of(name)
-        if pid is None:
-            return _MALFORMED
-        try:
-            f = os.open(name, _FLAGS, dir_fd=fd)
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return _UNREADABLE
-        try:
-            data = os.read(f, 1 << 20)
-        except OSError:
-            return _UNREADABLE
-        finally:
-            os.close(f)
-        try:
-            return state.parse(json.loads(data), pid)
-        except ValueError:  # Malformed, JSONDecodeError, UnicodeDecodeError
-            return _MALFORMED
 
     def _set(self, name: str, identity: tuple | None, said: object) -> None:
         if said is None:  # gone between the stat and the open
@@ -247,9 +224,9 @@ class MasterIndex:
             said = self._entries[name][1]
             if isinstance(said, state.Master):
                 masters.append(said)
-            elif said is _MALFORMED:
+            elif said == state.MALFORMED:
                 malformed += 1
-            elif said is _UNREADABLE:
+            elif said == state.UNREADABLE:
                 unreadable += 1
         self._answered = (self.version, Recorded(masters, malformed, unreadable))
         return self._answered[1]
