@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import bcrypt
@@ -84,13 +85,14 @@ def _basic(user: str, password: str) -> dict:
     return {"Authorization": f"Basic {token}"}
 
 
-def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, dict, bytes]:
+def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, Message, bytes]:
+    """Status, headers (case-insensitive, as HTTP's names are) and body of a GET."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 # TLS
