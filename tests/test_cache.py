@@ -33,10 +33,15 @@ class Moving:
         self.cpu = {str(w): 0.5 * w for w in range(64)}
         self.created = 1.0
 
-    def step(self) -> None:
+    def step(self, every: bool = False) -> None:
+        """A few samples move; with `every`, each worker's CPU moves too (as at every sample
+        of the sidecar's), so that family renders whole and its lines are cut from it."""
         for key in self.rnd.sample(sorted(self.memory), 3):
             self.memory[key] += 4096
         self.cpu[str(self.rnd.randrange(64))] += 0.01
+        if every:
+            for w in self.cpu:
+                self.cpu[w] += 0.02
         self.created += 1  # a _created sample: the text format moves it, rendered whole
 
     def collect(self) -> list[Metric]:
@@ -54,16 +59,17 @@ class Moving:
         return [memory, cpu, made, hist]
 
 
+@pytest.mark.parametrize("every", [False, True], ids=["few moved", "every cpu moved"])
 @pytest.mark.parametrize("accept", ACCEPTS)
-def test_a_family_whose_samples_partly_moved_renders_as_the_library_does(accept):
+def test_a_family_whose_samples_partly_moved_renders_as_the_library_does(accept, every):
     moving = Moving()
     registry = CollectorRegistry()
     registry.register(moving)  # type: ignore[arg-type]
     generation = [0]
     rendered = RenderedMetrics(registry, lambda: generation[0])
-    for _ in range(6):
+    for step in range(6):
         _, body = rendered(accept, False)
         assert body == _bake_output(registry, accept, None, {}, False)[2]
-        moving.step()
+        moving.step(every=every and step % 2 == 0)  # whole, then a few, then whole
         generation[0] += 1
     assert rendered.misses == 6
