@@ -8,7 +8,7 @@ predecessor's slot, so cardinality stays bounded however many workers come and g
 
 Sampling runs on its own thread at a fixed interval, independent of scrapes and of traffic:
 a scrape only reads the last snapshot, so it costs nothing here however often it comes, and
-the last sample before a worker dies is at most one interval (5 s) old. That sample is what the
+the last sample before a worker dies is at most one interval (10 s) old. That sample is what the
 memory-at-exit histogram records, when the journal reports the exit and its cause.
 
 The histogram is kept in memory and served as a plain metric family: a prometheus_client
@@ -49,9 +49,13 @@ SMAPS_TYPES = ("pss", "uss", "swap")  # --collector.smaps
 # own turn (by slot), so that the cost is spread evenly instead of one burst. With 64 workers
 # scraped every second (benchmarks/exporter_cost.py), smaps_rollup once a minute was most of
 # the sidecar's CPU, and rss and CPU every 2 s (reading every master's state and every worker's
-# stat, some 20 us a worker) most of the rest: more than the stock exporter's whole cost.
-INTERVAL = 5.0
-FULL_EVERY = 60
+# stat, some 20 us a worker) most of the rest: more than the stock exporter's whole cost. At
+# every 5 s it was still a third of the sidecar's CPU beside 64 workers: the sample itself, and
+# the scrape after it, which renders every worker's moved CPU and rss lines anew and gzips the
+# body again (some 4 ms). Every 10 s halves both and still gives each scrape of a 15 s interval
+# a fresh sample; a worker's birth or death is seen at once regardless (current()).
+INTERVAL = 10.0
+FULL_EVERY = 30
 # How long a worker's last sample is kept after it was last seen, for its exit record: a sample
 # taken between its death and the journal's record of it no longer sees it.
 KEEP_GONE = 60.0
