@@ -22,7 +22,7 @@ import pytest
 
 from monitor.contract import heartbeat
 from monitor.contract.directory import Layout
-from monitor.sidecar import cache
+from monitor.sidecar import cache, liveness
 from tests.harness import BIN, ROOT, alive, exits, http_get, value, wait_for
 
 TOOLS = ROOT / ".tools" / "root"
@@ -235,6 +235,33 @@ def test_the_heartbeat_leaves_the_kept_body_inputs_alone_until_a_master_is_down(
         assert inputs() != inputs(), "the age of a master that is down moves on every scrape"
     finally:
         m.signal(signal.SIGCONT)
+
+
+def test_a_heartbeat_file_written_anew_is_read_anew(make_master):
+    """The judge keeps each live master's heartbeat file open between scrapes; once that file
+    is removed (and the master writes a new one by its name), the new one is read: a kept
+    descriptor of the old file would see its beat stop, and a working master stall."""
+    m = make_master(workers=1).start()
+    layout = Layout(str(m.dir))
+    ticks = m.state()["start_ticks"]
+    judge = liveness.Liveness(layout)
+    first = judge.judge(m.pid, ticks)
+    assert first is not None and first.up and first.age is not None and first.age < 2.5
+    path = heartbeat.path(layout, m.pid)
+    before = os.stat(path).st_ino
+    os.unlink(path)
+    wait_for(lambda: os.path.exists(path), 10, "the master writing its heartbeat anew")
+    assert os.stat(path).st_ino != before
+    written = heartbeat.read(layout, m.pid, ticks) or 0.0
+    wait_for(
+        lambda: (heartbeat.read(layout, m.pid, ticks) or 0.0) - written >= 3,
+        15,
+        "three more beats in the new file",
+    )
+    later = judge.judge(m.pid, ticks)
+    assert later is not None and later.up and later.age is not None and later.age < 2.5, later
+    judge.forget_all_but(set())
+    assert not judge._kept, "a master no longer recorded keeps no file open"
 
 
 # -- orphaned workers -------------------------------------------------------------------------

@@ -90,9 +90,22 @@ def read(layout: Layout, pid: int, ticks: int) -> float | None:
     """The master's last beat (its CLOCK_MONOTONIC seconds), or None when there is none to read.
     Read through the readers' checked directory fds, never through a symlink."""
     try:
-        fd = _open_for_reading(layout, str(pid))
+        fd = open_for_reading(layout, pid)
     except OSError:
         return None
+    try:
+        return read_fd(fd, pid, ticks)
+    finally:
+        os.close(fd)
+
+
+def open_for_reading(layout: Layout, pid: int) -> int:
+    """The heartbeat file of `pid`, opened by the readers' rules (OSError if it cannot be)."""
+    return _open_for_reading(layout, str(pid))
+
+
+def read_fd(fd: int, pid: int, ticks: int) -> float | None:
+    """The beat in an open heartbeat file, as `read`; None if it cannot be read."""
     try:
         for _ in range(3):
             first = os.pread(fd, SIZE, 0)
@@ -101,8 +114,6 @@ def read(layout: Layout, pid: int, ticks: int) -> float | None:
         return None
     except OSError:  # a directory or a device in its place
         return None
-    finally:
-        os.close(fd)
 
 
 def _open_for_reading(layout: Layout, name: str) -> int:

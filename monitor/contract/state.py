@@ -103,11 +103,18 @@ def proc(pid: int) -> Proc | None:
     except OSError:
         return None
     try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
+        return proc_of(fd)
     finally:
         os.close(fd)
+
+
+def proc_of(fd: int) -> Proc | None:
+    """What an open /proc/<pid>/stat says now; None once its process is gone (a kept file
+    answers for the process it was opened for only: ESRCH after, even if the pid is reused)."""
+    try:
+        data = os.pread(fd, 4096, 0)
+    except OSError:
+        return None
     # Split after the last ")": the command name before it may hold one.
     fields = data[data.rfind(b")") + 2 :].split()
     try:
