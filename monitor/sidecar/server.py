@@ -4,13 +4,13 @@ uvicorn serves HTTP/1.1 on asyncio, so an open connection costs a little memory 
 and the ASGI app (exporter.py) is all the sidecar writes above it. Its httptools protocol
 (llhttp, in C) is the one extended: on a kept connection a scrape costs the event loop 0.61 ms
 of CPU where h11's took 0.97 ms (16 workers, 5 scrapes a second, per thread's schedstat), and
-that difference was a fifth of the sidecar's whole cost (benchmarks/exporter_cost.py). But uvicorn bounds
-neither how long a request's head may take to arrive (one trickling in a byte a second holds its
-connection for ever: uvicorn's keep-alive timer stops at the first byte), nor how many
-connections are open, and it leaves TLS handshakes to asyncio's 60 s default, uncounted. Those
-bounds are added here, on uvicorn's own protocol (hand-written because uvicorn has no setting
-for them), so that a slow, silent or abusive client costs its own connection's memory
-and never another client's scrape:
+that difference was a fifth of the sidecar's whole cost (benchmarks/exporter_cost.py). But
+uvicorn bounds neither how long a request's head may take to arrive (one trickling in a byte a
+second holds its connection for ever: uvicorn's keep-alive timer stops at the first byte), nor
+how many connections are open, and it leaves TLS handshakes to asyncio's 60 s default,
+uncounted. Those bounds are added here, on uvicorn's own protocol (hand-written because uvicorn
+has no setting for them), so that a slow, silent or abusive client costs its own connection's
+memory and never another client's scrape:
 
 - A deadline, REQUEST_TIMEOUT after accept and again at the first byte of each later request,
   by which that request's head (its TLS handshake included) must be in: missed, the connection
