@@ -108,9 +108,11 @@ def test_every_cause_on_a_running_master(worker, make_master, make_exporter):
     m.wait_workers(1)
     wait_for(lambda: value(e.scrape(), "gunicorn_workers_desired") == 1, 10, "desired 1")
 
-    # Booted: a tornado worker forgets a SIGTERM that reaches it while it boots (Gunicorn's
-    # limit, README), and the one left may be the replacement of the last timeout.
-    m.heartbeating()
+    # Serving: a tornado worker forgets a SIGTERM that reaches it before its run() starts
+    # (Gunicorn's limit, README: run() sets `alive` again), and the one left may be the
+    # replacement of the last timeout, still loading the app on a busy machine. The one worker
+    # left answering a request is past that point; an age (heartbeating) was not enough.
+    wait_for(lambda: http_get(m.url + "/", timeout=5)[0] == 200, 30, "the worker left serving")
     pids = m.worker_pids()
     m.signal(signal.SIGHUP)
     hup = s.expect("HUP reload", reload__SIGTERM=1)
