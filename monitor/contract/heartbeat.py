@@ -99,11 +99,6 @@ def read(layout: Layout, pid: int, ticks: int) -> float | None:
         os.close(fd)
 
 
-def open_for_reading(layout: Layout, pid: int) -> int:
-    """The heartbeat file of `pid`, opened by the readers' rules (OSError if it cannot be)."""
-    return _open_for_reading(layout, str(pid))
-
-
 def read_fd(fd: int, pid: int, ticks: int) -> float | None:
     """The beat in an open heartbeat file, as `read`; None if it cannot be read."""
     try:
@@ -116,14 +111,15 @@ def read_fd(fd: int, pid: int, ticks: int) -> float | None:
         return None
 
 
-def _open_for_reading(layout: Layout, name: str) -> int:
+def open_for_reading(layout: Layout, pid: int) -> int:
+    """The heartbeat file of `pid`, opened by the readers' rules (OSError if it cannot be)."""
     own = directory.open_own_for_reading(layout)
     try:
         hb = directory.open_subdir_for_reading(own, directory.HEARTBEATS, layout.heartbeats)
     finally:
         os.close(own)
     try:
-        return os.open(name, os.O_RDONLY | FLAGS, dir_fd=hb)
+        return os.open(str(pid), os.O_RDONLY | FLAGS, dir_fd=hb)
     finally:
         os.close(hb)
 

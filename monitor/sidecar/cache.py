@@ -159,7 +159,7 @@ class RenderedMetrics:
         if separable and isinstance(known, dict):
             moved = sum(1 for k in keys if k not in known)
             if moved * PER_LINE <= len(keys):
-                lines = _lines(encoder, trailer, f, known)
+                lines = _lines(encoder, trailer, f, keys, known)
                 if lines is not None:
                     return lines[None] + b"".join(lines[k] for k in keys), lines
         whole = encoder(_Families([f]))
@@ -195,13 +195,13 @@ def _line_key(s: Any) -> tuple | None:
     return (s.name, tuple(s.labels.items()), s.value, s.timestamp)
 
 
-def _lines(encoder: Callable, trailer: bytes, f: Metric, known: dict) -> dict | None:
-    """{line key: its line} for `f`'s samples (those in `known` reused), and {None: header};
-    None if a sample rendered alone is not the header and one line."""
+def _lines(encoder: Callable, trailer: bytes, f: Metric, keys: list, known: dict) -> dict | None:
+    """{line key: its line} for `f`'s samples (`keys`, theirs in order; those in `known`
+    reused), and {None: header}; None if a sample rendered alone is not the header and one
+    line."""
     header = known[None]
     lines: dict = {None: header}
-    for sample in f.samples:
-        key = _line_key(sample)
+    for sample, key in zip(f.samples, keys, strict=True):
         line = known.get(key)
         if line is None:
             one = Metric(f.name, f.documentation, f.type, f.unit)
